@@ -1,0 +1,207 @@
+"""The ``medinfer`` command line: serve, migrate, keys, clients, models, openapi."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from app.config import Settings, load_settings
+from app.domain import Scope
+from app.errors import MedinferError
+
+
+def _cmd_serve(settings: Settings, _args: argparse.Namespace) -> int:
+    import uvicorn  # noqa: PLC0415 - only this command needs the server
+
+    from app.main import create_app  # noqa: PLC0415
+    from app.observability.logging import configure_logging  # noqa: PLC0415
+
+    configure_logging(settings.log_level, settings.log_format)
+    config: dict[str, object] = {
+        "host": settings.host,
+        "port": settings.port,
+        "log_config": None,
+        "access_log": False,
+        "proxy_headers": False,
+        "timeout_graceful_shutdown": 30,
+    }
+    if settings.workers > 1:
+        uvicorn.run("app.main:app_factory", factory=True, workers=settings.workers, **config)  # type: ignore[arg-type]
+    else:
+        uvicorn.run(create_app(settings), **config)  # type: ignore[arg-type]
+    return 0
+
+
+def _alembic_config(settings: Settings) -> object:
+    from alembic.config import Config  # noqa: PLC0415
+
+    root = Path(__file__).resolve().parent.parent / "migrations"
+    config = Config(str(root / "alembic.ini"))
+    config.set_main_option("script_location", str(root))
+    config.attributes["settings"] = settings
+    return config
+
+
+def _cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
+    from alembic import command  # noqa: PLC0415
+
+    config = _alembic_config(settings)
+    if args.downgrade:
+        command.downgrade(config, args.revision or "-1")  # type: ignore[arg-type]
+    else:
+        command.upgrade(config, args.revision or "head")  # type: ignore[arg-type]
+    return 0
+
+
+def _cmd_keys(settings: Settings, args: argparse.Namespace) -> int:
+    from app.security.keys import generate_encryption_key, list_keys  # noqa: PLC0415
+
+    keys_dir = settings.resolved_keys_dir
+    if args.keys_command == "generate":
+        info = generate_encryption_key(keys_dir, state=args.state)
+        print(json.dumps({"kid": info.kid, "state": info.state, "kty": info.kty}))
+    elif args.keys_command == "list":
+        for info in list_keys(keys_dir):
+            print(json.dumps({"kid": info.kid, "state": info.state, "kty": info.kty, "created": info.created}))
+    elif args.keys_command == "dev-init":
+        return _dev_init(settings)
+    return 0
+
+
+def _register(settings: Settings, client_id: str, scopes: Sequence[Scope]) -> str:
+    from sqlalchemy.orm import Session  # noqa: PLC0415
+
+    from app.db import create_sync_engine  # noqa: PLC0415
+    from app.security.clients import register_client  # noqa: PLC0415
+
+    engine = create_sync_engine(settings)
+    try:
+        with Session(engine) as db, db.begin():
+            return register_client(db, client_id, scopes)
+    finally:
+        engine.dispose()
+
+
+def _dev_init(settings: Settings) -> int:
+    """Create a dev API client with every scope and a JWE key, once. Dev mode only."""
+    from app.security.keys import generate_encryption_key, list_keys  # noqa: PLC0415
+
+    if settings.env != "dev":
+        print("keys dev-init runs only with MEDINFER_ENV=dev", file=sys.stderr)
+        return 2
+    creds = settings.data_dir / "dev-credentials.json"
+    if not list_keys(settings.resolved_keys_dir):
+        generate_encryption_key(settings.resolved_keys_dir)
+    if creds.exists():
+        print(f"dev credentials already in {creds}")
+        return 0
+    key = _register(settings, "dev", list(Scope))
+    creds.parent.mkdir(parents=True, exist_ok=True)
+    creds.write_text(json.dumps({"client_id": "dev", "api_key": key}, indent=2), encoding="utf-8")
+    creds.chmod(0o600)
+    print(f"dev credentials written to {creds}")
+    return 0
+
+
+def _cmd_clients(settings: Settings, args: argparse.Namespace) -> int:
+    from app.security.clients import parse_scopes  # noqa: PLC0415
+
+    key = _register(settings, args.client_id, sorted(parse_scopes(args.scope), key=lambda s: s.value))
+    print(json.dumps({"client_id": args.client_id, "api_key": key}))
+    return 0
+
+
+def _cmd_models(settings: Settings, args: argparse.Namespace) -> int:
+    from app.inference.registry import load_version  # noqa: PLC0415
+    from app.inference.spec import iter_model_dirs, load_spec  # noqa: PLC0415
+
+    repository = Path(args.repository) if args.repository else settings.model_repository
+    failures = 0
+    dirs = list(iter_model_dirs(repository))
+    if not dirs:
+        print(f"{repository}: no models found")
+    for model_dir in dirs:
+        try:
+            spec = load_spec(model_dir)
+        except MedinferError as exc:
+            failures += 1
+            print(f"FAIL {model_dir.name}: {exc.detail}")
+            continue
+        for version in spec.served_versions():
+            try:
+                served = load_version(spec, model_dir, version)
+            except MedinferError as exc:
+                failures += 1
+                print(f"FAIL {spec.name} v{version}: [{exc.code}] {exc.detail}")
+            else:
+                print(f"ok   {spec.name} v{version} sha256={served.sha256} providers={','.join(served.loaded.providers)}")
+    return 1 if failures else 0
+
+
+def _cmd_openapi(settings: Settings, args: argparse.Namespace) -> int:
+    from app.main import create_app  # noqa: PLC0415
+
+    text = json.dumps(create_app(settings).openapi(), indent=2, sort_keys=True) + "\n"
+    if args.output:
+        Path(args.output).write_text(text, encoding="utf-8")
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="medinfer", description="Hospital AI inference service.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("serve", help="run the HTTP service (settings from MEDINFER_* variables)")
+    migrate = sub.add_parser("migrate", help="apply database migrations (a separate step, never at start-up)")
+    migrate.add_argument("--revision", default=None)
+    migrate.add_argument("--downgrade", action="store_true")
+    keys = sub.add_parser("keys", help="manage JWE keys and dev credentials")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    generate = keys_sub.add_parser("generate", help="create a new EC P-256 key pair")
+    generate.add_argument("--state", choices=["active", "next"], default="active")
+    keys_sub.add_parser("list", help="list keys (no private material)")
+    keys_sub.add_parser("dev-init", help="create dev credentials and a key if absent (dev only)")
+    clients = sub.add_parser("clients", help="manage API clients")
+    clients_sub = clients.add_subparsers(dest="clients_command", required=True)
+    register = clients_sub.add_parser("register", help="register a client and print its API key once")
+    register.add_argument("--client-id", required=True)
+    register.add_argument("--scope", action="append", required=True, choices=[s.value for s in Scope])
+    models = sub.add_parser("models", help="inspect the model repository")
+    models_sub = models.add_subparsers(dest="models_command", required=True)
+    validate = models_sub.add_parser("validate", help="check specs, checksums and loadability offline")
+    validate.add_argument("--repository", default=None)
+    openapi = sub.add_parser("openapi", help="print or write the OpenAPI document")
+    openapi.add_argument("--output", default=None)
+    return parser
+
+
+_COMMANDS = {
+    "serve": _cmd_serve,
+    "migrate": _cmd_migrate,
+    "keys": _cmd_keys,
+    "clients": _cmd_clients,
+    "models": _cmd_models,
+    "openapi": _cmd_openapi,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = load_settings()
+    except ValueError as exc:
+        print(f"invalid settings: {exc}", file=sys.stderr)
+        return 2
+    try:
+        return _COMMANDS[args.command](settings, args)
+    except MedinferError as exc:
+        print(f"error [{exc.code}]: {exc.detail}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

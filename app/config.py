@@ -1,0 +1,91 @@
+"""Service settings, read once from the environment (prefix ``MEDINFER_``) and passed down.
+
+Nothing here runs at import time: :func:`load_settings` is called by the CLI or by tests, and
+the resulting frozen object travels through :class:`app.container.Container`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+#: Values that ship in the source tree. Outside ``env="dev"``/``"test"`` the service refuses
+#: to start while any secret still holds one of them.
+PLACEHOLDER_SECRET = "dev-only-change-me"  # noqa: S105 - a marker the validator refuses outside dev
+
+Environment = Literal["dev", "test", "production"]
+LogFormat = Literal["json", "console"]
+
+
+class Settings(BaseSettings):
+    """Frozen service configuration.
+
+    Every field can be set through ``MEDINFER_<FIELD>``; e.g. ``MEDINFER_DATABASE_URL``.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="MEDINFER_", frozen=True, extra="ignore")
+
+    env: Environment = "dev"
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=1, le=65535)
+    workers: int = Field(default=1, ge=1, le=64)
+
+    data_dir: Path = Path("var")
+    database_url: str | None = Field(
+        default=None,
+        description="SQLAlchemy URL. Defaults to SQLite at <data_dir>/medinfer.db.",
+    )
+    database_timeout_s: float = Field(default=2.0, gt=0)
+    model_repository: Path = Path("models")
+    keys_dir: Path | None = Field(default=None, description="Defaults to <data_dir>/keys.")
+
+    max_body_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: LogFormat = "json"
+
+    audit_hmac_key: SecretStr = SecretStr(PLACEHOLDER_SECRET)
+    pseudonym_key: SecretStr = SecretStr(PLACEHOLDER_SECRET)
+
+    @model_validator(mode="after")
+    def _refuse_placeholder_secrets(self) -> Settings:
+        if self.env == "production":
+            weak = [
+                name
+                for name in ("audit_hmac_key", "pseudonym_key")
+                if getattr(self, name).get_secret_value() in {PLACEHOLDER_SECRET, ""}
+                or len(getattr(self, name).get_secret_value()) < 32
+            ]
+            if weak:
+                names = ", ".join(f"MEDINFER_{n.upper()}" for n in weak)
+                msg = f"production refuses placeholder or short (<32 chars) secrets: {names}"
+                raise ValueError(msg)
+        return self
+
+    @property
+    def sqlalchemy_url(self) -> str:
+        """The synchronous URL (Alembic, CLI)."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'medinfer.db').resolve()}"
+
+    @property
+    def async_sqlalchemy_url(self) -> str:
+        """The same database through an asyncio driver (aiosqlite, psycopg 3)."""
+        url = self.sqlalchemy_url
+        if url.startswith("sqlite:"):
+            return "sqlite+aiosqlite:" + url.removeprefix("sqlite:")
+        if url.startswith(("postgresql:", "postgres:")):
+            return "postgresql+psycopg:" + url.split(":", 1)[1]
+        return url
+
+    @property
+    def resolved_keys_dir(self) -> Path:
+        return self.keys_dir if self.keys_dir is not None else self.data_dir / "keys"
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Build the settings from the environment, with explicit overrides winning."""
+    return Settings(**overrides)  # type: ignore[arg-type]

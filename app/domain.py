@@ -1,0 +1,63 @@
+"""Frozen value types shared by the stages of the pipeline. No I/O, no framework imports."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+
+class Scope(str, Enum):
+    """Permissions a client may hold. Routes declare the one they need."""
+
+    PREDICT = "predict"
+    MODELS_READ = "models:read"
+    MODELS_ADMIN = "models:admin"
+    AUDIT_READ = "audit:read"
+    METRICS_READ = "metrics:read"
+    CLIENTS_ADMIN = "clients:admin"
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who is calling: a registered client, authenticated by the security layer."""
+
+    client_id: str
+    scopes: frozenset[Scope]
+
+    def has(self, scope: Scope) -> bool:
+        return scope in self.scopes
+
+
+class VersionState(str, Enum):
+    """Lifecycle of one model version inside the registry."""
+
+    LOADING = "loading"
+    READY = "ready"
+    FAILED = "failed"
+    UNLOADED = "unloaded"
+
+
+@dataclass(frozen=True, slots=True)
+class VersionStatus:
+    """What the registry knows about one version: served or not, and why."""
+
+    model: str
+    version: str
+    state: VersionState
+    sha256: str
+    providers: tuple[str, ...] = ()
+    error_code: str | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Readiness:
+    """The answer behind ``/readyz``: ready only when every dependency is."""
+
+    database: bool
+    models_loaded: bool
+    models: tuple[VersionStatus, ...] = field(default_factory=tuple)
+
+    @property
+    def ready(self) -> bool:
+        return self.database and self.models_loaded

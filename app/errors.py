@@ -1,0 +1,221 @@
+"""The one domain error hierarchy.
+
+Errors know nothing of HTTP or DIMSE. Each carries a stable ``code`` (the last segment of its
+problem ``type``) and a :class:`ErrorKind` that every transport maps through one table:
+``transport/http/problems.py`` to an HTTP status, later the DIMSE and STOW-RS tables likewise.
+The ``detail`` is shown to the caller, so it must never contain PHI: name the attribute or the
+input, never its value.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import ClassVar
+
+
+class ErrorKind(enum.Enum):
+    """What went wrong, from the caller's side. Transports map a kind to their own status."""
+
+    INVALID_INPUT = "invalid_input"
+    UNAUTHENTICATED = "unauthenticated"
+    FORBIDDEN = "forbidden"
+    NOT_FOUND = "not_found"
+    CONFLICT = "conflict"
+    TOO_LARGE = "too_large"
+    UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
+    NOT_ACCEPTABLE = "not_acceptable"
+    OVERLOADED = "overloaded"
+    UNAVAILABLE = "unavailable"
+    DEADLINE_EXCEEDED = "deadline_exceeded"
+    INTERNAL = "internal"
+
+
+class MedinferError(Exception):
+    """Base of every error the service raises on purpose.
+
+    Raised: never directly; raise a subclass.
+    Recovery: transports catch it and answer with the mapped status and ``code``.
+    """
+
+    code: ClassVar[str] = "internal-error"
+    title: ClassVar[str] = "Internal error"
+    kind: ClassVar[ErrorKind] = ErrorKind.INTERNAL
+
+    def __init__(self, detail: str, *, retry_after_s: float | None = None) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.retry_after_s = retry_after_s
+
+
+class InvalidRequestError(MedinferError):
+    """The request is syntactically valid HTTP but its content breaks the operation's schema.
+
+    Recovery: fix the named field and resend.
+    """
+
+    code = "invalid-request"
+    title = "Invalid request"
+    kind = ErrorKind.INVALID_INPUT
+
+
+class MalformedBodyError(MedinferError):
+    """The body could not be parsed at all (for example JSON that does not decode).
+
+    Recovery: send a well-formed body of the declared content type.
+    """
+
+    code = "malformed-body"
+    title = "Malformed request body"
+    kind = ErrorKind.INVALID_INPUT
+
+
+class PayloadTooLargeError(MedinferError):
+    """The body exceeds ``MEDINFER_MAX_BODY_BYTES``; raised before the body is read in full.
+
+    Recovery: send a smaller payload, or raise the limit on the server.
+    """
+
+    code = "payload-too-large"
+    title = "Payload too large"
+    kind = ErrorKind.TOO_LARGE
+
+
+class UnsupportedMediaTypeError(MedinferError):
+    """The ``Content-Type`` is not one the operation accepts.
+
+    Recovery: send one of the media types listed in the OpenAPI document.
+    """
+
+    code = "unsupported-media-type"
+    title = "Unsupported media type"
+    kind = ErrorKind.UNSUPPORTED_MEDIA_TYPE
+
+
+class RouteNotFoundError(MedinferError):
+    """No operation exists at this path.
+
+    Recovery: check the path against the OpenAPI document.
+    """
+
+    code = "not-found"
+    title = "Not found"
+    kind = ErrorKind.NOT_FOUND
+
+
+class MethodNotAllowedError(MedinferError):
+    """The path exists but not with this HTTP method.
+
+    Recovery: use one of the methods in the ``Allow`` header.
+    """
+
+    code = "method-not-allowed"
+    title = "Method not allowed"
+    kind = ErrorKind.CONFLICT
+
+
+class AuthenticationError(MedinferError):
+    """No credentials, or credentials that do not identify a registered client.
+
+    Recovery: send ``Authorization: Bearer <api key>`` with a valid, unrevoked key.
+    """
+
+    code = "unauthenticated"
+    title = "Authentication required"
+    kind = ErrorKind.UNAUTHENTICATED
+
+
+class PermissionDeniedError(MedinferError):
+    """The authenticated client lacks the scope the operation needs.
+
+    Recovery: ask an administrator to grant the scope named in the detail.
+    """
+
+    code = "forbidden"
+    title = "Permission denied"
+    kind = ErrorKind.FORBIDDEN
+
+
+class ModelNotFoundError(MedinferError):
+    """No model, or no such version of it, is in the repository.
+
+    Recovery: list models with ``GET /v1/models``.
+    """
+
+    code = "model-not-found"
+    title = "Model not found"
+    kind = ErrorKind.NOT_FOUND
+
+
+class ModelSpecError(MedinferError):
+    """A ``model.toml`` fails validation. Raised while loading the repository.
+
+    Recovery: fix the file; ``medinfer models validate`` names the field.
+    """
+
+    code = "model-spec-invalid"
+    title = "Invalid model specification"
+    kind = ErrorKind.INVALID_INPUT
+
+
+class ModelIntegrityError(MedinferError):
+    """A model file's sha256 differs from the one pinned in ``model.toml``.
+
+    The version is refused before ONNX Runtime ever sees the file; other versions keep serving.
+    Recovery: restore the file, or pin the new checksum after review.
+    """
+
+    code = "model-integrity"
+    title = "Model integrity check failed"
+    kind = ErrorKind.CONFLICT
+
+
+class ModelLoadError(MedinferError):
+    """ONNX Runtime refused the file, or its warm-up run failed.
+
+    Recovery: the previous version (if any) keeps serving; see the logs for the request id.
+    """
+
+    code = "model-load-failed"
+    title = "Model failed to load"
+    kind = ErrorKind.CONFLICT
+
+
+class ModelNotReadyError(MedinferError):
+    """The model exists but no version of it is serving right now.
+
+    Recovery: retry after ``Retry-After`` seconds; check ``/readyz`` details.
+    """
+
+    code = "model-not-ready"
+    title = "Model not ready"
+    kind = ErrorKind.UNAVAILABLE
+
+
+class DatabaseUnavailableError(MedinferError):
+    """The database did not answer in time. The service fails closed rather than lose records.
+
+    Recovery: retry later; operators check the database.
+    """
+
+    code = "database-unavailable"
+    title = "Database unavailable"
+    kind = ErrorKind.UNAVAILABLE
+
+
+ALL_ERRORS: tuple[type[MedinferError], ...] = (
+    MedinferError,
+    InvalidRequestError,
+    MalformedBodyError,
+    PayloadTooLargeError,
+    UnsupportedMediaTypeError,
+    RouteNotFoundError,
+    MethodNotAllowedError,
+    AuthenticationError,
+    PermissionDeniedError,
+    ModelNotFoundError,
+    ModelSpecError,
+    ModelIntegrityError,
+    ModelLoadError,
+    ModelNotReadyError,
+    DatabaseUnavailableError,
+)

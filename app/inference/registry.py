@@ -1,0 +1,224 @@
+"""The model registry: which versions serve, with integrity checks and atomic swaps.
+
+Loading is blocking (hashing, ONNX Runtime session creation, warm-up); callers run it off the
+event loop. A load builds the new versions completely beside the old ones and swaps one
+reference under a lock, so a request that already holds a :class:`ServedVersion` finishes on it,
+and a failed load leaves the old versions serving.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from app.domain import VersionState, VersionStatus
+from app.errors import (
+    MedinferError,
+    ModelIntegrityError,
+    ModelLoadError,
+    ModelNotFoundError,
+    ModelNotReadyError,
+)
+from app.inference.session import LoadedSession, open_session
+from app.inference.spec import ModelSpec, iter_model_dirs, load_spec
+
+log = logging.getLogger(__name__)
+
+_CHUNK = 1 << 20
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class ServedVersion:
+    """One loaded, warmed version: everything a request needs to run and to cite the model."""
+
+    spec: ModelSpec
+    version: str
+    sha256: str
+    loaded: LoadedSession
+
+
+@dataclass(frozen=True, slots=True)
+class _ModelEntry:
+    spec: ModelSpec
+    served: dict[str, ServedVersion]
+    statuses: tuple[VersionStatus, ...]
+
+
+def load_version(spec: ModelSpec, model_dir: Path, version: str) -> ServedVersion:
+    """Verify one version's checksum, then open and warm its session.
+
+    Raises :class:`ModelIntegrityError` before ONNX Runtime sees a file whose sha256 differs
+    from ``model.toml``, or :class:`ModelLoadError` if the file is missing or will not run.
+    """
+    path = model_dir / version / "model.onnx"
+    if not path.is_file():
+        raise ModelLoadError(f"{spec.name} v{version}: {path.name} is missing")
+    expected = spec.versions[version].sha256
+    actual = sha256_file(path)
+    if actual != expected:
+        raise ModelIntegrityError(
+            f"{spec.name} v{version}: sha256 {actual[:12]}... does not match the pinned "
+            f"{expected[:12]}...; version refused"
+        )
+    loaded = open_session(spec, path)
+    return ServedVersion(spec=spec, version=version, sha256=actual, loaded=loaded)
+
+
+class ModelRegistry:
+    """All models of one repository and the versions of each that serve now."""
+
+    def __init__(self, repository: Path) -> None:
+        self._repository = repository
+        self._lock = threading.Lock()
+        self._entries: dict[str, _ModelEntry] = {}
+        self._failed_specs: dict[str, VersionStatus] = {}
+        self._initial_load_done = threading.Event()
+
+    @property
+    def repository(self) -> Path:
+        return self._repository
+
+    @property
+    def initial_load_done(self) -> bool:
+        return self._initial_load_done.is_set()
+
+    def load_all(self) -> None:
+        """Load every model of the repository (blocking). Failures are recorded, not raised."""
+        try:
+            for model_dir in iter_model_dirs(self._repository):
+                try:
+                    self.load(model_dir.name)
+                except MedinferError as exc:
+                    log.error(
+                        "model failed to load",
+                        extra={"event": "model.load_failed", "model": model_dir.name, "code": exc.code},
+                    )
+        finally:
+            self._initial_load_done.set()
+
+    def load(self, name: str) -> tuple[VersionStatus, ...]:
+        """(Re)load ``name`` per its version policy, then swap atomically (blocking).
+
+        Versions that fail keep their predecessor serving if one was; if none of the requested
+        versions loads and nothing served before, the model stays unavailable. Raises
+        :class:`ModelNotFoundError` if the folder is absent, or the first load error if no
+        version could be loaded at all.
+        """
+        model_dir = self._repository / name
+        if not (model_dir / "model.toml").is_file():
+            raise ModelNotFoundError(f"model {name!r} is not in the repository")
+        try:
+            spec = load_spec(model_dir)
+        except MedinferError as exc:
+            with self._lock:
+                self._failed_specs[name] = VersionStatus(
+                    model=name, version="-", state=VersionState.FAILED, sha256="",
+                    error_code=exc.code, error=exc.detail,
+                )  # fmt: skip
+            raise
+
+        previous = self._entries.get(name)
+        served: dict[str, ServedVersion] = {}
+        statuses: list[VersionStatus] = []
+        first_error: MedinferError | None = None
+        for version in spec.served_versions():
+            try:
+                sv = load_version(spec, model_dir, version)
+            except MedinferError as exc:
+                first_error = first_error or exc
+                log.error(
+                    "model version refused",
+                    extra={"event": "model.version_refused", "model": name, "version": version, "code": exc.code},
+                )
+                statuses.append(
+                    VersionStatus(
+                        model=name, version=version, state=VersionState.FAILED,
+                        sha256=spec.versions[version].sha256, error_code=exc.code, error=exc.detail,
+                    )  # fmt: skip
+                )
+                if previous is not None and version in previous.served:
+                    served[version] = previous.served[version]
+                continue
+            served[version] = sv
+            statuses.append(
+                VersionStatus(
+                    model=name, version=version, state=VersionState.READY,
+                    sha256=sv.sha256, providers=sv.loaded.providers,
+                )  # fmt: skip
+            )
+            log.info(
+                "model version ready",
+                extra={"event": "model.version_ready", "model": name, "version": version,
+                       "providers": list(sv.loaded.providers)},
+            )  # fmt: skip
+
+        if not served and previous is not None:
+            served = dict(previous.served)
+        with self._lock:
+            self._failed_specs.pop(name, None)
+            self._entries[name] = _ModelEntry(spec=spec, served=served, statuses=tuple(statuses))
+        if not served and first_error is not None:
+            raise first_error
+        return tuple(statuses)
+
+    def unload(self, name: str) -> None:
+        """Stop serving ``name``. Requests already holding a version finish on it."""
+        with self._lock:
+            if self._entries.pop(name, None) is None:
+                raise ModelNotFoundError(f"model {name!r} is not loaded")
+
+    def get(self, name: str, version: str | None = None) -> ServedVersion:
+        """The version to run: the requested one, else the newest serving one."""
+        entry = self._entries.get(name)
+        if entry is None:
+            if (self._repository / name / "model.toml").is_file():
+                raise ModelNotReadyError(f"model {name!r} is not serving", retry_after_s=5)
+            raise ModelNotFoundError(f"model {name!r} is not in the repository")
+        if version is None:
+            if not entry.served:
+                raise ModelNotReadyError(f"model {name!r} has no serving version", retry_after_s=5)
+            return entry.served[max(entry.served, key=int)]
+        served = entry.served.get(version)
+        if served is None:
+            if version in entry.spec.versions:
+                raise ModelNotReadyError(f"model {name!r} version {version} is not serving", retry_after_s=5)
+            raise ModelNotFoundError(f"model {name!r} has no version {version!r}")
+        return served
+
+    def specs(self) -> list[ModelSpec]:
+        return [entry.spec for _, entry in sorted(self._entries.items())]
+
+    def served_versions(self, name: str) -> list[ServedVersion]:
+        entry = self._entries.get(name)
+        if entry is None:
+            raise ModelNotFoundError(f"model {name!r} is not loaded")
+        return [entry.served[v] for v in sorted(entry.served, key=int)]
+
+    def statuses(self) -> tuple[VersionStatus, ...]:
+        with self._lock:
+            rows = [s for entry in self._entries.values() for s in entry.statuses]
+            rows.extend(self._failed_specs.values())
+        return tuple(sorted(rows, key=lambda s: (s.model, s.version)))
+
+    def models_ready(self) -> bool:
+        """True once the first load finished and some model serves (or the repository is empty).
+
+        A model refused at start-up does not take the others down: ``/readyz`` reports it in
+        its details, and the metrics count it, but the replica keeps serving the rest.
+        """
+        if not self.initial_load_done:
+            return False
+        with self._lock:
+            any_serving = any(entry.served for entry in self._entries.values())
+        return any_serving or not any(True for _ in iter_model_dirs(self._repository))

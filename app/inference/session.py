@@ -1,0 +1,118 @@
+"""ONNX Runtime sessions: provider selection with CPU fallback, warm-up.
+
+The providers reported are the ones the session actually loaded (``get_providers()``), not the
+ones the wheel was built with, so a node whose CUDA libraries are missing says so plainly.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import onnxruntime as ort
+
+from app.errors import ModelLoadError
+from app.inference.spec import ModelSpec, TensorSpec
+
+log = logging.getLogger(__name__)
+
+_NUMPY_DTYPES: Mapping[str, npt.DTypeLike] = {
+    "BOOL": np.bool_,
+    "UINT8": np.uint8,
+    "UINT16": np.uint16,
+    "UINT32": np.uint32,
+    "UINT64": np.uint64,
+    "INT8": np.int8,
+    "INT16": np.int16,
+    "INT32": np.int32,
+    "INT64": np.int64,
+    "FP16": np.float16,
+    "FP32": np.float32,
+    "FP64": np.float64,
+}
+
+_ORT_LOGGER_CONFIGURED = False
+
+
+def configure_ort_logging() -> None:
+    """Quieten ONNX Runtime's own logger to errors only (once per process).
+
+    Without this a CPU-only node prints a stack of CUDA load errors per session; we log one
+    clear warning from :func:`choose_providers` instead.
+    """
+    global _ORT_LOGGER_CONFIGURED  # noqa: PLW0603 - process-wide native logger, set once
+    if not _ORT_LOGGER_CONFIGURED:
+        ort.set_default_logger_severity(3)
+        _ORT_LOGGER_CONFIGURED = True
+
+
+def choose_providers(preferred: Sequence[str]) -> list[str]:
+    """The preferred providers this build offers, in order, always ending with CPU."""
+    available = set(ort.get_available_providers())
+    chosen = [p for p in preferred if p in available and p != "CPUExecutionProvider"]
+    missing = [p for p in preferred if p not in available]
+    if missing:
+        log.warning(
+            "execution providers unavailable, falling back",
+            extra={"event": "ort.provider_fallback", "missing": missing},
+        )
+    chosen.append("CPUExecutionProvider")
+    return chosen
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedSession:
+    """An ONNX Runtime session and the providers it really runs on."""
+
+    session: ort.InferenceSession
+    providers: tuple[str, ...]
+
+
+def warmup_inputs(inputs: Sequence[TensorSpec]) -> dict[str, npt.NDArray[np.generic]]:
+    """Zero tensors of batch size 1 for each declared input."""
+    feeds: dict[str, npt.NDArray[np.generic]] = {}
+    for tensor in inputs:
+        shape = tuple(1 if d == -1 else d for d in tensor.shape)
+        if tensor.datatype == "BYTES":
+            feeds[tensor.name] = np.full(shape, b"", dtype=object)
+        else:
+            feeds[tensor.name] = np.zeros(shape, dtype=_NUMPY_DTYPES[tensor.datatype])
+    return feeds
+
+
+def open_session(spec: ModelSpec, model_path: Path) -> LoadedSession:
+    """Create the session, check its signature against the spec, and run one warm-up batch.
+
+    Raises :class:`ModelLoadError` if ONNX Runtime refuses the file, its inputs or outputs differ
+    from ``model.toml``, or the warm-up run fails.
+    """
+    configure_ort_logging()
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    try:
+        session = ort.InferenceSession(
+            str(model_path),
+            sess_options=options,
+            providers=choose_providers(spec.runtime.execution_providers),
+        )
+    except Exception as exc:  # ORT raises its own unexported exception types
+        raise ModelLoadError(f"{spec.name}: ONNX Runtime refused {model_path.name}: {exc}") from exc
+
+    declared_in = {t.name for t in spec.inputs}
+    actual_in = {i.name for i in session.get_inputs()}
+    declared_out = {t.name for t in spec.outputs}
+    actual_out = {o.name for o in session.get_outputs()}
+    if declared_in != actual_in or not declared_out <= actual_out:
+        raise ModelLoadError(
+            f"{spec.name}: graph signature inputs={sorted(actual_in)} outputs={sorted(actual_out)}"
+            f" differs from model.toml inputs={sorted(declared_in)} outputs={sorted(declared_out)}"
+        )
+    try:
+        session.run([t.name for t in spec.outputs], warmup_inputs(spec.inputs))
+    except Exception as exc:  # ORT raises its own unexported exception types
+        raise ModelLoadError(f"{spec.name}: warm-up run failed: {exc}") from exc
+    return LoadedSession(session=session, providers=tuple(session.get_providers()))

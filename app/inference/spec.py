@@ -1,0 +1,188 @@
+"""``model.toml`` -> :class:`ModelSpec`: the typed, validated description of one model.
+
+The repository layout is Triton-like: ``<repo>/<name>/model.toml`` and one folder per version
+holding ``model.onnx``. The TOML pins every version's sha256, so a file that changed on disk is
+refused before ONNX Runtime reads it.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from app.errors import ModelSpecError
+
+#: Open Inference Protocol v2 tensor datatypes.
+Datatype = Literal[
+    "BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64",
+    "FP16", "FP32", "FP64", "BYTES",
+]  # fmt: skip
+ExecutionProvider = Literal[
+    "TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"
+]
+
+_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TensorSpec(_Strict):
+    name: str = Field(min_length=1, max_length=128)
+    datatype: Datatype
+    shape: tuple[int, ...] = Field(min_length=1, description="-1 marks a dynamic axis; axis 0 is batch.")
+
+    @field_validator("shape")
+    @classmethod
+    def _dims(cls, shape: tuple[int, ...]) -> tuple[int, ...]:
+        if any(d == 0 or d < -1 for d in shape):
+            msg = "dimensions must be positive or -1 (dynamic)"
+            raise ValueError(msg)
+        return shape
+
+
+class OperatingPoint(_Strict):
+    threshold: float = Field(ge=0.0, le=1.0)
+    sensitivity: float | None = Field(default=None, ge=0.0, le=1.0)
+    specificity: float | None = Field(default=None, ge=0.0, le=1.0)
+
+
+class Thresholds(_Strict):
+    default: float = Field(ge=0.0, le=1.0)
+    operating_points: dict[str, OperatingPoint] = Field(default_factory=dict)
+
+
+class Batching(_Strict):
+    max_batch_size: int = Field(default=1, ge=1, le=4096)
+    max_queue_delay_ms: float = Field(default=0.0, ge=0.0, le=10_000.0)
+    max_queue_size: int = Field(default=1024, ge=1)
+
+
+class Runtime(_Strict):
+    instance_count: int = Field(default=1, ge=1, le=16)
+    execution_providers: tuple[ExecutionProvider, ...] = ("CPUExecutionProvider",)
+
+
+class VersionPolicy(_Strict):
+    policy: Literal["latest", "specific"] = "latest"
+    latest_n: int = Field(default=1, ge=1)
+    versions: tuple[str, ...] = ()
+
+    @model_validator(mode="after")
+    def _specific_needs_versions(self) -> VersionPolicy:
+        if self.policy == "specific" and not self.versions:
+            msg = "policy 'specific' needs a non-empty 'versions' list"
+            raise ValueError(msg)
+        return self
+
+
+class VersionEntry(_Strict):
+    sha256: str
+    created: str | None = None
+    notes: str | None = None
+
+    @field_validator("sha256")
+    @classmethod
+    def _hex(cls, value: str) -> str:
+        if not _SHA256.match(value):
+            msg = "sha256 must be 64 lower-case hex digits"
+            raise ValueError(msg)
+        return value
+
+
+class ModelSpec(_Strict):
+    """One model as declared in its ``model.toml``."""
+
+    name: str
+    task: Literal["classification"]
+    description: str = ""
+    intended_use: str = Field(min_length=1)
+    not_for_clinical_use: bool
+    card: str = "card.md"
+    labels: tuple[str, ...] = Field(min_length=1)
+    positive_label: str | None = None
+    inputs: tuple[TensorSpec, ...] = Field(min_length=1)
+    outputs: tuple[TensorSpec, ...] = Field(min_length=1)
+    thresholds: Thresholds | None = None
+    batching: Batching = Batching()
+    runtime: Runtime = Runtime()
+    version_policy: VersionPolicy = VersionPolicy()
+    preprocessing: dict[str, Any] = Field(default_factory=dict)
+    versions: dict[str, VersionEntry] = Field(min_length=1)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not _NAME.match(value):
+            msg = "name must be lower-case letters, digits, '.', '_' or '-' (max 64)"
+            raise ValueError(msg)
+        return value
+
+    @field_validator("versions")
+    @classmethod
+    def _version_keys(cls, value: dict[str, VersionEntry]) -> dict[str, VersionEntry]:
+        bad = [v for v in value if not v.isdigit()]
+        if bad:
+            msg = f"version folders must be positive integers, got {bad}"
+            raise ValueError(msg)
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ModelSpec:
+        if self.positive_label is not None and self.positive_label not in self.labels:
+            msg = f"positive_label {self.positive_label!r} is not one of labels"
+            raise ValueError(msg)
+        if self.policy_versions_missing():
+            msg = f"version_policy names versions not declared: {self.policy_versions_missing()}"
+            raise ValueError(msg)
+        return self
+
+    def policy_versions_missing(self) -> list[str]:
+        return [v for v in self.version_policy.versions if v not in self.versions]
+
+    def served_versions(self) -> list[str]:
+        """Versions the policy asks to serve, oldest first."""
+        if self.version_policy.policy == "specific":
+            return sorted(self.version_policy.versions, key=int)
+        ordered = sorted(self.versions, key=int)
+        return ordered[-self.version_policy.latest_n :]
+
+
+def load_spec(model_dir: Path) -> ModelSpec:
+    """Read and validate ``<model_dir>/model.toml``.
+
+    Raises :class:`ModelSpecError` naming the file and the failing field.
+    """
+    path = model_dir / "model.toml"
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise ModelSpecError(f"{path}: missing") from exc
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ModelSpecError(f"{path}: not valid TOML ({exc})") from exc
+    try:
+        spec = ModelSpec.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}" for err in exc.errors()
+        )
+        raise ModelSpecError(f"{path}: {problems}") from exc
+    if spec.name != model_dir.name:
+        raise ModelSpecError(f"{path}: name {spec.name!r} differs from folder {model_dir.name!r}")
+    return spec
+
+
+def iter_model_dirs(repository: Path) -> Iterator[Path]:
+    """Folders of the repository that declare a model, in name order."""
+    if not repository.is_dir():
+        return
+    for child in sorted(repository.iterdir()):
+        if child.is_dir() and (child / "model.toml").is_file():
+            yield child

@@ -1,0 +1,78 @@
+"""Every Prometheus metric of the service, defined here and nowhere else.
+
+Metrics live on a registry owned by the :class:`Metrics` object (built by the container), not
+on prometheus_client's global one, so two apps in one process (tests) never collide. Labels
+carry route templates, model names and versions, outcomes; never patient, study or request ids.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, Info
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from app.domain import VersionState, VersionStatus
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class _ModelStatusCollector(Collector):
+    """Reads the registry at scrape time, so the gauge can never disagree with it."""
+
+    def __init__(self, source: Callable[[], Iterable[VersionStatus]]) -> None:
+        self._source = source
+
+    def collect(self) -> Iterator[Metric]:
+        ready = GaugeMetricFamily(
+            "medinfer_model_version_ready",
+            "1 if the model version serves, 0 if it was refused or failed to load.",
+            labels=["model", "version"],
+        )
+        provider = GaugeMetricFamily(
+            "medinfer_model_execution_provider_info",
+            "Execution providers a serving version's session actually loaded.",
+            labels=["model", "version", "provider"],
+        )
+        for status in self._source():
+            ready.add_metric([status.model, status.version], 1.0 if status.state is VersionState.READY else 0.0)
+            for name in status.providers:
+                provider.add_metric([status.model, status.version, name], 1.0)
+        yield ready
+        yield provider
+
+
+class Metrics:
+    """The service's metrics on their own registry."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self._model_collector: _ModelStatusCollector | None = None
+        self.build_info = Info("medinfer_build", "Service version.", registry=self.registry)
+        self.http_requests = Counter(
+            "medinfer_http_requests_total",
+            "HTTP requests by route template, method and status code.",
+            ["route", "method", "status"],
+            registry=self.registry,
+        )
+        self.http_duration = Histogram(
+            "medinfer_http_request_duration_seconds",
+            "HTTP request latency by route template and method.",
+            ["route", "method"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.auth_failures = Counter(
+            "medinfer_auth_failures_total",
+            "Rejected authentications by reason.",
+            ["reason"],
+            registry=self.registry,
+        )
+
+    def watch_models(self, source: Callable[[], Iterable[VersionStatus]]) -> None:
+        """Export the registry's version states and providers at every scrape."""
+        if self._model_collector is not None:
+            self.registry.unregister(self._model_collector)
+        self._model_collector = _ModelStatusCollector(source)
+        self.registry.register(self._model_collector)

@@ -1,0 +1,71 @@
+"""``Annotated`` dependencies, declared once and used by every router."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Annotated
+
+from fastapi import Depends, Header, Request
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.container import Container
+from app.domain import Principal, Scope
+from app.errors import AuthenticationError, DatabaseUnavailableError, PermissionDeniedError, UnsupportedMediaTypeError
+from app.security.clients import authenticate
+
+
+def get_container(request: Request) -> Container:
+    container: Container = request.app.state.container
+    return container
+
+
+ContainerDep = Annotated[Container, Depends(get_container)]
+
+
+async def get_db(container: ContainerDep) -> AsyncIterator[AsyncSession]:
+    async with container.sessionmaker() as session:
+        yield session
+
+
+DbDep = Annotated[AsyncSession, Depends(get_db)]
+
+
+async def get_principal(
+    container: ContainerDep,
+    db: DbDep,
+    authorization: Annotated[str | None, Header(include_in_schema=False)] = None,
+) -> Principal:
+    try:
+        return await authenticate(db, authorization)
+    except AuthenticationError:
+        container.metrics.auth_failures.labels(reason="api_key").inc()
+        raise
+    except SQLAlchemyError as exc:
+        raise DatabaseUnavailableError("credential store unavailable", retry_after_s=2) from exc
+
+
+PrincipalDep = Annotated[Principal, Depends(get_principal)]
+
+
+def require(scope: Scope) -> Callable[[Principal], Awaitable[Principal]]:
+    """A dependency that admits only principals holding ``scope``."""
+
+    async def check(principal: PrincipalDep) -> Principal:
+        if not principal.has(scope):
+            raise PermissionDeniedError(f"scope {scope.value!r} required")
+        return principal
+
+    return check
+
+
+def require_json(content_type: Annotated[str | None, Header(include_in_schema=False)] = None) -> None:
+    media = (content_type or "").split(";", 1)[0].strip().lower()
+    if media != "application/json" and not (media.startswith("application/") and media.endswith("+json")):
+        raise UnsupportedMediaTypeError("expected Content-Type: application/json")
+
+
+ModelsReader = Annotated[Principal, Depends(require(Scope.MODELS_READ))]
+ModelsAdmin = Annotated[Principal, Depends(require(Scope.MODELS_ADMIN))]
+ClientsAdmin = Annotated[Principal, Depends(require(Scope.CLIENTS_ADMIN))]
+JsonBody = Depends(require_json)

@@ -1,0 +1,200 @@
+"""Domain errors -> RFC 9457 ``application/problem+json``: the HTTP transport's one table.
+
+Routes never catch errors to shape responses; they raise :mod:`app.errors` types and the
+handlers installed by :func:`install_problem_handlers` answer. Framework errors (unknown route,
+wrong method, request validation) are converted to the same domain errors first.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from http import HTTPStatus
+from typing import Any, Final
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from app import errors as e
+from app.observability.logging import request_id_var
+
+log = logging.getLogger(__name__)
+
+PROBLEM_MEDIA_TYPE: Final = "application/problem+json"
+PROBLEM_BASE: Final = "/problems/"
+
+#: The HTTP transport's mapping of error kinds. DIMSE and STOW-RS keep their own tables.
+STATUS_BY_KIND: Final[Mapping[e.ErrorKind, int]] = {
+    e.ErrorKind.INVALID_INPUT: 422,
+    e.ErrorKind.UNAUTHENTICATED: 401,
+    e.ErrorKind.FORBIDDEN: 403,
+    e.ErrorKind.NOT_FOUND: 404,
+    e.ErrorKind.CONFLICT: 409,
+    e.ErrorKind.TOO_LARGE: 413,
+    e.ErrorKind.UNSUPPORTED_MEDIA_TYPE: 415,
+    e.ErrorKind.NOT_ACCEPTABLE: 406,
+    e.ErrorKind.OVERLOADED: 429,
+    e.ErrorKind.UNAVAILABLE: 503,
+    e.ErrorKind.DEADLINE_EXCEEDED: 504,
+    e.ErrorKind.INTERNAL: 500,
+}
+
+#: Where a kind's default status is not the right one for a specific error.
+STATUS_OVERRIDES: Final[Mapping[type[e.MedinferError], int]] = {
+    e.MalformedBodyError: 400,
+    e.MethodNotAllowedError: 405,
+}
+
+ERRORS_BY_CODE: Final[Mapping[str, type[e.MedinferError]]] = {cls.code: cls for cls in e.ALL_ERRORS}
+
+
+def status_for(error: type[e.MedinferError]) -> int:
+    return STATUS_OVERRIDES.get(error, STATUS_BY_KIND[error.kind])
+
+
+def problem_body(error: e.MedinferError, instance: str | None = None, **extra: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "type": PROBLEM_BASE + error.code,
+        "title": error.title,
+        "status": status_for(type(error)),
+        "detail": error.detail,
+        "code": error.code,
+    }
+    if instance is not None:
+        body["instance"] = instance
+    request_id = request_id_var.get()
+    if request_id is not None:
+        body["request_id"] = request_id
+    body.update(extra)
+    return body
+
+
+def problem_response(
+    error: e.MedinferError, instance: str | None = None, headers: Mapping[str, str] | None = None, **extra: Any
+) -> JSONResponse:
+    out_headers = dict(headers or {})
+    if error.retry_after_s is not None:
+        out_headers["Retry-After"] = str(max(1, math.ceil(error.retry_after_s)))
+    return JSONResponse(
+        problem_body(error, instance, **extra),
+        status_code=status_for(type(error)),
+        media_type=PROBLEM_MEDIA_TYPE,
+        headers=out_headers,
+    )
+
+
+def problem_bytes(error: e.MedinferError) -> bytes:
+    """For ASGI middleware that answers before the app runs."""
+    return json.dumps(problem_body(error), separators=(",", ":")).encode()
+
+
+def _validation_errors(exc: RequestValidationError) -> list[dict[str, Any]]:
+    # Never echo ``input``: it is caller data and may hold PHI.
+    return [
+        {"loc": [str(p) for p in err.get("loc", ())], "msg": str(err.get("msg", "")), "type": str(err.get("type", ""))}
+        for err in exc.errors()
+    ]
+
+
+async def _on_domain_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, e.MedinferError)  # noqa: S101 - registered for this type only
+    if status_for(type(exc)) >= HTTPStatus.INTERNAL_SERVER_ERROR:
+        log.error("request failed", extra={"event": "http.error", "code": exc.code})
+    return problem_response(exc, instance=request.url.path)
+
+
+async def _on_http_exception(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)  # noqa: S101 - registered for this type only
+    error: e.MedinferError
+    if exc.status_code == HTTPStatus.NOT_FOUND:
+        error = e.RouteNotFoundError("no operation at this path")
+    elif exc.status_code == HTTPStatus.METHOD_NOT_ALLOWED:
+        error = e.MethodNotAllowedError("method not allowed on this path")
+    elif exc.status_code == HTTPStatus.REQUEST_ENTITY_TOO_LARGE:
+        error = e.PayloadTooLargeError("request body exceeds the configured limit")
+    else:
+        error = e.InvalidRequestError(HTTPStatus(exc.status_code).phrase)
+        return JSONResponse(
+            problem_body(error, request.url.path) | {"status": exc.status_code},
+            status_code=exc.status_code,
+            media_type=PROBLEM_MEDIA_TYPE,
+            headers=dict(exc.headers or {}),
+        )
+    return problem_response(error, instance=request.url.path, headers=exc.headers)
+
+
+async def _on_validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)  # noqa: S101 - registered for this type only
+    details = _validation_errors(exc)
+    if any(d["type"] == "json_invalid" for d in details):
+        return problem_response(e.MalformedBodyError("request body is not valid JSON"), instance=request.url.path)
+    fields = ", ".join(".".join(d["loc"]) for d in details[:5])
+    return problem_response(
+        e.InvalidRequestError(f"request does not match the schema at: {fields}"),
+        instance=request.url.path,
+        errors=details,
+    )
+
+
+async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error", extra={"event": "http.unhandled", "exc_type": type(exc).__name__})
+    return problem_response(e.MedinferError("unexpected server error; quote the request id"), instance=request.url.path)
+
+
+def install_problem_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(e.MedinferError, _on_domain_error)
+    app.add_exception_handler(StarletteHTTPException, _on_http_exception)
+    app.add_exception_handler(RequestValidationError, _on_validation_error)
+    app.add_exception_handler(Exception, _on_unexpected)
+
+
+def _example(error: type[e.MedinferError], detail: str) -> dict[str, Any]:
+    return {
+        "type": PROBLEM_BASE + error.code,
+        "title": error.title,
+        "status": status_for(error),
+        "detail": detail,
+        "code": error.code,
+        "instance": "/v1/models/cxr-pneumonia",
+        "request_id": "5f0c6d0e-8a0b-4a52-9a43-2f1d2b7b9c11",
+    }
+
+
+_EXAMPLES: Final[Mapping[int, tuple[type[e.MedinferError], str]]] = {
+    400: (e.MalformedBodyError, "request body is not valid JSON"),
+    401: (e.AuthenticationError, "missing Authorization header"),
+    403: (e.PermissionDeniedError, "scope 'models:admin' required"),
+    404: (e.ModelNotFoundError, "model 'cxr-pneumonia' is not in the repository"),
+    405: (e.MethodNotAllowedError, "method not allowed on this path"),
+    409: (e.ModelIntegrityError, "cxr-pneumonia v2: sha256 3f2a... does not match the pinned 9b1c...; version refused"),
+    413: (e.PayloadTooLargeError, "request body exceeds the configured limit"),
+    415: (e.UnsupportedMediaTypeError, "expected application/json"),
+    422: (e.InvalidRequestError, "request does not match the schema at: body.client_id"),
+    500: (e.MedinferError, "unexpected server error; quote the request id"),
+    503: (e.ModelNotReadyError, "model 'cxr-pneumonia' is not serving"),
+}
+
+
+def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` entries for the given error statuses, each with an example."""
+    out: dict[int | str, dict[str, Any]] = {}
+    for status in statuses:
+        error, detail = _EXAMPLES[status]
+        out[status] = {
+            "description": HTTPStatus(status).phrase,
+            "content": {
+                PROBLEM_MEDIA_TYPE: {
+                    "schema": {"$ref": "#/components/schemas/Problem"},
+                    "example": _example(error, detail),
+                }
+            },
+        }
+    return out
+
+
+#: Errors any operation can answer with, whatever it does.
+COMMON_ERRORS: Final[Sequence[int]] = (413, 500)

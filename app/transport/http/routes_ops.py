@@ -1,0 +1,107 @@
+"""Operational endpoints for probes, Prometheus and problem-type documentation."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Final
+
+from fastapi import APIRouter, Path, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from app.errors import RouteNotFoundError
+from app.transport.http.deps import ContainerDep
+from app.transport.http.problems import ERRORS_BY_CODE, COMMON_ERRORS, problem_responses, status_for
+from app.transport.http.schemas import Liveness, ModelVersionStatus, ProblemType, ReadinessReport
+
+router = APIRouter()
+TAG: Final = "operations"
+
+
+@router.get(
+    "/livez",
+    operation_id="getLiveness",
+    tags=[TAG],
+    summary="Liveness probe",
+    description="The process is up and its event loop answers. Checks nothing else, on purpose.",
+    responses={**problem_responses(*COMMON_ERRORS)},
+)
+async def livez() -> Liveness:
+    return Liveness(status="ok")
+
+
+@router.get(
+    "/readyz",
+    operation_id="getReadiness",
+    tags=[TAG],
+    summary="Readiness probe",
+    description=(
+        "200 when the database answers and the model repository has finished loading with at least one "
+        "model serving; 503 with the same body otherwise. `models` lists each version and, for refused "
+        "ones, the error code (for example `model-integrity`)."
+    ),
+    responses={
+        503: {
+            "description": "Not ready",
+            "content": {
+                "application/json": {
+                    "schema": {"$ref": "#/components/schemas/ReadinessReport"},
+                    "example": {"ready": False, "checks": {"database": False, "models": True}, "models": []},
+                }
+            },
+        },
+        **problem_responses(*COMMON_ERRORS),
+    },
+)
+async def readyz(container: ContainerDep) -> JSONResponse:
+    state = await container.readiness()
+    report = ReadinessReport(
+        ready=state.ready,
+        checks={"database": state.database, "models": state.models_loaded},
+        models=[
+            ModelVersionStatus(
+                model=s.model, version=s.version, state=s.state.value, sha256=s.sha256,
+                providers=list(s.providers), error_code=s.error_code, error=s.error,
+            )  # fmt: skip
+            for s in state.models
+        ],
+    )
+    return JSONResponse(report.model_dump(mode="json"), status_code=200 if state.ready else 503)
+
+
+@router.get(
+    "/metrics",
+    operation_id="getMetrics",
+    tags=[TAG],
+    summary="Prometheus metrics",
+    description="Prometheus text exposition format. Labels never carry patient, study or request identifiers.",
+    response_class=Response,
+    responses={
+        200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {"schema": {"type": "string"}, "example": "medinfer_http_requests_total{method=\"GET\",route=\"/livez\",status=\"200\"} 3.0\n"}}},
+        **problem_responses(*COMMON_ERRORS),
+    },
+)
+async def metrics(container: ContainerDep) -> Response:
+    return Response(generate_latest(container.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get(
+    "/problems/{code}",
+    operation_id="getProblemType",
+    tags=[TAG],
+    summary="Describe a problem type",
+    description="The `type` of every problem+json response resolves here: what the code means and how to recover.",
+    responses={**problem_responses(404, 422, *COMMON_ERRORS)},
+)
+async def problem_type(
+    code: str = Path(max_length=64, pattern=r"^[a-z0-9-]+$", examples=["model-integrity"]),
+) -> ProblemType:
+    error = ERRORS_BY_CODE.get(code)
+    if error is None:
+        raise RouteNotFoundError(f"no problem type {code!r}")
+    return ProblemType(
+        code=error.code,
+        title=error.title,
+        status=status_for(error),
+        description=inspect.cleandoc(error.__doc__ or error.title),
+    )

@@ -1,0 +1,223 @@
+"""Wire models of the HTTP API. Separate from domain types and tables on purpose: the wire
+format is a contract with generated clients and changes only with a version bump."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Wire(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ValidationIssue(BaseModel):
+    loc: list[str]
+    msg: str
+    type: str
+
+
+class Problem(BaseModel):
+    """RFC 9457 problem details. ``code`` is the stable machine-readable error code."""
+
+    model_config = ConfigDict(
+        extra="allow",
+        json_schema_extra={
+            "example": {
+                "type": "/problems/model-not-found",
+                "title": "Model not found",
+                "status": 404,
+                "detail": "model 'cxr-pneumonia' is not in the repository",
+                "code": "model-not-found",
+                "instance": "/v1/models/cxr-pneumonia",
+                "request_id": "5f0c6d0e-8a0b-4a52-9a43-2f1d2b7b9c11",
+            }
+        },
+    )
+
+    type: str = Field(description="URI reference naming the problem type: /problems/<code>.")
+    title: str
+    status: int = Field(ge=400, le=599)
+    detail: str
+    code: str
+    instance: str | None = None
+    request_id: str | None = None
+    errors: list[ValidationIssue] | None = Field(default=None, description="Schema violations, for 422 only.")
+
+
+class ProblemType(_Wire):
+    """Documentation of one problem type, served at its ``type`` URI."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "example": {
+                "code": "model-integrity",
+                "title": "Model integrity check failed",
+                "status": 409,
+                "description": "A model file's sha256 differs from the one pinned in model.toml.",
+            }
+        },
+    )
+
+    code: str
+    title: str
+    status: int
+    description: str
+
+
+class Liveness(_Wire):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"example": {"status": "ok"}})
+
+    status: Literal["ok"]
+
+
+class ModelVersionStatus(_Wire):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "example": {
+                "model": "cxr-pneumonia",
+                "version": "1",
+                "state": "ready",
+                "sha256": "9b1c0e4c5d6f7a8b9c0d1e2f3a4b5c6d7e8f9a0b1c2d3e4f5a6b7c8d9e0f1a2b",
+                "providers": ["CPUExecutionProvider"],
+                "error_code": None,
+                "error": None,
+            }
+        },
+    )
+
+    model: str
+    version: str
+    state: Literal["loading", "ready", "failed", "unloaded"]
+    sha256: str
+    providers: list[str]
+    error_code: str | None = None
+    error: str | None = None
+
+
+class ReadinessReport(_Wire):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "example": {
+                "ready": True,
+                "checks": {"database": True, "models": True},
+                "models": [ModelVersionStatus.model_config["json_schema_extra"]["example"]],  # type: ignore[index]
+            }
+        },
+    )
+
+    ready: bool
+    checks: dict[str, bool] = Field(description="Each dependency and whether it is ready.")
+    models: list[ModelVersionStatus]
+
+
+class OperatingPoint(_Wire):
+    threshold: float
+    sensitivity: float | None = None
+    specificity: float | None = None
+
+
+class TensorMetadata(_Wire):
+    name: str
+    datatype: str
+    shape: list[int]
+
+
+class ModelVersionSummary(_Wire):
+    version: str
+    sha256: str
+    providers: list[str]
+
+
+class ModelSummary(_Wire):
+    """A model as it serves now, with the provenance every result cites."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "example": {
+                "name": "cxr-pneumonia",
+                "task": "classification",
+                "description": "Pneumonia on frontal chest radiographs (demonstration model).",
+                "intended_use": "Demonstration of the medinfer service. Not a medical device.",
+                "not_for_clinical_use": True,
+                "labels": ["normal", "pneumonia"],
+                "positive_label": "pneumonia",
+                "default_threshold": 0.5,
+                "operating_points": {},
+                "inputs": [{"name": "image", "datatype": "FP32", "shape": [-1, 1, 224, 224]}],
+                "outputs": [{"name": "probabilities", "datatype": "FP32", "shape": [-1, 2]}],
+                "versions": [
+                    {
+                        "version": "1",
+                        "sha256": "9b1c0e4c5d6f7a8b9c0d1e2f3a4b5c6d7e8f9a0b1c2d3e4f5a6b7c8d9e0f1a2b",
+                        "providers": ["CPUExecutionProvider"],
+                    }
+                ],
+            }
+        },
+    )
+
+    name: str
+    task: str
+    description: str
+    intended_use: str
+    not_for_clinical_use: bool
+    labels: list[str]
+    positive_label: str | None
+    default_threshold: float | None
+    operating_points: dict[str, OperatingPoint]
+    inputs: list[TensorMetadata]
+    outputs: list[TensorMetadata]
+    versions: list[ModelVersionSummary] = Field(description="Serving versions, oldest first.")
+
+
+class ModelList(_Wire):
+    models: list[ModelSummary]
+
+
+class ModelLoadResult(_Wire):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "example": {"model": "cxr-pneumonia", "versions": [ModelVersionStatus.model_config["json_schema_extra"]["example"]]}  # type: ignore[index]
+        },
+    )
+
+    model: str
+    versions: list[ModelVersionStatus]
+
+
+class ClientRegistration(_Wire):
+    """Register an API client (an HIS interface, a PACS bridge, an operator tool)."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"example": {"client_id": "his-epic-prod", "scopes": ["predict", "models:read"]}},
+    )
+
+    client_id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")
+    scopes: list[str] = Field(min_length=1, max_length=16)
+
+
+class ClientCredentials(_Wire):
+    """The new client's API key. It is shown once and stored only as a hash."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "example": {
+                "client_id": "his-epic-prod",
+                "scopes": ["models:read", "predict"],
+                "api_key": "mi_Jk3v0QvA1n9m5lX2cR8tY6uE4wZ7bP0sD1fG3hJ5kL8",
+            }
+        },
+    )
+
+    client_id: str
+    scopes: list[str]
+    api_key: str
