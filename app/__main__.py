@@ -71,7 +71,7 @@ def _cmd_keys(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-def _register(settings: Settings, client_id: str, scopes: Sequence[Scope]) -> str:
+def register_api_client(settings: Settings, client_id: str, scopes: Sequence[Scope]) -> str:
     from sqlalchemy.orm import Session  # noqa: PLC0415
 
     from app.db import create_sync_engine  # noqa: PLC0415
@@ -98,7 +98,7 @@ def _dev_init(settings: Settings) -> int:
     if creds.exists():
         print(f"dev credentials already in {creds}")
         return 0
-    key = _register(settings, "dev", list(Scope))
+    key = register_api_client(settings, "dev", list(Scope))
     creds.parent.mkdir(parents=True, exist_ok=True)
     creds.write_text(json.dumps({"client_id": "dev", "api_key": key}, indent=2), encoding="utf-8")
     creds.chmod(0o600)
@@ -109,7 +109,7 @@ def _dev_init(settings: Settings) -> int:
 def _cmd_clients(settings: Settings, args: argparse.Namespace) -> int:
     from app.security.clients import parse_scopes  # noqa: PLC0415
 
-    key = _register(settings, args.client_id, sorted(parse_scopes(args.scope), key=lambda s: s.value))
+    key = register_api_client(settings, args.client_id, sorted(parse_scopes(args.scope), key=lambda s: s.value))
     print(json.dumps({"client_id": args.client_id, "api_key": key}))
     return 0
 
@@ -137,7 +137,9 @@ def _cmd_models(settings: Settings, args: argparse.Namespace) -> int:
                 failures += 1
                 print(f"FAIL {spec.name} v{version}: [{exc.code}] {exc.detail}")
             else:
-                print(f"ok   {spec.name} v{version} sha256={served.sha256} providers={','.join(served.loaded.providers)}")
+                print(
+                    f"ok   {spec.name} v{version} sha256={served.sha256} providers={','.join(served.loaded.providers)}"
+                )
     return 1 if failures else 0
 
 

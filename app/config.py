@@ -14,6 +14,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 #: Values that ship in the source tree. Outside ``env="dev"``/``"test"`` the service refuses
 #: to start while any secret still holds one of them.
+MIN_SECRET_CHARS = 32
 PLACEHOLDER_SECRET = "dev-only-change-me"  # noqa: S105 - a marker the validator refuses outside dev
 
 Environment = Literal["dev", "test", "production"]
@@ -56,7 +57,7 @@ class Settings(BaseSettings):
                 name
                 for name in ("audit_hmac_key", "pseudonym_key")
                 if getattr(self, name).get_secret_value() in {PLACEHOLDER_SECRET, ""}
-                or len(getattr(self, name).get_secret_value()) < 32
+                or len(getattr(self, name).get_secret_value()) < MIN_SECRET_CHARS
             ]
             if weak:
                 names = ", ".join(f"MEDINFER_{n.upper()}" for n in weak)

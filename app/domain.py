@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 
 
-class Scope(str, Enum):
+class Scope(StrEnum):
     """Permissions a client may hold. Routes declare the one they need."""
 
     PREDICT = "predict"
@@ -28,7 +28,7 @@ class Principal:
         return scope in self.scopes
 
 
-class VersionState(str, Enum):
+class VersionState(StrEnum):
     """Lifecycle of one model version inside the registry."""
 
     LOADING = "loading"

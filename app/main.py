@@ -15,7 +15,7 @@ from app.container import Container
 from app.observability.metrics import Metrics
 from app.transport.http import routes_admin, routes_models, routes_ops
 from app.transport.http.middleware import RequestContextMiddleware
-from app.transport.http.problems import install_problem_handlers
+from app.transport.http.problems import install_problem_handlers, normalise_openapi_errors
 from app.transport.http.schemas import Problem
 
 TAGS = [
@@ -62,6 +62,7 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
         components["securitySchemes"] = {
             "apiKey": {"type": "http", "scheme": "bearer", "description": "API key issued by registerClient."}
         }
+        normalise_openapi_errors(schema)
         for path, item in schema["paths"].items():
             for operation in item.values():
                 if path.startswith("/v1/"):

@@ -100,7 +100,7 @@ class ModelRegistry:
                 try:
                     self.load(model_dir.name)
                 except MedinferError as exc:
-                    log.error(
+                    log.exception(
                         "model failed to load",
                         extra={"event": "model.load_failed", "model": model_dir.name, "code": exc.code},
                     )
@@ -123,9 +123,13 @@ class ModelRegistry:
         except MedinferError as exc:
             with self._lock:
                 self._failed_specs[name] = VersionStatus(
-                    model=name, version="-", state=VersionState.FAILED, sha256="",
-                    error_code=exc.code, error=exc.detail,
-                )  # fmt: skip
+                    model=name,
+                    version="-",
+                    state=VersionState.FAILED,
+                    sha256="",
+                    error_code=exc.code,
+                    error=exc.detail,
+                )
             raise
 
         previous = self._entries.get(name)
@@ -137,15 +141,19 @@ class ModelRegistry:
                 sv = load_version(spec, model_dir, version)
             except MedinferError as exc:
                 first_error = first_error or exc
-                log.error(
+                log.exception(
                     "model version refused",
                     extra={"event": "model.version_refused", "model": name, "version": version, "code": exc.code},
                 )
                 statuses.append(
                     VersionStatus(
-                        model=name, version=version, state=VersionState.FAILED,
-                        sha256=spec.versions[version].sha256, error_code=exc.code, error=exc.detail,
-                    )  # fmt: skip
+                        model=name,
+                        version=version,
+                        state=VersionState.FAILED,
+                        sha256=spec.versions[version].sha256,
+                        error_code=exc.code,
+                        error=exc.detail,
+                    )
                 )
                 if previous is not None and version in previous.served:
                     served[version] = previous.served[version]
@@ -153,22 +161,32 @@ class ModelRegistry:
             served[version] = sv
             statuses.append(
                 VersionStatus(
-                    model=name, version=version, state=VersionState.READY,
-                    sha256=sv.sha256, providers=sv.loaded.providers,
-                )  # fmt: skip
+                    model=name,
+                    version=version,
+                    state=VersionState.READY,
+                    sha256=sv.sha256,
+                    providers=sv.loaded.providers,
+                )
             )
             log.info(
                 "model version ready",
-                extra={"event": "model.version_ready", "model": name, "version": version,
-                       "providers": list(sv.loaded.providers)},
-            )  # fmt: skip
+                extra={
+                    "event": "model.version_ready",
+                    "model": name,
+                    "version": version,
+                    "providers": list(sv.loaded.providers),
+                },
+            )
 
         if not served and previous is not None:
+            # Nothing new loaded: what served before keeps serving, and the statuses say so.
             served = dict(previous.served)
+            tried = {s.version for s in statuses}
+            statuses[:0] = [s for s in previous.statuses if s.state is VersionState.READY and s.version not in tried]
         with self._lock:
             self._failed_specs.pop(name, None)
             self._entries[name] = _ModelEntry(spec=spec, served=served, statuses=tuple(statuses))
-        if not served and first_error is not None:
+        if first_error is not None:
             raise first_error
         return tuple(statuses)
 

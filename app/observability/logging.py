@@ -19,11 +19,25 @@ request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("req
 #: ``extra`` keys that may appear in a log record. Anything else is dropped.
 ALLOWED_EXTRA: Final = frozenset(
     {
-        "event", "code", "status", "method", "route", "duration_ms", "model", "version",
-        "providers", "missing", "error_kind", "client_id", "host", "port", "count", "reason",
+        "event",
+        "code",
+        "status",
+        "method",
+        "route",
+        "duration_ms",
+        "model",
+        "version",
+        "providers",
+        "missing",
+        "error_kind",
+        "client_id",
+        "host",
+        "port",
+        "count",
+        "reason",
         "exc_type",
     }
-)  # fmt: skip
+)
 
 _RESERVED: Final = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None)).keys()) | {
     "message",
@@ -37,8 +51,7 @@ class JsonFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         payload: dict[str, Any] = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            + f".{int(record.msecs):03d}Z",
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": record.getMessage(),

@@ -75,9 +75,14 @@ class RequestContextMiddleware:
             self.metrics.http_duration.labels(route=template, method=method).observe(elapsed)
             log.info(
                 "request",
-                extra={"event": "http.request", "method": method, "route": template, "status": status,
-                       "duration_ms": round(elapsed * 1000, 3)},
-            )  # fmt: skip
+                extra={
+                    "event": "http.request",
+                    "method": method,
+                    "route": template,
+                    "status": status,
+                    "duration_ms": round(elapsed * 1000, 3),
+                },
+            )
             request_id_var.reset(token)
 
     def _capped(self, receive: Receive) -> Receive:

@@ -110,6 +110,9 @@ async def _on_domain_error(request: Request, exc: Exception) -> JSONResponse:
 async def _on_http_exception(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)  # noqa: S101 - registered for this type only
     error: e.MedinferError
+    if isinstance(exc.__cause__, e.MedinferError):
+        # FastAPI wraps errors raised while it reads the body (our size cap among them) in a 400.
+        return problem_response(exc.__cause__, instance=request.url.path)
     if exc.status_code == HTTPStatus.NOT_FOUND:
         error = e.RouteNotFoundError("no operation at this path")
     elif exc.status_code == HTTPStatus.METHOD_NOT_ALLOWED:
@@ -141,7 +144,7 @@ async def _on_validation_error(request: Request, exc: Exception) -> JSONResponse
 
 
 async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
-    log.exception("unhandled error", extra={"event": "http.unhandled", "exc_type": type(exc).__name__})
+    log.error("unhandled error", exc_info=exc, extra={"event": "http.unhandled"})
     return problem_response(e.MedinferError("unexpected server error; quote the request id"), instance=request.url.path)
 
 
@@ -194,6 +197,27 @@ def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
             },
         }
     return out
+
+
+def normalise_openapi_errors(document: dict[str, Any]) -> None:
+    """Make every documented error response problem+json, including FastAPI's automatic 422s.
+
+    The handlers above render request-validation failures as problem+json too, so the document
+    must say so; FastAPI's own ``HTTPValidationError`` schema is then unused and removed.
+    """
+    for item in document.get("paths", {}).values():
+        for operation in item.values():
+            for code, response in operation.get("responses", {}).items():
+                if not code.isdigit() or int(code) < HTTPStatus.BAD_REQUEST or int(code) not in _EXAMPLES:
+                    continue
+                if PROBLEM_MEDIA_TYPE not in response.get("content", {}):
+                    response.update(problem_responses(int(code))[int(code)])
+                    response.pop("model", None)
+    schemas = document.get("components", {}).get("schemas", {})
+    text = json.dumps(document["paths"])
+    for name in ("HTTPValidationError", "ValidationError"):
+        if f"#/components/schemas/{name}" not in text:
+            schemas.pop(name, None)
 
 
 #: Errors any operation can answer with, whatever it does.

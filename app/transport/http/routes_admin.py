@@ -23,9 +23,14 @@ def _statuses(name: str, statuses: tuple[VersionStatus, ...]) -> ModelLoadResult
         model=name,
         versions=[
             ModelVersionStatus(
-                model=s.model, version=s.version, state=s.state.value, sha256=s.sha256,
-                providers=list(s.providers), error_code=s.error_code, error=s.error,
-            )  # fmt: skip
+                model=s.model,
+                version=s.version,
+                state=s.state.value,
+                sha256=s.sha256,
+                providers=list(s.providers),
+                error_code=s.error_code,
+                error=s.error,
+            )
             for s in statuses
         ],
     )
@@ -54,7 +59,9 @@ async def load_model(name: ModelName, container: ContainerDep, _principal: Model
     operation_id="unloadModel",
     tags=[TAG],
     summary="Stop serving a model",
-    description="Requests already running finish; new ones get 503 until the model is loaded again. Scope `models:admin`.",
+    description=(
+        "Requests already running finish; new ones get 503 until the model is loaded again. Scope `models:admin`."
+    ),
     status_code=status.HTTP_204_NO_CONTENT,
     responses={**problem_responses(401, 403, 404, 422, *COMMON_ERRORS)},
 )
@@ -75,9 +82,7 @@ async def unload_model(name: ModelName, container: ContainerDep, _principal: Mod
     dependencies=[JsonBody],
     responses={**problem_responses(400, 401, 403, 415, 422, *COMMON_ERRORS)},
 )
-async def create_client(
-    registration: ClientRegistration, db: DbDep, _principal: ClientsAdmin
-) -> ClientCredentials:
+async def create_client(registration: ClientRegistration, db: DbDep, _principal: ClientsAdmin) -> ClientCredentials:
     scopes = parse_scopes(registration.scopes)
     key = await db.run_sync(lambda sync_db: register_client(sync_db, registration.client_id, scopes))
     await db.commit()

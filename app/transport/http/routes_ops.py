@@ -11,7 +11,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from app.errors import RouteNotFoundError
 from app.transport.http.deps import ContainerDep
-from app.transport.http.problems import ERRORS_BY_CODE, COMMON_ERRORS, problem_responses, status_for
+from app.transport.http.problems import COMMON_ERRORS, ERRORS_BY_CODE, problem_responses, status_for
 from app.transport.http.schemas import Liveness, ModelVersionStatus, ProblemType, ReadinessReport
 
 router = APIRouter()
@@ -33,6 +33,7 @@ async def livez() -> Liveness:
 @router.get(
     "/readyz",
     operation_id="getReadiness",
+    response_model=ReadinessReport,
     tags=[TAG],
     summary="Readiness probe",
     description=(
@@ -60,9 +61,14 @@ async def readyz(container: ContainerDep) -> JSONResponse:
         checks={"database": state.database, "models": state.models_loaded},
         models=[
             ModelVersionStatus(
-                model=s.model, version=s.version, state=s.state.value, sha256=s.sha256,
-                providers=list(s.providers), error_code=s.error_code, error=s.error,
-            )  # fmt: skip
+                model=s.model,
+                version=s.version,
+                state=s.state.value,
+                sha256=s.sha256,
+                providers=list(s.providers),
+                error_code=s.error_code,
+                error=s.error,
+            )
             for s in state.models
         ],
     )
@@ -77,7 +83,14 @@ async def readyz(container: ContainerDep) -> JSONResponse:
     description="Prometheus text exposition format. Labels never carry patient, study or request identifiers.",
     response_class=Response,
     responses={
-        200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {"schema": {"type": "string"}, "example": "medinfer_http_requests_total{method=\"GET\",route=\"/livez\",status=\"200\"} 3.0\n"}}},
+        200: {
+            "content": {
+                CONTENT_TYPE_LATEST.split(";")[0]: {
+                    "schema": {"type": "string"},
+                    "example": 'medinfer_http_requests_total{method="GET",route="/livez",status="200"} 3.0\n',
+                }
+            }
+        },
         **problem_responses(*COMMON_ERRORS),
     },
 )

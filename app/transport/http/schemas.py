@@ -3,9 +3,41 @@ format is a contract with generated clients and changes only with a version bump
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+VERSION_STATUS_EXAMPLE: dict[str, Any] = {
+    "model": "cxr-pneumonia",
+    "version": "1",
+    "state": "ready",
+    "sha256": "9b1c0e4c5d6f7a8b9c0d1e2f3a4b5c6d7e8f9a0b1c2d3e4f5a6b7c8d9e0f1a2b",
+    "providers": ["CPUExecutionProvider"],
+    "error_code": None,
+    "error": None,
+}
+
+
+MODEL_SUMMARY_EXAMPLE: dict[str, Any] = {
+    "name": "cxr-pneumonia",
+    "task": "classification",
+    "description": "Pneumonia on frontal chest radiographs (demonstration model).",
+    "intended_use": "Demonstration of the medinfer service. Not a medical device.",
+    "not_for_clinical_use": True,
+    "labels": ["normal", "pneumonia"],
+    "positive_label": "pneumonia",
+    "default_threshold": 0.5,
+    "operating_points": {},
+    "inputs": [{"name": "image", "datatype": "FP32", "shape": [-1, 1, 224, 224]}],
+    "outputs": [{"name": "probabilities", "datatype": "FP32", "shape": [-1, 2]}],
+    "versions": [
+        {
+            "version": "1",
+            "sha256": "9b1c0e4c5d6f7a8b9c0d1e2f3a4b5c6d7e8f9a0b1c2d3e4f5a6b7c8d9e0f1a2b",
+            "providers": ["CPUExecutionProvider"],
+        }
+    ],
+}
 
 
 class _Wire(BaseModel):
@@ -76,17 +108,7 @@ class Liveness(_Wire):
 class ModelVersionStatus(_Wire):
     model_config = ConfigDict(
         extra="forbid",
-        json_schema_extra={
-            "example": {
-                "model": "cxr-pneumonia",
-                "version": "1",
-                "state": "ready",
-                "sha256": "9b1c0e4c5d6f7a8b9c0d1e2f3a4b5c6d7e8f9a0b1c2d3e4f5a6b7c8d9e0f1a2b",
-                "providers": ["CPUExecutionProvider"],
-                "error_code": None,
-                "error": None,
-            }
-        },
+        json_schema_extra={"example": VERSION_STATUS_EXAMPLE},
     )
 
     model: str
@@ -105,7 +127,7 @@ class ReadinessReport(_Wire):
             "example": {
                 "ready": True,
                 "checks": {"database": True, "models": True},
-                "models": [ModelVersionStatus.model_config["json_schema_extra"]["example"]],  # type: ignore[index]
+                "models": [VERSION_STATUS_EXAMPLE],
             }
         },
     )
@@ -138,28 +160,7 @@ class ModelSummary(_Wire):
 
     model_config = ConfigDict(
         extra="forbid",
-        json_schema_extra={
-            "example": {
-                "name": "cxr-pneumonia",
-                "task": "classification",
-                "description": "Pneumonia on frontal chest radiographs (demonstration model).",
-                "intended_use": "Demonstration of the medinfer service. Not a medical device.",
-                "not_for_clinical_use": True,
-                "labels": ["normal", "pneumonia"],
-                "positive_label": "pneumonia",
-                "default_threshold": 0.5,
-                "operating_points": {},
-                "inputs": [{"name": "image", "datatype": "FP32", "shape": [-1, 1, 224, 224]}],
-                "outputs": [{"name": "probabilities", "datatype": "FP32", "shape": [-1, 2]}],
-                "versions": [
-                    {
-                        "version": "1",
-                        "sha256": "9b1c0e4c5d6f7a8b9c0d1e2f3a4b5c6d7e8f9a0b1c2d3e4f5a6b7c8d9e0f1a2b",
-                        "providers": ["CPUExecutionProvider"],
-                    }
-                ],
-            }
-        },
+        json_schema_extra={"example": MODEL_SUMMARY_EXAMPLE},
     )
 
     name: str
@@ -177,6 +178,8 @@ class ModelSummary(_Wire):
 
 
 class ModelList(_Wire):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"example": {"models": [MODEL_SUMMARY_EXAMPLE]}})
+
     models: list[ModelSummary]
 
 
@@ -184,7 +187,10 @@ class ModelLoadResult(_Wire):
     model_config = ConfigDict(
         extra="forbid",
         json_schema_extra={
-            "example": {"model": "cxr-pneumonia", "versions": [ModelVersionStatus.model_config["json_schema_extra"]["example"]]}  # type: ignore[index]
+            "example": {
+                "model": "cxr-pneumonia",
+                "versions": [VERSION_STATUS_EXAMPLE],
+            }
         },
     )
 

@@ -1,0 +1,91 @@
+"""Small real ONNX models for tests that need a repository they can corrupt and reload.
+
+The graphs are real (built with ``onnx.helper`` and run by ONNX Runtime); only their size is
+small. The reference models in ``models/`` are tested separately in ``tests/models``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+TOML = """\
+name = "{name}"
+task = "classification"
+description = "Test model: softmax(x W + b)."
+intended_use = "Automated tests of the medinfer service only."
+not_for_clinical_use = true
+labels = ["negative", "positive"]
+positive_label = "positive"
+
+[[inputs]]
+name = "features"
+datatype = "FP32"
+shape = [-1, 3]
+
+[[outputs]]
+name = "probabilities"
+datatype = "FP32"
+shape = [-1, 2]
+
+[thresholds]
+default = 0.5
+
+[batching]
+max_batch_size = 8
+max_queue_delay_ms = 1.0
+
+[version_policy]
+policy = "latest"
+latest_n = {latest_n}
+
+{versions}
+"""
+
+
+def linear_softmax_model(seed: int) -> bytes:
+    """``softmax(x @ W + b)`` with weights drawn from ``seed``: distinct seeds, distinct outputs."""
+    rng = np.random.default_rng(seed)
+    weights = numpy_helper.from_array(rng.normal(size=(3, 2)).astype(np.float32), "W")
+    bias = numpy_helper.from_array(rng.normal(size=(2,)).astype(np.float32), "b")
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["features", "W"], ["logits_raw"]),
+            helper.make_node("Add", ["logits_raw", "b"], ["logits"]),
+            helper.make_node("Softmax", ["logits"], ["probabilities"], axis=-1),
+        ],
+        "linear_softmax",
+        [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", 3])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", 2])],
+        initializer=[weights, bias],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+def write_model(repo: Path, name: str, versions: dict[str, int], *, latest_n: int = 1) -> Path:
+    """Write ``repo/name`` with one file per version (``{version: seed}``), sha256 pinned."""
+    model_dir = repo / name
+    blocks = []
+    for version, seed in versions.items():
+        data = linear_softmax_model(seed)
+        (model_dir / version).mkdir(parents=True, exist_ok=True)
+        (model_dir / version / "model.onnx").write_bytes(data)
+        blocks.append(f'[versions.{version}]\nsha256 = "{hashlib.sha256(data).hexdigest()}"\n')
+    (model_dir / "model.toml").write_text(
+        TOML.format(name=name, latest_n=latest_n, versions="\n".join(blocks)), encoding="utf-8"
+    )
+    return model_dir
+
+
+def corrupt(path: Path) -> None:
+    """Flip one byte near the end of the file, as bit rot or tampering would."""
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0xFF
+    path.write_bytes(bytes(data))

@@ -1,0 +1,48 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from app.config import PLACEHOLDER_SECRET, Settings
+
+
+def test_production_refuses_placeholder_secrets() -> None:
+    with pytest.raises(ValidationError, match="MEDINFER_AUDIT_HMAC_KEY, MEDINFER_PSEUDONYM_KEY"):
+        Settings(env="production")
+
+
+def test_production_refuses_short_secrets() -> None:
+    with pytest.raises(ValidationError, match="MEDINFER_PSEUDONYM_KEY"):
+        Settings(env="production", audit_hmac_key="a" * 40, pseudonym_key="short")
+
+
+def test_production_accepts_strong_secrets() -> None:
+    settings = Settings(env="production", audit_hmac_key="a" * 40, pseudonym_key="b" * 40)
+    assert settings.audit_hmac_key.get_secret_value() != PLACEHOLDER_SECRET
+
+
+def test_dev_defaults_use_sqlite_under_data_dir(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path)
+    assert settings.sqlalchemy_url == f"sqlite:///{tmp_path.resolve()}/medinfer.db"
+    assert settings.async_sqlalchemy_url.startswith("sqlite+aiosqlite:///")
+    assert settings.resolved_keys_dir == tmp_path / "keys"
+
+
+def test_postgres_url_gets_the_psycopg_async_driver() -> None:
+    settings = Settings(database_url="postgresql://u@db:5432/medinfer")
+    assert settings.async_sqlalchemy_url == "postgresql+psycopg://u@db:5432/medinfer"
+
+
+def test_settings_are_frozen() -> None:
+    settings = Settings()
+    with pytest.raises(ValidationError):
+        settings.port = 1  # type: ignore[misc]
+
+
+def test_environment_variables_use_the_medinfer_prefix(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MEDINFER_PORT", "9123")
+    monkeypatch.setenv("MEDINFER_MAX_BODY_BYTES", "2048")
+    settings = Settings()
+    assert (settings.port, settings.max_body_bytes) == (9123, 2048)

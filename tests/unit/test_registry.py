@@ -1,0 +1,136 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from app.domain import VersionState
+from app.errors import ModelIntegrityError, ModelNotFoundError, ModelNotReadyError
+from app.inference.registry import ModelRegistry
+from tests.support.models import corrupt, write_model
+
+
+def _run(registry: ModelRegistry, name: str, version: str | None = None) -> np.ndarray:
+    served = registry.get(name, version)
+    x = np.array([[1.0, 2.0, 3.0]], dtype=np.float32)
+    return np.asarray(served.loaded.session.run(["probabilities"], {"features": x})[0])
+
+
+def test_loads_every_model_on_cpu_and_reports_real_providers(tmp_path: Path) -> None:
+    write_model(tmp_path, "alpha", {"1": 1})
+    write_model(tmp_path, "beta", {"1": 2})
+    registry = ModelRegistry(tmp_path)
+    registry.load_all()
+    assert registry.models_ready()
+    statuses = registry.statuses()
+    assert [(s.model, s.version, s.state) for s in statuses] == [
+        ("alpha", "1", VersionState.READY),
+        ("beta", "1", VersionState.READY),
+    ]
+    assert all(s.providers[-1] == "CPUExecutionProvider" for s in statuses)
+    probabilities = _run(registry, "alpha")
+    assert probabilities.shape == (1, 2)
+    assert probabilities.sum() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_checksum_mismatch_refuses_that_model_and_the_rest_keep_serving(tmp_path: Path) -> None:
+    write_model(tmp_path, "alpha", {"1": 1})
+    beta = write_model(tmp_path, "beta", {"1": 2})
+    corrupt(beta / "1" / "model.onnx")
+    registry = ModelRegistry(tmp_path)
+    registry.load_all()
+    assert registry.models_ready()
+    by_model = {s.model: s for s in registry.statuses()}
+    assert by_model["alpha"].state is VersionState.READY
+    assert by_model["beta"].state is VersionState.FAILED
+    assert by_model["beta"].error_code == ModelIntegrityError.code
+    assert "does not match the pinned" in (by_model["beta"].error or "")
+    with pytest.raises(ModelNotReadyError):
+        registry.get("beta")
+
+
+def test_reload_with_a_corrupted_new_version_keeps_the_old_one_serving(tmp_path: Path) -> None:
+    model_dir = write_model(tmp_path, "alpha", {"1": 1})
+    registry = ModelRegistry(tmp_path)
+    registry.load_all()
+    before = _run(registry, "alpha")
+    in_flight = registry.get("alpha")
+
+    write_model(tmp_path, "alpha", {"1": 1, "2": 7})
+    corrupt(model_dir / "2" / "model.onnx")
+    with pytest.raises(ModelIntegrityError):
+        registry.load("alpha")
+
+    assert registry.get("alpha").version == "1"
+    np.testing.assert_array_equal(_run(registry, "alpha"), before)
+    assert in_flight.version == "1"
+    assert [(s.version, s.state) for s in registry.statuses()] == [
+        ("1", VersionState.READY),
+        ("2", VersionState.FAILED),
+    ]
+
+
+def test_reload_swaps_to_the_new_version_while_held_references_stay_valid(tmp_path: Path) -> None:
+    write_model(tmp_path, "alpha", {"1": 1})
+    registry = ModelRegistry(tmp_path)
+    registry.load_all()
+    held = registry.get("alpha")
+    old = _run(registry, "alpha")
+
+    write_model(tmp_path, "alpha", {"1": 1, "2": 9})
+    registry.load("alpha")
+
+    assert registry.get("alpha").version == "2"
+    assert not np.allclose(_run(registry, "alpha"), old)
+    x = np.array([[1.0, 2.0, 3.0]], dtype=np.float32)
+    np.testing.assert_array_equal(held.loaded.session.run(["probabilities"], {"features": x})[0], old)
+
+
+def test_unknown_model_and_version_are_not_found(tmp_path: Path) -> None:
+    write_model(tmp_path, "alpha", {"1": 1})
+    registry = ModelRegistry(tmp_path)
+    registry.load_all()
+    with pytest.raises(ModelNotFoundError, match="'nope'"):
+        registry.get("nope")
+    with pytest.raises(ModelNotFoundError, match="no version '7'"):
+        registry.get("alpha", "7")
+    with pytest.raises(ModelNotFoundError):
+        registry.load("nope")
+
+
+def test_unload_stops_serving_until_loaded_again(tmp_path: Path) -> None:
+    write_model(tmp_path, "alpha", {"1": 1})
+    registry = ModelRegistry(tmp_path)
+    registry.load_all()
+    registry.unload("alpha")
+    with pytest.raises(ModelNotReadyError):
+        registry.get("alpha")
+    registry.load("alpha")
+    assert registry.get("alpha").version == "1"
+
+
+def test_not_ready_before_the_first_load_and_ready_for_an_empty_repository(tmp_path: Path) -> None:
+    registry = ModelRegistry(tmp_path)
+    assert not registry.models_ready()
+    registry.load_all()
+    assert registry.models_ready()
+
+
+def test_a_repository_whose_every_model_fails_is_not_ready(tmp_path: Path) -> None:
+    model_dir = write_model(tmp_path, "alpha", {"1": 1})
+    corrupt(model_dir / "1" / "model.onnx")
+    registry = ModelRegistry(tmp_path)
+    registry.load_all()
+    assert not registry.models_ready()
+
+
+def test_graph_that_differs_from_its_spec_is_refused(tmp_path: Path) -> None:
+    model_dir = write_model(tmp_path, "alpha", {"1": 1})
+    toml = model_dir / "model.toml"
+    toml.write_text(toml.read_text().replace('name = "features"', 'name = "pixels"'))
+    registry = ModelRegistry(tmp_path)
+    registry.load_all()
+    (status,) = registry.statuses()
+    assert status.error_code == "model-load-failed"
+    assert "differs from model.toml" in (status.error or "")
