@@ -35,33 +35,40 @@ _NUMPY_DTYPES: Mapping[str, npt.DTypeLike] = {
     "FP64": np.float64,
 }
 
-_ORT_LOGGER_CONFIGURED = False
+_ORT_FATAL = 4
+_ort_state = {"configured": False}
+#: Providers the wheel offers but that failed to initialise here (e.g. CUDA libraries absent).
+_unusable: set[str] = set()
 
 
 def configure_ort_logging() -> None:
-    """Quieten ONNX Runtime's own logger to errors only (once per process).
+    """Limit ONNX Runtime's native logger to fatal messages (once per process).
 
-    Without this a CPU-only node prints a stack of CUDA load errors per session; we log one
-    clear warning from :func:`choose_providers` instead.
+    onnxruntime-gpu on a node without CUDA libraries otherwise prints a stack of library-load
+    errors for every session. Real failures still reach us as Python exceptions, and a provider
+    that did not load is reported once, as a warning, by :func:`open_session`.
     """
-    global _ORT_LOGGER_CONFIGURED  # noqa: PLW0603 - process-wide native logger, set once
-    if not _ORT_LOGGER_CONFIGURED:
-        ort.set_default_logger_severity(3)
-        _ORT_LOGGER_CONFIGURED = True
+    if not _ort_state["configured"]:
+        ort.set_default_logger_severity(_ORT_FATAL)
+        _ort_state["configured"] = True
 
 
 def choose_providers(preferred: Sequence[str]) -> list[str]:
-    """The preferred providers this build offers, in order, always ending with CPU."""
+    """The preferred providers this build offers and that have worked here, ending with CPU."""
     available = set(ort.get_available_providers())
-    chosen = [p for p in preferred if p in available and p != "CPUExecutionProvider"]
-    missing = [p for p in preferred if p not in available]
-    if missing:
-        log.warning(
-            "execution providers unavailable, falling back",
-            extra={"event": "ort.provider_fallback", "missing": missing},
-        )
+    chosen = [p for p in preferred if p in available and p not in _unusable and p != "CPUExecutionProvider"]
     chosen.append("CPUExecutionProvider")
     return chosen
+
+
+def _note_fallback(requested: Sequence[str], loaded: Sequence[str]) -> None:
+    missing = [p for p in requested if p not in loaded and p not in _unusable]
+    if missing:
+        _unusable.update(missing)
+        log.warning(
+            "execution providers did not load; running on CPU",
+            extra={"event": "ort.provider_fallback", "missing": missing, "providers": list(loaded)},
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,12 +100,9 @@ def open_session(spec: ModelSpec, model_path: Path) -> LoadedSession:
     configure_ort_logging()
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    requested = choose_providers(spec.runtime.execution_providers)
     try:
-        session = ort.InferenceSession(
-            str(model_path),
-            sess_options=options,
-            providers=choose_providers(spec.runtime.execution_providers),
-        )
+        session = ort.InferenceSession(str(model_path), sess_options=options, providers=requested)
     except Exception as exc:  # ORT raises its own unexported exception types
         raise ModelLoadError(f"{spec.name}: ONNX Runtime refused {model_path.name}: {exc}") from exc
 
@@ -115,4 +119,6 @@ def open_session(spec: ModelSpec, model_path: Path) -> LoadedSession:
         session.run([t.name for t in spec.outputs], warmup_inputs(spec.inputs))
     except Exception as exc:  # ORT raises its own unexported exception types
         raise ModelLoadError(f"{spec.name}: warm-up run failed: {exc}") from exc
-    return LoadedSession(session=session, providers=tuple(session.get_providers()))
+    loaded = tuple(session.get_providers())
+    _note_fallback(requested, loaded)
+    return LoadedSession(session=session, providers=loaded)

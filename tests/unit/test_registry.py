@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -7,6 +8,7 @@ import pytest
 
 from app.domain import VersionState
 from app.errors import ModelIntegrityError, ModelNotFoundError, ModelNotReadyError
+from app.inference import session as session_module
 from app.inference.registry import ModelRegistry
 from tests.support.models import corrupt, write_model
 
@@ -134,3 +136,22 @@ def test_graph_that_differs_from_its_spec_is_refused(tmp_path: Path) -> None:
     (status,) = registry.statuses()
     assert status.error_code == "model-load-failed"
     assert "differs from model.toml" in (status.error or "")
+
+
+def test_missing_cuda_falls_back_to_cpu_with_one_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    for name in ("alpha", "beta"):
+        model_dir = write_model(tmp_path, name, {"1": 1})
+        toml = model_dir / "model.toml"
+        toml.write_text(
+            toml.read_text() + '\n[runtime]\nexecution_providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]\n'
+        )
+    session_module._unusable.clear()
+    registry = ModelRegistry(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="app.inference.session"):
+        registry.load_all()
+    providers = {s.providers for s in registry.statuses()}
+    assert len(providers) == 1
+    (loaded,) = providers
+    assert loaded[-1] == "CPUExecutionProvider"
+    warnings = [r for r in caplog.records if getattr(r, "event", None) == "ort.provider_fallback"]
+    assert len(warnings) == (0 if "CUDAExecutionProvider" in loaded else 1)

@@ -1,0 +1,65 @@
+"""The real service process: uvicorn on loopback, PostgreSQL behind it, JSON logs, clean stop."""
+
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.integration.conftest import base_env, free_port, medinfer, serve
+
+pytestmark = pytest.mark.integration
+
+
+def test_serves_on_postgresql_with_json_logs_and_stops_cleanly(
+    tmp_path: Path, model_repo: Path, pg_url: str
+) -> None:
+    env = base_env(tmp_path, model_repo, pg_url)
+    assert medinfer(env, "migrate").returncode == 0
+    registered = medinfer(env, "clients", "register", "--client-id", "ops", "--scope", "models:read")
+    assert registered.returncode == 0, registered.stderr
+    key = json.loads(registered.stdout)["api_key"]
+
+    served = serve(env, tmp_path / "serve.log")
+    try:
+        ready = httpx.get(f"{served.base_url}/readyz").json()
+        assert ready["checks"] == {"database": True, "models": True}
+        models = httpx.get(
+            f"{served.base_url}/v1/models",
+            headers={"Authorization": f"Bearer {key}", "X-Request-ID": "integration-42"},
+        )
+        assert models.status_code == 200
+        assert models.headers["x-request-id"] == "integration-42"
+        assert [m["name"] for m in models.json()["models"]] == ["alpha", "beta"]
+    finally:
+        # uvicorn drains, runs the lifespan shutdown, then re-raises SIGTERM as its exit status.
+        assert served.stop() in {0, -signal.SIGTERM}
+
+    records = [json.loads(line) for line in served.log_lines()]
+    assert all({"ts", "level", "logger", "msg"} <= r.keys() for r in records)
+    access = [r for r in records if r.get("request_id") == "integration-42"]
+    assert access
+    assert access[0]["route"] == "/v1/models"
+    assert any(r.get("event") == "model.version_ready" and r.get("model") == "alpha" for r in records)
+    assert any(r.get("event") == "service.stop" for r in records), "lifespan shutdown did not run"
+    assert key not in served.log_path.read_text()
+
+
+def test_not_ready_while_the_database_is_unreachable(tmp_path: Path, model_repo: Path) -> None:
+    # A real connection to a loopback port where nothing listens: refused at once.
+    dead = f"postgresql+psycopg://medinfer@127.0.0.1:{free_port()}/medinfer"
+    served = serve(base_env(tmp_path, model_repo, dead), tmp_path / "serve.log", wait_ready=False)
+    try:
+        response = httpx.get(f"{served.base_url}/readyz", timeout=10)
+        assert response.status_code == 503
+        assert response.json()["checks"]["database"] is False
+        assert httpx.get(f"{served.base_url}/livez").status_code == 200
+        problem = httpx.get(f"{served.base_url}/v1/models", headers={"Authorization": "Bearer mi_x"}, timeout=10)
+        assert problem.status_code == 503
+        assert problem.headers["content-type"] == "application/problem+json"
+        assert problem.json()["code"] == "database-unavailable"
+    finally:
+        served.stop()
