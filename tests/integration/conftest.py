@@ -76,7 +76,7 @@ def serve(env: dict[str, str], log_path: Path, *, wait_ready: bool = True) -> Se
     port = free_port()
     env = env | {"MEDINFER_HOST": "127.0.0.1", "MEDINFER_PORT": str(port)}
     handle = log_path.open("w", encoding="utf-8")
-    process = subprocess.Popen(  # noqa: S603 - our own CLI, fixed arguments
+    process = subprocess.Popen(
         [sys.executable, "-m", "app", "serve"], env=env, stdout=handle, stderr=subprocess.STDOUT, text=True
     )
     served = Served(base_url=f"http://127.0.0.1:{port}", process=process, log_path=log_path, log_handle=handle)

@@ -14,9 +14,7 @@ from tests.integration.conftest import base_env, free_port, medinfer, serve
 pytestmark = pytest.mark.integration
 
 
-def test_serves_on_postgresql_with_json_logs_and_stops_cleanly(
-    tmp_path: Path, model_repo: Path, pg_url: str
-) -> None:
+def test_serves_on_postgresql_with_json_logs_and_stops_cleanly(tmp_path: Path, model_repo: Path, pg_url: str) -> None:
     env = base_env(tmp_path, model_repo, pg_url)
     assert medinfer(env, "migrate").returncode == 0
     registered = medinfer(env, "clients", "register", "--client-id", "ops", "--scope", "models:read")
