@@ -6,6 +6,7 @@ the resulting frozen object travels through :class:`app.container.Container`.
 
 from __future__ import annotations
 
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Literal
 
@@ -44,6 +45,11 @@ class Settings(BaseSettings):
     keys_dir: Path | None = Field(default=None, description="Defaults to <data_dir>/keys.")
 
     max_body_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+    max_tensor_bytes: int = Field(
+        default=64 * 1024 * 1024, ge=1024, description="Cap per input tensor, checked before decoding."
+    )
+    default_deadline_ms: int = Field(default=30_000, ge=1, description="Deadline of a request that names none.")
+    overload_status: Literal[429, 503] = Field(default=429, description="Status of a request refused by a full queue.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: LogFormat = "json"
 
@@ -85,6 +91,14 @@ class Settings(BaseSettings):
     @property
     def resolved_keys_dir(self) -> Path:
         return self.keys_dir if self.keys_dir is not None else self.data_dir / "keys"
+
+
+def service_version() -> str:
+    """The installed distribution's version (also reported by ``GET /v2``)."""
+    try:
+        return version("medinfer")
+    except PackageNotFoundError:
+        return "0.0.0+unknown"
 
 
 def load_settings(**overrides: object) -> Settings:

@@ -12,8 +12,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from app.config import Settings
 from app.db import create_async_db, database_reachable
 from app.domain import Readiness
+from app.inference.batcher import BatcherPool
 from app.inference.registry import ModelRegistry
 from app.observability.metrics import Metrics
+from app.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +27,7 @@ class Container:
     sessionmaker: async_sessionmaker[AsyncSession]
     registry: ModelRegistry
     metrics: Metrics
+    pipeline: Pipeline
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
     @classmethod
@@ -33,7 +36,15 @@ class Container:
         engine, sessionmaker = create_async_db(settings)
         registry = ModelRegistry(settings.model_repository)
         metrics.watch_models(registry.statuses)
-        return cls(settings=settings, engine=engine, sessionmaker=sessionmaker, registry=registry, metrics=metrics)
+        pipeline = Pipeline(registry, BatcherPool(metrics))
+        return cls(
+            settings=settings,
+            engine=engine,
+            sessionmaker=sessionmaker,
+            registry=registry,
+            metrics=metrics,
+            pipeline=pipeline,
+        )
 
     async def start(self) -> None:
         """Begin loading models off the event loop; ``/readyz`` turns true when done."""
@@ -46,6 +57,7 @@ class Container:
         # A session being created in a thread cannot be interrupted; wait for it to finish.
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.pipeline.batchers.aclose()
         await self.engine.dispose()
         log.info("service stopped", extra={"event": "service.stop"})
 

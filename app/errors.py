@@ -202,6 +202,51 @@ class DatabaseUnavailableError(MedinferError):
     kind = ErrorKind.UNAVAILABLE
 
 
+class InvalidTensorError(MedinferError):
+    """An input tensor does not fit the model: unknown name, wrong datatype or shape, element
+    count that disagrees with the shape, or NaN/Inf where the model forbids them.
+
+    Recovery: send the tensor as the model metadata (``GET /v2/models/{name}``) describes it.
+    """
+
+    code = "invalid-tensor"
+    title = "Invalid input tensor"
+    kind = ErrorKind.INVALID_INPUT
+
+
+class OverloadedError(MedinferError):
+    """The model's queue is full. Nothing was run.
+
+    Recovery: retry after the ``Retry-After`` seconds, or spread load across replicas.
+    """
+
+    code = "overloaded"
+    title = "Too many requests"
+    kind = ErrorKind.OVERLOADED
+
+
+class DeadlineExceededError(MedinferError):
+    """The request's deadline passed while it waited in the queue, so it was not run.
+
+    Recovery: retry with a longer deadline, or when the service is less loaded.
+    """
+
+    code = "deadline-exceeded"
+    title = "Deadline exceeded"
+    kind = ErrorKind.DEADLINE_EXCEEDED
+
+
+class InferenceFailedError(MedinferError):
+    """ONNX Runtime raised while running a batch. Every request of that batch gets this error.
+
+    Recovery: report the request id to operators; the model may need to be withdrawn.
+    """
+
+    code = "inference-failed"
+    title = "Inference failed"
+    kind = ErrorKind.INTERNAL
+
+
 ALL_ERRORS: tuple[type[MedinferError], ...] = (
     MedinferError,
     InvalidRequestError,
@@ -218,4 +263,8 @@ ALL_ERRORS: tuple[type[MedinferError], ...] = (
     ModelLoadError,
     ModelNotReadyError,
     DatabaseUnavailableError,
+    InvalidTensorError,
+    OverloadedError,
+    DeadlineExceededError,
+    InferenceFailedError,
 )

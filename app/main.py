@@ -2,26 +2,34 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
-from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from fastapi import FastAPI
+from fastapi.dependencies.models import Dependant
 from fastapi.openapi.utils import get_openapi
+from fastapi.routing import APIRoute
 
-from app.config import Settings, load_settings
+from app.config import Settings, load_settings, service_version
 from app.container import Container
 from app.observability.metrics import Metrics
-from app.transport.http import routes_admin, routes_models, routes_ops
+from app.transport.http import routes_admin, routes_models, routes_ops, routes_v2
+from app.transport.http.deps import get_principal
 from app.transport.http.middleware import RequestContextMiddleware
 from app.transport.http.problems import install_problem_handlers, normalise_openapi_errors
 from app.transport.http.schemas import Problem
+from app.transport.http.v2_codec import V2InferRequest, V2InferResponse
 
 TAGS = [
     {"name": "operations", "description": "Health probes, metrics and problem-type documentation."},
     {"name": "models", "description": "The model catalogue and its provenance."},
     {"name": "admin", "description": "Live model management and client registration."},
+    {
+        "name": "open-inference-protocol",
+        "description": "KServe/Triton Open Inference Protocol v2 with the binary tensor extension. "
+        'Errors in this family are `{"error": "..."}`, as the protocol defines.',
+    },
 ]
 
 DESCRIPTION = """\
@@ -32,11 +40,21 @@ Send `X-Request-ID` to correlate; the service echoes it (or a generated one) on 
 """
 
 
-def service_version() -> str:
-    try:
-        return version("medinfer")
-    except PackageNotFoundError:
-        return "0.0.0+unknown"
+#: Models that the document references by hand (problem+json bodies, v2 bodies read raw for speed).
+DOCUMENTED_MODELS = (Problem, V2InferRequest, V2InferResponse)
+
+
+ROUTERS = (routes_ops.router, routes_models.router, routes_admin.router, routes_v2.router)
+
+
+def _operations_needing_a_principal() -> Iterator[str]:
+    def needs(dependant: Dependant) -> bool:
+        return dependant.call is get_principal or any(needs(d) for d in dependant.dependencies)
+
+    for router in ROUTERS:
+        for route in router.routes:
+            if isinstance(route, APIRoute) and route.operation_id and needs(route.dependant):
+                yield route.operation_id
 
 
 def _openapi(app: FastAPI) -> dict[str, Any]:
@@ -51,21 +69,27 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
             servers=[{"url": "http://127.0.0.1:8000", "description": "make run (dev defaults)"}],
         )
         components = schema.setdefault("components", {})
-        components.setdefault("schemas", {}).update(
-            Problem.model_json_schema(ref_template="#/components/schemas/{model}").pop("$defs", {})
-        )
-        components["schemas"]["Problem"] = {
-            k: v
-            for k, v in Problem.model_json_schema(ref_template="#/components/schemas/{model}").items()
-            if k != "$defs"
+        schemas = components.setdefault("schemas", {})
+        for model in DOCUMENTED_MODELS:
+            generated = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            schemas.update(generated.pop("$defs", {}))
+            schemas[model.__name__] = generated
+        components["schemas"]["V2Error"] = {
+            "type": "object",
+            "title": "V2Error",
+            "description": "Open Inference Protocol error body.",
+            "required": ["error"],
+            "properties": {"error": {"type": "string"}},
+            "example": {"error": "input 'image': dimension 2 is 128, model expects 224 (shape [-1, 1, 224, 224])"},
         }
         components["securitySchemes"] = {
             "apiKey": {"type": "http", "scheme": "bearer", "description": "API key issued by registerClient."}
         }
         normalise_openapi_errors(schema)
-        for path, item in schema["paths"].items():
+        protected = set(_operations_needing_a_principal())
+        for item in schema["paths"].values():
             for operation in item.values():
-                if path.startswith("/v1/"):
+                if operation.get("operationId") in protected:
                     operation["security"] = [{"apiKey": []}]
         app.openapi_schema = schema
     return app.openapi_schema
@@ -96,8 +120,9 @@ def create_app(settings: Settings) -> FastAPI:
         redoc_url=None,
     )
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
+    app.state.overload_status = settings.overload_status
     install_problem_handlers(app)
-    for router in (routes_ops.router, routes_models.router, routes_admin.router):
+    for router in ROUTERS:
         app.include_router(router)
     app.add_middleware(RequestContextMiddleware, metrics=metrics, max_body_bytes=settings.max_body_bytes)
     return app

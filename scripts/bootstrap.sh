@@ -59,7 +59,7 @@ ensure_checkov() {
   [ -x .venv-checkov/bin/checkov ] && return 0
   "$PYTHON" -m venv .venv-checkov
   .venv-checkov/bin/pip install -q --upgrade pip
-  .venv-checkov/bin/pip install -q "checkov>=3.2,<4"
+  .venv-checkov/bin/pip install -q "checkov==3.3.30"
 }
 
 case "$profile" in

@@ -29,7 +29,13 @@ def model_repo(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def settings(tmp_path: Path, model_repo: Path) -> Settings:
-    return Settings(env="test", data_dir=tmp_path / "var", model_repository=model_repo, max_body_bytes=64 * 1024)
+    return Settings(
+        env="test",
+        data_dir=tmp_path / "var",
+        model_repository=model_repo,
+        max_body_bytes=64 * 1024,
+        max_tensor_bytes=1 << 20,
+    )
 
 
 @pytest.fixture

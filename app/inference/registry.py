@@ -223,6 +223,10 @@ class ModelRegistry:
             raise ModelNotFoundError(f"model {name!r} is not loaded")
         return [entry.served[v] for v in sorted(entry.served, key=int)]
 
+    def all_served(self) -> list[ServedVersion]:
+        with self._lock:
+            return [sv for entry in self._entries.values() for sv in entry.served.values()]
+
     def statuses(self) -> tuple[VersionStatus, ...]:
         with self._lock:
             rows = [s for entry in self._entries.values() for s in entry.statuses]

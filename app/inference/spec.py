@@ -36,6 +36,7 @@ class TensorSpec(_Strict):
     name: str = Field(min_length=1, max_length=128)
     datatype: Datatype
     shape: tuple[int, ...] = Field(min_length=1, description="-1 marks a dynamic axis; axis 0 is batch.")
+    allow_non_finite: bool = Field(default=False, description="Accept NaN/Inf in this input (e.g. as 'missing').")
 
     @field_validator("shape")
     @classmethod

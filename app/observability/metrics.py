@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, Info
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -63,12 +63,49 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self.inference_requests = Counter(
+            "medinfer_inference_requests_total",
+            "Inference requests by model, version and outcome (ok, error, rejected, deadline).",
+            ["model", "version", "outcome"],
+            registry=self.registry,
+        )
+        self.queue_seconds = Histogram(
+            "medinfer_inference_queue_seconds",
+            "Time a request waited in its model's batch queue.",
+            ["model", "version"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.compute_seconds = Histogram(
+            "medinfer_inference_compute_seconds",
+            "Time of one batched session run, stacking and slicing included.",
+            ["model", "version"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.batch_size = Histogram(
+            "medinfer_inference_batch_size",
+            "Rows per executed batch.",
+            ["model", "version"],
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+            registry=self.registry,
+        )
+        self.queue_depth = Gauge(
+            "medinfer_inference_queue_depth",
+            "Requests waiting in a model version's batch queue.",
+            ["model", "version"],
+            registry=self.registry,
+        )
         self.auth_failures = Counter(
             "medinfer_auth_failures_total",
             "Rejected authentications by reason.",
             ["reason"],
             registry=self.registry,
         )
+
+    def registry_text(self) -> str:
+        """The exposition text, as ``/metrics`` serves it."""
+        return generate_latest(self.registry).decode()
 
     def watch_models(self, source: Callable[[], Iterable[VersionStatus]]) -> None:
         """Export the registry's version states and providers at every scrape."""

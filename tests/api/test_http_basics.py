@@ -135,9 +135,9 @@ def test_metrics_use_route_templates_not_raw_paths(client: TestClient) -> None:
 
 
 def test_access_log_lines_are_json_with_request_id_and_route(client: TestClient, capsys: object) -> None:
-    import logging  # noqa: PLC0415
+    import logging
 
-    from app.observability.logging import configure_logging  # noqa: PLC0415
+    from app.observability.logging import configure_logging
 
     configure_logging("INFO", "json")
     try:

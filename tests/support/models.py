@@ -89,3 +89,57 @@ def corrupt(path: Path) -> None:
     data = bytearray(path.read_bytes())
     data[-5] ^= 0xFF
     path.write_bytes(bytes(data))
+
+
+GATHER_TOML = """\
+name = "{name}"
+task = "classification"
+intended_use = "Automated tests: a model that fails inside ONNX Runtime on out-of-range indices."
+not_for_clinical_use = true
+labels = ["a", "b"]
+
+[[inputs]]
+name = "index"
+datatype = "INT64"
+shape = [-1, 1]
+
+[[outputs]]
+name = "value"
+datatype = "FP32"
+shape = [-1, 1]
+
+[batching]
+max_batch_size = 16
+max_queue_delay_ms = {delay_ms}
+max_queue_size = {queue_size}
+
+[versions.1]
+sha256 = "{sha}"
+"""
+
+
+def write_gather_model(repo: Path, name: str = "gather", *, delay_ms: float = 50.0, queue_size: int = 64) -> Path:
+    """``value = table[index]`` over a 4-entry table: index 0-3 works, 10 makes ORT raise.
+
+    The warm-up run (all zeros) succeeds, so the model loads; a request with a bad index fails
+    its whole batch at run time, which is what the batcher's error path needs.
+    """
+    table = numpy_helper.from_array(np.array([10.0, 11.0, 12.0, 13.0], dtype=np.float32), "table")
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "index"], ["value"], axis=0)],
+        "gather",
+        [helper.make_tensor_value_info("index", TensorProto.INT64, ["batch", 1])],
+        [helper.make_tensor_value_info("value", TensorProto.FLOAT, ["batch", 1])],
+        initializer=[table],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    data = model.SerializeToString()
+    model_dir = repo / name
+    (model_dir / "1").mkdir(parents=True, exist_ok=True)
+    (model_dir / "1" / "model.onnx").write_bytes(data)
+    (model_dir / "model.toml").write_text(
+        GATHER_TOML.format(name=name, delay_ms=delay_ms, queue_size=queue_size, sha=hashlib.sha256(data).hexdigest()),
+        encoding="utf-8",
+    )
+    return model_dir

@@ -38,7 +38,7 @@ def test_exceptions_are_logged_by_type_without_their_message() -> None:
         raise ValueError("PatientName=DOE^JANE")  # noqa: TRY301 - the message is what we test
     except ValueError:
         record = _record("failed")
-        import sys  # noqa: PLC0415
+        import sys
 
         record.exc_info = sys.exc_info()
     line = JsonFormatter().format(record)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Annotated
 
@@ -9,10 +11,19 @@ from fastapi import Depends, Header, Request
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from app.config import Settings
 from app.container import Container
 from app.domain import Principal, Scope
-from app.errors import AuthenticationError, DatabaseUnavailableError, PermissionDeniedError, UnsupportedMediaTypeError
+from app.errors import (
+    AuthenticationError,
+    DatabaseUnavailableError,
+    InvalidRequestError,
+    PermissionDeniedError,
+    UnsupportedMediaTypeError,
+)
 from app.security.clients import authenticate
+
+DEADLINE_HEADER = "X-Deadline-Ms"
 
 
 def get_container(request: Request) -> Container:
@@ -65,7 +76,26 @@ def require_json(content_type: Annotated[str | None, Header(include_in_schema=Fa
         raise UnsupportedMediaTypeError("expected Content-Type: application/json")
 
 
+def request_deadline(request: Request, settings: Settings, timeout_s: float | None = None) -> float:
+    """The request's deadline on ``time.monotonic()``: the earliest of a protocol timeout, the
+    ``X-Deadline-Ms`` header and the server default."""
+    candidates = [settings.default_deadline_ms / 1000.0]
+    if timeout_s is not None:
+        candidates.append(timeout_s)
+    header = request.headers.get(DEADLINE_HEADER)
+    if header is not None:
+        try:
+            ms = float(header)
+        except ValueError as exc:
+            raise InvalidRequestError(f"{DEADLINE_HEADER} must be a number of milliseconds") from exc
+        if not math.isfinite(ms) or ms <= 0:
+            raise InvalidRequestError(f"{DEADLINE_HEADER} must be positive")
+        candidates.append(ms / 1000.0)
+    return time.monotonic() + min(candidates)
+
+
 ModelsReader = Annotated[Principal, Depends(require(Scope.MODELS_READ))]
 ModelsAdmin = Annotated[Principal, Depends(require(Scope.MODELS_ADMIN))]
+Predictor = Annotated[Principal, Depends(require(Scope.PREDICT))]
 ClientsAdmin = Annotated[Principal, Depends(require(Scope.CLIENTS_ADMIN))]
 JsonBody = Depends(require_json)

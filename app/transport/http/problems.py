@@ -73,20 +73,6 @@ def problem_body(error: e.MedinferError, instance: str | None = None, **extra: A
     return body
 
 
-def problem_response(
-    error: e.MedinferError, instance: str | None = None, headers: Mapping[str, str] | None = None, **extra: Any
-) -> JSONResponse:
-    out_headers = dict(headers or {})
-    if error.retry_after_s is not None:
-        out_headers["Retry-After"] = str(max(1, math.ceil(error.retry_after_s)))
-    return JSONResponse(
-        problem_body(error, instance, **extra),
-        status_code=status_for(type(error)),
-        media_type=PROBLEM_MEDIA_TYPE,
-        headers=out_headers,
-    )
-
-
 def problem_bytes(error: e.MedinferError) -> bytes:
     """For ASGI middleware that answers before the app runs."""
     return json.dumps(problem_body(error), separators=(",", ":")).encode()
@@ -100,52 +86,65 @@ def _validation_errors(exc: RequestValidationError) -> list[dict[str, Any]]:
     ]
 
 
+V2_PREFIX: Final = "/v2"
+
+
+def _status(request: Request, error: e.MedinferError) -> int:
+    if error.kind is e.ErrorKind.OVERLOADED:
+        overload: int = getattr(request.app.state, "overload_status", STATUS_BY_KIND[error.kind])
+        return overload
+    return status_for(type(error))
+
+
+def _render(
+    request: Request, error: e.MedinferError, headers: Mapping[str, str] | None = None, **extra: Any
+) -> JSONResponse:
+    """problem+json everywhere, except the v2 family, which answers ``{"error": ...}``."""
+    status = _status(request, error)
+    out_headers = dict(headers or {})
+    if error.retry_after_s is not None:
+        out_headers["Retry-After"] = str(max(1, math.ceil(error.retry_after_s)))
+    if request.url.path == V2_PREFIX or request.url.path.startswith(V2_PREFIX + "/"):
+        return JSONResponse({"error": error.detail}, status_code=status, headers=out_headers)
+    body = problem_body(error, request.url.path, **extra) | {"status": status}
+    return JSONResponse(body, status_code=status, media_type=PROBLEM_MEDIA_TYPE, headers=out_headers)
+
+
 async def _on_domain_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, e.MedinferError)  # noqa: S101 - registered for this type only
     if status_for(type(exc)) >= HTTPStatus.INTERNAL_SERVER_ERROR:
         log.error("request failed", extra={"event": "http.error", "code": exc.code})
-    return problem_response(exc, instance=request.url.path)
+    return _render(request, exc)
+
+
+_FRAMEWORK_ERRORS: Final[Mapping[int, e.MedinferError]] = {
+    HTTPStatus.NOT_FOUND: e.RouteNotFoundError("no operation at this path"),
+    HTTPStatus.METHOD_NOT_ALLOWED: e.MethodNotAllowedError("method not allowed on this path"),
+    HTTPStatus.REQUEST_ENTITY_TOO_LARGE: e.PayloadTooLargeError("request body exceeds the configured limit"),
+}
 
 
 async def _on_http_exception(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)  # noqa: S101 - registered for this type only
-    error: e.MedinferError
     if isinstance(exc.__cause__, e.MedinferError):
         # FastAPI wraps errors raised while it reads the body (our size cap among them) in a 400.
-        return problem_response(exc.__cause__, instance=request.url.path)
-    if exc.status_code == HTTPStatus.NOT_FOUND:
-        error = e.RouteNotFoundError("no operation at this path")
-    elif exc.status_code == HTTPStatus.METHOD_NOT_ALLOWED:
-        error = e.MethodNotAllowedError("method not allowed on this path")
-    elif exc.status_code == HTTPStatus.REQUEST_ENTITY_TOO_LARGE:
-        error = e.PayloadTooLargeError("request body exceeds the configured limit")
-    else:
-        error = e.InvalidRequestError(HTTPStatus(exc.status_code).phrase)
-        return JSONResponse(
-            problem_body(error, request.url.path) | {"status": exc.status_code},
-            status_code=exc.status_code,
-            media_type=PROBLEM_MEDIA_TYPE,
-            headers=dict(exc.headers or {}),
-        )
-    return problem_response(error, instance=request.url.path, headers=exc.headers)
+        return _render(request, exc.__cause__)
+    error = _FRAMEWORK_ERRORS.get(exc.status_code) or e.MalformedBodyError("request body could not be read")
+    return _render(request, error, headers=exc.headers)
 
 
 async def _on_validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)  # noqa: S101 - registered for this type only
     details = _validation_errors(exc)
     if any(d["type"] == "json_invalid" for d in details):
-        return problem_response(e.MalformedBodyError("request body is not valid JSON"), instance=request.url.path)
+        return _render(request, e.MalformedBodyError("request body is not valid JSON"))
     fields = ", ".join(".".join(d["loc"]) for d in details[:5])
-    return problem_response(
-        e.InvalidRequestError(f"request does not match the schema at: {fields}"),
-        instance=request.url.path,
-        errors=details,
-    )
+    return _render(request, e.InvalidRequestError(f"request does not match the schema at: {fields}"), errors=details)
 
 
 async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
     log.error("unhandled error", exc_info=exc, extra={"event": "http.unhandled"})
-    return problem_response(e.MedinferError("unexpected server error; quote the request id"), instance=request.url.path)
+    return _render(request, e.MedinferError("unexpected server error; quote the request id"))
 
 
 def install_problem_handlers(app: FastAPI) -> None:
@@ -177,6 +176,8 @@ _EXAMPLES: Final[Mapping[int, tuple[type[e.MedinferError], str]]] = {
     413: (e.PayloadTooLargeError, "request body exceeds the configured limit"),
     415: (e.UnsupportedMediaTypeError, "expected application/json"),
     422: (e.InvalidRequestError, "request does not match the schema at: body.client_id"),
+    429: (e.OverloadedError, "queue for cxr-pneumonia v1 is full"),
+    504: (e.DeadlineExceededError, "deadline passed while queued; not run"),
     500: (e.MedinferError, "unexpected server error; quote the request id"),
     503: (e.ModelNotReadyError, "model 'cxr-pneumonia' is not serving"),
 }
@@ -199,20 +200,40 @@ def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return out
 
 
+def v2_error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI entries for the v2 family's ``{"error": "..."}`` answers."""
+    return {
+        status: {
+            "description": HTTPStatus(status).phrase,
+            "content": {
+                "application/json": {
+                    "schema": {"$ref": "#/components/schemas/V2Error"},
+                    "example": {"error": _EXAMPLES[status][1]},
+                }
+            },
+        }
+        for status in statuses
+    }
+
+
 def normalise_openapi_errors(document: dict[str, Any]) -> None:
     """Make every documented error response problem+json, including FastAPI's automatic 422s.
 
     The handlers above render request-validation failures as problem+json too, so the document
     must say so; FastAPI's own ``HTTPValidationError`` schema is then unused and removed.
     """
-    for item in document.get("paths", {}).values():
+    for path, item in document.get("paths", {}).items():
+        v2 = path == V2_PREFIX or path.startswith(V2_PREFIX + "/")
         for operation in item.values():
             for code, response in operation.get("responses", {}).items():
-                if not code.isdigit() or int(code) < HTTPStatus.BAD_REQUEST or int(code) not in _EXAMPLES:
+                if not code.isdigit() or int(code) not in _EXAMPLES:
                     continue
-                if PROBLEM_MEDIA_TYPE not in response.get("content", {}):
-                    response.update(problem_responses(int(code))[int(code)])
-                    response.pop("model", None)
+                wanted = "application/json" if v2 else PROBLEM_MEDIA_TYPE
+                schema = response.get("content", {}).get(wanted, {}).get("schema", {})
+                if schema.get("$ref", "").endswith(("/Problem", "/V2Error")):
+                    continue
+                response.clear()
+                response.update((v2_error_responses if v2 else problem_responses)(int(code))[int(code)])
     schemas = document.get("components", {}).get("schemas", {})
     text = json.dumps(document["paths"])
     for name in ("HTTPValidationError", "ValidationError"):

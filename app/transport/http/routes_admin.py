@@ -50,7 +50,10 @@ def _statuses(name: str, statuses: tuple[VersionStatus, ...]) -> ModelLoadResult
     responses={**problem_responses(401, 403, 404, 409, 422, *COMMON_ERRORS)},
 )
 async def load_model(name: ModelName, container: ContainerDep, _principal: ModelsAdmin) -> ModelLoadResult:
-    statuses = await asyncio.to_thread(container.registry.load, name)
+    try:
+        statuses = await asyncio.to_thread(container.registry.load, name)
+    finally:
+        container.pipeline.retire_unserved()
     return _statuses(name, statuses)
 
 
@@ -67,6 +70,7 @@ async def load_model(name: ModelName, container: ContainerDep, _principal: Model
 )
 async def unload_model(name: ModelName, container: ContainerDep, _principal: ModelsAdmin) -> None:
     container.registry.unload(name)
+    container.pipeline.retire_unserved()
 
 
 @router.post(

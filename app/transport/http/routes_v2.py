@@ -1,0 +1,272 @@
+"""Open Inference Protocol v2 over HTTP: the paths and JSON shapes KServe and Triton clients use.
+
+This route family answers errors as ``{"error": "..."}`` (the protocol's format) instead of
+problem+json; ``problems.py`` chooses the format by path, with the same status table.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Final
+
+from fastapi import APIRouter, Header, Path, Request, Response
+
+from app.config import service_version
+from app.errors import MalformedBodyError, ModelNotFoundError, ModelNotReadyError
+from app.inference.registry import ServedVersion
+from app.inference.spec import ModelSpec
+from app.transport.http.deps import ContainerDep, ModelsReader, Predictor, request_deadline
+from app.transport.http.problems import v2_error_responses
+from app.transport.http.v2_codec import HEADER_LENGTH, deadline_from_parameters, decode_request, encode_response
+
+router = APIRouter(prefix="/v2")
+TAG: Final = "open-inference-protocol"
+ModelName = Annotated[str, Path(max_length=64, pattern=r"^[a-z0-9][a-z0-9._-]*$", examples=["cxr-pneumonia"])]
+Version = Annotated[str, Path(max_length=16, pattern=r"^[0-9]+$", examples=["1"])]
+
+_INFER_EXAMPLE: Final = {
+    "id": "42",
+    "inputs": [
+        {
+            "name": "features",
+            "shape": [1, 13],
+            "datatype": "FP32",
+            "data": [63, 1, 1, 145, 233, 1, 2, 150, 0, 2.3, 3, 0, 6],
+        }
+    ],
+    "outputs": [{"name": "probabilities"}],
+}
+_INFER_RESPONSE_EXAMPLE: Final = {
+    "model_name": "ehr-heart-disease",
+    "model_version": "1",
+    "id": "42",
+    "outputs": [{"name": "probabilities", "datatype": "FP32", "shape": [1, 2], "data": [0.31, 0.69]}],
+}
+
+
+_METADATA_RESPONSE: Final = {
+    "description": "Model metadata",
+    "content": {
+        "application/json": {
+            "example": {
+                "name": "ehr-heart-disease",
+                "versions": ["1"],
+                "platform": "onnxruntime_onnx",
+                "inputs": [{"name": "features", "datatype": "FP32", "shape": [-1, 13]}],
+                "outputs": [{"name": "probabilities", "datatype": "FP32", "shape": [-1, 2]}],
+            }
+        }
+    },
+}
+
+
+def _tensor_meta(spec: ModelSpec) -> dict[str, Any]:
+    return {
+        "inputs": [{"name": t.name, "datatype": t.datatype, "shape": list(t.shape)} for t in spec.inputs],
+        "outputs": [{"name": t.name, "datatype": t.datatype, "shape": list(t.shape)} for t in spec.outputs],
+    }
+
+
+def _model_metadata(served: list[ServedVersion], spec: ModelSpec) -> dict[str, Any]:
+    return {
+        "name": spec.name,
+        "versions": [sv.version for sv in served],
+        "platform": "onnxruntime_onnx",
+        **_tensor_meta(spec),
+    }
+
+
+@router.get(
+    "",
+    operation_id="v2GetServerMetadata",
+    tags=[TAG],
+    summary="Server metadata",
+    responses={
+        200: {
+            "description": "Server metadata",
+            "content": {
+                "application/json": {
+                    "example": {"name": "medinfer", "version": "0.1.0", "extensions": ["binary_tensor_data"]}
+                }
+            },
+        },
+        **v2_error_responses(500),
+    },
+)
+async def server_metadata() -> dict[str, Any]:
+    return {"name": "medinfer", "version": service_version(), "extensions": ["binary_tensor_data"]}
+
+
+@router.get(
+    "/health/live",
+    operation_id="v2GetServerLive",
+    tags=[TAG],
+    summary="Server liveness",
+    response_class=Response,
+    responses={200: {"description": "Live"}, **v2_error_responses(500)},
+)
+async def server_live() -> Response:
+    return Response(status_code=200)
+
+
+@router.get(
+    "/health/ready",
+    operation_id="v2GetServerReady",
+    tags=[TAG],
+    summary="Server readiness",
+    description="200 when ready, 400 when not (as Triton answers).",
+    response_class=Response,
+    responses={200: {"description": "Ready"}, 400: {"description": "Not ready"}, **v2_error_responses(500)},
+)
+async def server_ready(container: ContainerDep) -> Response:
+    return Response(status_code=200 if (await container.readiness()).ready else 400)
+
+
+@router.get(
+    "/models/{name}",
+    operation_id="v2GetModelMetadata",
+    tags=[TAG],
+    summary="Model metadata",
+    responses={200: _METADATA_RESPONSE, **v2_error_responses(401, 403, 404, 422, 500, 503)},
+)
+async def model_metadata(name: ModelName, container: ContainerDep, _principal: ModelsReader) -> dict[str, Any]:
+    registry = container.registry
+    served = registry.get(name)
+    return _model_metadata(registry.served_versions(name), served.spec)
+
+
+@router.get(
+    "/models/{name}/versions/{version}",
+    operation_id="v2GetModelVersionMetadata",
+    tags=[TAG],
+    summary="Model version metadata",
+    responses={200: _METADATA_RESPONSE, **v2_error_responses(401, 403, 404, 422, 500, 503)},
+)
+async def model_version_metadata(
+    name: ModelName, version: Version, container: ContainerDep, _principal: ModelsReader
+) -> dict[str, Any]:
+    served = container.registry.get(name, version)
+    return _model_metadata([served], served.spec)
+
+
+async def _ready(container: ContainerDep, name: str, version: str | None) -> Response:
+    try:
+        container.registry.get(name, version)
+    except ModelNotReadyError:
+        return Response(status_code=400)
+    except ModelNotFoundError:
+        raise
+    return Response(status_code=200)
+
+
+@router.get(
+    "/models/{name}/ready",
+    operation_id="v2GetModelReady",
+    tags=[TAG],
+    summary="Model readiness",
+    response_class=Response,
+    responses={200: {"description": "Ready"}, 400: {"description": "Not ready"}, **v2_error_responses(404, 422, 500)},
+)
+async def model_ready(name: ModelName, container: ContainerDep) -> Response:
+    return await _ready(container, name, None)
+
+
+@router.get(
+    "/models/{name}/versions/{version}/ready",
+    operation_id="v2GetModelVersionReady",
+    tags=[TAG],
+    summary="Model version readiness",
+    response_class=Response,
+    responses={200: {"description": "Ready"}, 400: {"description": "Not ready"}, **v2_error_responses(404, 422, 500)},
+)
+async def model_version_ready(name: ModelName, version: Version, container: ContainerDep) -> Response:
+    return await _ready(container, name, version)
+
+
+_INFER_OPENAPI: Final = {
+    "requestBody": {
+        "required": True,
+        "description": (
+            "An inference request. With the binary tensor extension, send `Inference-Header-Content-Length` "
+            "and append raw little-endian tensors after the JSON header, each announced by "
+            "`parameters.binary_data_size`."
+        ),
+        "content": {
+            "application/json": {"schema": {"$ref": "#/components/schemas/V2InferRequest"}, "example": _INFER_EXAMPLE},
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+        },
+    }
+}
+_INFER_RESPONSES: Final = {
+    200: {
+        "description": "Outputs, as JSON or (binary extension) a JSON header followed by raw tensors.",
+        "content": {
+            "application/json": {
+                "schema": {"$ref": "#/components/schemas/V2InferResponse"},
+                "example": _INFER_RESPONSE_EXAMPLE,
+            },
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+        },
+    },
+    **v2_error_responses(400, 401, 403, 404, 413, 415, 422, 429, 500, 503, 504),
+}
+
+
+async def _infer(
+    request: Request, container: ContainerDep, name: str, version: str | None, header_length: str | None
+) -> Response:
+    try:
+        length = int(header_length) if header_length is not None else None
+    except ValueError as exc:
+        raise MalformedBodyError("Inference-Header-Content-Length must be an integer") from exc
+    body = await request.body()
+    decoded = decode_request(body, length, container.settings.max_tensor_bytes)
+    timeout_s = deadline_from_parameters(decoded.request.parameters)
+    deadline = request_deadline(request, container.settings, timeout_s)
+    result = await container.pipeline.infer_tensors(name, version, decoded.tensors, deadline)
+    payload, json_length = encode_response(
+        result.served.spec.name, result.served.version, decoded.request.id, result.outputs, decoded
+    )
+    if json_length is None:
+        return Response(payload, media_type="application/json")
+    return Response(
+        payload, media_type="application/octet-stream", headers={"Inference-Header-Content-Length": str(json_length)}
+    )
+
+
+@router.post(
+    "/models/{name}/infer",
+    operation_id="v2ModelInfer",
+    tags=[TAG],
+    summary="Run inference",
+    openapi_extra=_INFER_OPENAPI,
+    responses=_INFER_RESPONSES,
+    response_class=Response,
+)
+async def model_infer(
+    name: ModelName,
+    request: Request,
+    container: ContainerDep,
+    _principal: Predictor,
+    inference_header_content_length: Annotated[str | None, Header(include_in_schema=False, alias=HEADER_LENGTH)] = None,
+) -> Response:
+    return await _infer(request, container, name, None, inference_header_content_length)
+
+
+@router.post(
+    "/models/{name}/versions/{version}/infer",
+    operation_id="v2ModelVersionInfer",
+    tags=[TAG],
+    summary="Run inference on one version",
+    openapi_extra=_INFER_OPENAPI,
+    responses=_INFER_RESPONSES,
+    response_class=Response,
+)
+async def model_version_infer(
+    name: ModelName,
+    version: Version,
+    request: Request,
+    container: ContainerDep,
+    _principal: Predictor,
+    inference_header_content_length: Annotated[str | None, Header(include_in_schema=False, alias=HEADER_LENGTH)] = None,
+) -> Response:
+    return await _infer(request, container, name, version, inference_header_content_length)
