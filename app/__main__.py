@@ -38,7 +38,9 @@ def _cmd_serve(settings: Settings, _args: argparse.Namespace) -> int:
 def _alembic_config(settings: Settings) -> object:
     from alembic.config import Config  # noqa: PLC0415
 
-    root = Path(__file__).resolve().parent.parent / "migrations"
+    import migrations  # noqa: PLC0415 - shipped beside `app` in the same distribution
+
+    root = Path(migrations.__file__).resolve().parent
     config = Config(str(root / "alembic.ini"))
     config.set_main_option("script_location", str(root))
     config.attributes["settings"] = settings
