@@ -120,6 +120,14 @@ def _cmd_models(settings: Settings, args: argparse.Namespace) -> int:
     from app.inference.registry import load_version  # noqa: PLC0415
     from app.inference.spec import iter_model_dirs, load_spec  # noqa: PLC0415
 
+    if args.models_command == "sign":
+        from app.security.keys import sign_file  # noqa: PLC0415
+
+        print(f"wrote {sign_file(Path(args.private_key), Path(args.file))}")
+        return 0
+    from app.security.keys import load_ed25519_public_key  # noqa: PLC0415
+
+    trusted = load_ed25519_public_key(settings.model_signing_public_key) if settings.model_signing_public_key else None
     repository = Path(args.repository) if args.repository else settings.model_repository
     failures = 0
     dirs = list(iter_model_dirs(repository))
@@ -134,7 +142,7 @@ def _cmd_models(settings: Settings, args: argparse.Namespace) -> int:
             continue
         for version in spec.served_versions():
             try:
-                served = load_version(spec, model_dir, version)
+                served = load_version(spec, model_dir, version, trusted)
             except MedinferError as exc:
                 failures += 1
                 print(f"FAIL {spec.name} v{version}: [{exc.code}] {exc.detail}")
@@ -178,6 +186,11 @@ def build_parser() -> argparse.ArgumentParser:
     models_sub = models.add_subparsers(dest="models_command", required=True)
     validate = models_sub.add_parser("validate", help="check specs, checksums and loadability offline")
     validate.add_argument("--repository", default=None)
+    sign = models_sub.add_parser("sign", help="write FILE.sig, a detached Ed25519 signature (release step)")
+    sign.add_argument(
+        "--private-key", required=True, help="PEM Ed25519 private key (openssl genpkey -algorithm ed25519)"
+    )
+    sign.add_argument("file")
     openapi = sub.add_parser("openapi", help="print or write the OpenAPI document")
     openapi.add_argument("--output", default=None)
     return parser

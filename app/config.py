@@ -42,6 +42,10 @@ class Settings(BaseSettings):
     )
     database_timeout_s: float = Field(default=2.0, gt=0)
     model_repository: Path = Path("models")
+    model_signing_public_key: Path | None = Field(
+        default=None, description="PEM Ed25519 public key; when set, every model needs a valid model.onnx.sig."
+    )
+    model_poll_interval_s: float = Field(default=0.0, ge=0.0, description="Repository poll period; 0 turns it off.")
     keys_dir: Path | None = Field(default=None, description="Defaults to <data_dir>/keys.")
 
     max_body_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)

@@ -4,18 +4,24 @@ engines, registries and metrics together. ``create_app`` calls it from the lifes
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
+from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from app.config import Settings
 from app.db import create_async_db, database_reachable
 from app.domain import Readiness
+from app.errors import MedinferError
 from app.inference.batcher import BatcherPool
 from app.inference.registry import ModelRegistry
+from app.inference.spec import iter_model_dirs
 from app.observability.metrics import Metrics
 from app.pipeline import Pipeline
+from app.security.keys import load_ed25519_public_key
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +40,10 @@ class Container:
     def build(cls, settings: Settings, metrics: Metrics) -> Container:
         """Create the objects. No connection is opened and no model is read yet."""
         engine, sessionmaker = create_async_db(settings)
-        registry = ModelRegistry(settings.model_repository)
+        trusted = (
+            load_ed25519_public_key(settings.model_signing_public_key) if settings.model_signing_public_key else None
+        )
+        registry = ModelRegistry(settings.model_repository, trusted)
         metrics.watch_models(registry.statuses)
         pipeline = Pipeline(registry, BatcherPool(metrics))
         return cls(
@@ -48,13 +57,52 @@ class Container:
 
     async def start(self) -> None:
         """Begin loading models off the event loop; ``/readyz`` turns true when done."""
-        task = asyncio.create_task(asyncio.to_thread(self.registry.load_all), name="model-load")
+        loading = self._spawn(asyncio.to_thread(self.registry.load_all), "model-load")
+        if self.settings.model_poll_interval_s > 0:
+            self._spawn(self._poll_repository(self.settings.model_poll_interval_s, loading), "model-poll")
+        log.info("service starting", extra={"event": "service.start"})
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+        task = asyncio.create_task(coro, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        log.info("service starting", extra={"event": "service.start"})
+        return task
+
+    async def _poll_repository(self, interval_s: float, loading: asyncio.Task[None]) -> None:
+        """Reload a model when its files change, load new ones, unload removed ones.
+
+        A changed version goes through the same checks as an explicit reload; if it fails, the
+        serving version stays and the failure shows in ``/readyz`` and the metrics.
+        """
+        seen: dict[str, tuple[tuple[str, int, int], ...]] = {}
+        await asyncio.shield(loading)
+        for name in self.registry.loaded_names():
+            seen[name] = self.registry.fingerprint(name)
+        while True:
+            await asyncio.sleep(interval_s)
+            present = {d.name for d in iter_model_dirs(self.registry.repository)}
+            for name in sorted(present):
+                fingerprint = self.registry.fingerprint(name)
+                if seen.get(name) == fingerprint:
+                    continue
+                seen[name] = fingerprint
+                try:
+                    await asyncio.to_thread(self.registry.load, name)
+                except MedinferError as exc:
+                    log.warning(
+                        "polled reload refused", extra={"event": "model.poll_refused", "model": name, "code": exc.code}
+                    )
+            for name in set(seen) - present:
+                del seen[name]
+                with contextlib.suppress(MedinferError):
+                    self.registry.unload(name)
+            self.pipeline.retire_unserved()
 
     async def aclose(self) -> None:
         # A session being created in a thread cannot be interrupted; wait for it to finish.
+        for task in self._tasks:
+            if task.get_name() == "model-poll":
+                task.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.pipeline.batchers.aclose()

@@ -169,6 +169,18 @@ class ModelIntegrityError(MedinferError):
     kind = ErrorKind.CONFLICT
 
 
+class ModelSignatureError(MedinferError):
+    """A trusted signing key is configured and a version's ``model.onnx.sig`` is missing or does
+    not verify. The file is refused before ONNX Runtime sees it.
+
+    Recovery: sign the file with ``medinfer models sign`` using the release key.
+    """
+
+    code = "model-signature"
+    title = "Model signature check failed"
+    kind = ErrorKind.CONFLICT
+
+
 class ModelLoadError(MedinferError):
     """ONNX Runtime refused the file, or its warm-up run failed.
 
@@ -260,6 +272,7 @@ ALL_ERRORS: tuple[type[MedinferError], ...] = (
     ModelNotFoundError,
     ModelSpecError,
     ModelIntegrityError,
+    ModelSignatureError,
     ModelLoadError,
     ModelNotReadyError,
     DatabaseUnavailableError,

@@ -14,6 +14,9 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
 from app.domain import VersionState, VersionStatus
 from app.errors import (
     MedinferError,
@@ -21,21 +24,32 @@ from app.errors import (
     ModelLoadError,
     ModelNotFoundError,
     ModelNotReadyError,
+    ModelSignatureError,
 )
 from app.inference.session import LoadedSession, open_session
 from app.inference.spec import ModelSpec, iter_model_dirs, load_spec
 
 log = logging.getLogger(__name__)
 
-_CHUNK = 1 << 20
+
+SIGNATURE_SUFFIX = ".sig"
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+def verify_signature(data: bytes, signature_path: Path, trusted_key: Ed25519PublicKey, label: str) -> None:
+    """Check a detached Ed25519 signature over the file's bytes.
+
+    Raises :class:`ModelSignatureError` if the signature file is missing or does not verify.
+    """
+    try:
+        signature = signature_path.read_bytes()
+    except FileNotFoundError as exc:
+        raise ModelSignatureError(f"{label}: {signature_path.name} is missing and a signing key is configured") from exc
+    try:
+        trusted_key.verify(signature, data)
+    except InvalidSignature as exc:
+        raise ModelSignatureError(
+            f"{label}: signature does not verify against the trusted key; version refused"
+        ) from exc
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,31 +69,39 @@ class _ModelEntry:
     statuses: tuple[VersionStatus, ...]
 
 
-def load_version(spec: ModelSpec, model_dir: Path, version: str) -> ServedVersion:
-    """Verify one version's checksum, then open and warm its session.
+def load_version(
+    spec: ModelSpec, model_dir: Path, version: str, trusted_key: Ed25519PublicKey | None = None
+) -> ServedVersion:
+    """Verify one version's checksum (and signature, if a key is trusted), then open and warm it.
 
-    Raises :class:`ModelIntegrityError` before ONNX Runtime sees a file whose sha256 differs
-    from ``model.toml``, or :class:`ModelLoadError` if the file is missing or will not run.
+    The file is read once: the bytes that were checked are the bytes ONNX Runtime gets, so a
+    file swapped on disk in between cannot slip through. Raises :class:`ModelIntegrityError`,
+    :class:`ModelSignatureError`, or :class:`ModelLoadError` if the file is missing or will not run.
     """
+    label = f"{spec.name} v{version}"
     path = model_dir / version / "model.onnx"
-    if not path.is_file():
-        raise ModelLoadError(f"{spec.name} v{version}: {path.name} is missing")
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError as exc:
+        raise ModelLoadError(f"{label}: {path.name} is missing") from exc
     expected = spec.versions[version].sha256
-    actual = sha256_file(path)
+    actual = hashlib.sha256(data).hexdigest()
     if actual != expected:
         raise ModelIntegrityError(
-            f"{spec.name} v{version}: sha256 {actual[:12]}... does not match the pinned "
-            f"{expected[:12]}...; version refused"
+            f"{label}: sha256 {actual[:12]}... does not match the pinned {expected[:12]}...; version refused"
         )
-    loaded = open_session(spec, path)
+    if trusted_key is not None:
+        verify_signature(data, path.with_name(path.name + SIGNATURE_SUFFIX), trusted_key, label)
+    loaded = open_session(spec, data)
     return ServedVersion(spec=spec, version=version, sha256=actual, loaded=loaded)
 
 
 class ModelRegistry:
     """All models of one repository and the versions of each that serve now."""
 
-    def __init__(self, repository: Path) -> None:
+    def __init__(self, repository: Path, trusted_key: Ed25519PublicKey | None = None) -> None:
         self._repository = repository
+        self._trusted_key = trusted_key
         self._lock = threading.Lock()
         self._entries: dict[str, _ModelEntry] = {}
         self._failed_specs: dict[str, VersionStatus] = {}
@@ -138,7 +160,7 @@ class ModelRegistry:
         first_error: MedinferError | None = None
         for version in spec.served_versions():
             try:
-                sv = load_version(spec, model_dir, version)
+                sv = load_version(spec, model_dir, version, self._trusted_key)
             except MedinferError as exc:
                 first_error = first_error or exc
                 log.exception(
@@ -189,6 +211,23 @@ class ModelRegistry:
         if first_error is not None:
             raise first_error
         return tuple(statuses)
+
+    def fingerprint(self, name: str) -> tuple[tuple[str, int, int], ...]:
+        """Names, sizes and mtimes of what a load reads, to notice changes without hashing."""
+        model_dir = self._repository / name
+        paths = [model_dir / "model.toml", *sorted(model_dir.glob("*/model.onnx*"))]
+        out = []
+        for path in paths:
+            try:
+                stat = path.stat()
+            except FileNotFoundError:
+                continue
+            out.append((str(path.relative_to(model_dir)), stat.st_size, stat.st_mtime_ns))
+        return tuple(out)
+
+    def loaded_names(self) -> list[str]:
+        with self._lock:
+            return sorted(self._entries)
 
     def unload(self, name: str) -> None:
         """Stop serving ``name``. Requests already holding a version finish on it."""

@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
@@ -91,7 +90,7 @@ def warmup_inputs(inputs: Sequence[TensorSpec]) -> dict[str, npt.NDArray[np.gene
     return feeds
 
 
-def open_session(spec: ModelSpec, model_path: Path) -> LoadedSession:
+def open_session(spec: ModelSpec, model: bytes) -> LoadedSession:
     """Create the session, check its signature against the spec, and run one warm-up batch.
 
     Raises :class:`ModelLoadError` if ONNX Runtime refuses the file, its inputs or outputs differ
@@ -102,9 +101,9 @@ def open_session(spec: ModelSpec, model_path: Path) -> LoadedSession:
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     requested = choose_providers(spec.runtime.execution_providers)
     try:
-        session = ort.InferenceSession(str(model_path), sess_options=options, providers=requested)
+        session = ort.InferenceSession(model, sess_options=options, providers=requested)
     except Exception as exc:  # ORT raises its own unexported exception types
-        raise ModelLoadError(f"{spec.name}: ONNX Runtime refused {model_path.name}: {exc}") from exc
+        raise ModelLoadError(f"{spec.name}: ONNX Runtime refused the model: {exc}") from exc
 
     declared_in = {t.name for t in spec.inputs}
     actual_in = {i.name for i in session.get_inputs()}
