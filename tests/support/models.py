@@ -143,3 +143,65 @@ def write_gather_model(repo: Path, name: str = "gather", *, delay_ms: float = 50
         encoding="utf-8",
     )
     return model_dir
+
+
+HEAVY_TOML = """\
+name = "{name}"
+task = "classification"
+intended_use = "Automated tests: enough compute per row to keep the batcher busy."
+not_for_clinical_use = true
+labels = ["a", "b"]
+
+[[inputs]]
+name = "x"
+datatype = "FP32"
+shape = [-1, {width}]
+
+[[outputs]]
+name = "probabilities"
+datatype = "FP32"
+shape = [-1, 2]
+
+[batching]
+max_batch_size = 16
+max_queue_delay_ms = 2.0
+max_queue_size = 256
+
+[versions.1]
+sha256 = "{sha}"
+"""
+
+
+def write_heavy_model(repo: Path, name: str = "heavy", *, width: int = 1024, layers: int = 8) -> Path:
+    """``layers`` dense ReLU layers of ``width``: about 2·width²·layers FLOPs per row."""
+    rng = np.random.default_rng(0)
+    nodes = []
+    initializers = []
+    current = "x"
+    for i in range(layers):
+        weight = numpy_helper.from_array((rng.normal(size=(width, width)) / np.sqrt(width)).astype(np.float32), f"w{i}")
+        initializers.append(weight)
+        nodes.append(helper.make_node("MatMul", [current, f"w{i}"], [f"m{i}"]))
+        nodes.append(helper.make_node("Relu", [f"m{i}"], [f"r{i}"]))
+        current = f"r{i}"
+    head = numpy_helper.from_array(rng.normal(size=(width, 2)).astype(np.float32), "head")
+    initializers.append(head)
+    nodes.append(helper.make_node("MatMul", [current, "head"], ["logits"]))
+    nodes.append(helper.make_node("Softmax", ["logits"], ["probabilities"], axis=-1))
+    graph = helper.make_graph(
+        nodes,
+        "heavy",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", width])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", 2])],
+        initializer=initializers,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    data = model.SerializeToString()
+    model_dir = repo / name
+    (model_dir / "1").mkdir(parents=True, exist_ok=True)
+    (model_dir / "1" / "model.onnx").write_bytes(data)
+    (model_dir / "model.toml").write_text(
+        HEAVY_TOML.format(name=name, width=width, sha=hashlib.sha256(data).hexdigest()), encoding="utf-8"
+    )
+    return model_dir
