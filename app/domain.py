@@ -9,7 +9,7 @@ from enum import StrEnum
 class Scope(StrEnum):
     """Permissions a client may hold. Routes declare the one they need."""
 
-    PREDICT = "predict"
+    INFER = "infer"
     MODELS_READ = "models:read"
     MODELS_ADMIN = "models:admin"
     AUDIT_READ = "audit:read"

@@ -85,7 +85,7 @@ def test_schema_violation_is_a_422_problem_naming_the_field_without_echoing_inpu
 ) -> None:
     response = client.post(
         "/v1/admin/clients",
-        json={"client_id": "DOE^JANE 1970-01-01", "scopes": ["predict"]},
+        json={"client_id": "DOE^JANE 1970-01-01", "scopes": ["infer"]},
         headers={"Authorization": f"Bearer {admin_key}"},
     )
     body = _assert_problem(response, 422, "invalid-request")

@@ -14,8 +14,8 @@ from tests.conftest import register
 
 
 @pytest.fixture
-def predict_key(migrated: Settings) -> str:
-    return register(migrated, Scope.PREDICT, Scope.MODELS_READ, client_id="v2-client")
+def infer_key(migrated: Settings) -> str:
+    return register(migrated, Scope.INFER, Scope.MODELS_READ, client_id="v2-client")
 
 
 def _auth(key: str) -> dict[str, str]:
@@ -32,8 +32,8 @@ def test_server_metadata_and_health(client: TestClient) -> None:
     assert client.get("/v2/models/beta/versions/1/ready").status_code == 400  # policy serves v2 only
 
 
-def test_model_metadata(client: TestClient, predict_key: str) -> None:
-    meta = client.get("/v2/models/beta", headers=_auth(predict_key)).json()
+def test_model_metadata(client: TestClient, infer_key: str) -> None:
+    meta = client.get("/v2/models/beta", headers=_auth(infer_key)).json()
     assert meta == {
         "name": "beta",
         "versions": ["2"],
@@ -43,12 +43,12 @@ def test_model_metadata(client: TestClient, predict_key: str) -> None:
     }
 
 
-def test_json_infer_returns_the_model_outputs_and_echoes_the_id(client: TestClient, predict_key: str) -> None:
+def test_json_infer_returns_the_model_outputs_and_echoes_the_id(client: TestClient, infer_key: str) -> None:
     body = {
         "id": "req-1",
         "inputs": [{"name": "features", "shape": [2, 3], "datatype": "FP32", "data": [1, 2, 3, 4, 5, 6]}],
     }
-    response = client.post("/v2/models/alpha/infer", json=body, headers=_auth(predict_key))
+    response = client.post("/v2/models/alpha/infer", json=body, headers=_auth(infer_key))
     assert response.status_code == 200, response.text
     out = response.json()
     assert out["id"] == "req-1"
@@ -60,7 +60,7 @@ def test_json_infer_returns_the_model_outputs_and_echoes_the_id(client: TestClie
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-6)
 
 
-def test_binary_infer_round_trips_raw_tensors(client: TestClient, predict_key: str) -> None:
+def test_binary_infer_round_trips_raw_tensors(client: TestClient, infer_key: str) -> None:
     x = np.array([[1, 2, 3]], np.float32)
     header = json.dumps(
         {
@@ -73,7 +73,7 @@ def test_binary_infer_round_trips_raw_tensors(client: TestClient, predict_key: s
     response = client.post(
         "/v2/models/alpha/versions/1/infer",
         content=header + x.tobytes(),
-        headers=_auth(predict_key) | {"Inference-Header-Content-Length": str(len(header))},
+        headers=_auth(infer_key) | {"Inference-Header-Content-Length": str(len(header))},
     )
     assert response.status_code == 200, response.text
     length = int(response.headers["inference-header-content-length"])
@@ -137,17 +137,17 @@ def test_binary_infer_round_trips_raw_tensors(client: TestClient, predict_key: s
     ],
 )
 def test_bad_inference_requests_get_v2_errors_naming_the_problem(
-    client: TestClient, predict_key: str, path: str, body: dict[str, object], status: int, fragment: str
+    client: TestClient, infer_key: str, path: str, body: dict[str, object], status: int, fragment: str
 ) -> None:
-    response = client.post(path, json=body, headers=_auth(predict_key))
+    response = client.post(path, json=body, headers=_auth(infer_key))
     assert response.status_code == status, response.text
     assert response.headers["content-type"] == "application/json"
     assert list(response.json()) == ["error"]
     assert fragment in response.json()["error"]
 
 
-def test_malformed_json_is_a_v2_400(client: TestClient, predict_key: str) -> None:
-    response = client.post("/v2/models/alpha/infer", content=b"{nope", headers=_auth(predict_key))
+def test_malformed_json_is_a_v2_400(client: TestClient, infer_key: str) -> None:
+    response = client.post("/v2/models/alpha/infer", content=b"{nope", headers=_auth(infer_key))
     assert response.status_code == 400
     assert "not valid JSON" in response.json()["error"]
 
@@ -156,12 +156,12 @@ def test_infer_needs_the_predict_scope(client: TestClient, reader_key: str) -> N
     body = {"inputs": [{"name": "features", "shape": [1, 3], "datatype": "FP32", "data": [1, 2, 3]}]}
     response = client.post("/v2/models/alpha/infer", json=body, headers=_auth(reader_key))
     assert response.status_code == 403
-    assert response.json() == {"error": "scope 'predict' required"}
+    assert response.json() == {"error": "scope 'infer' required"}
 
 
-def test_infer_metrics_count_outcomes_by_model(client: TestClient, predict_key: str) -> None:
+def test_infer_metrics_count_outcomes_by_model(client: TestClient, infer_key: str) -> None:
     body = {"inputs": [{"name": "features", "shape": [1, 3], "datatype": "FP32", "data": [1, 2, 3]}]}
-    assert client.post("/v2/models/alpha/infer", json=body, headers=_auth(predict_key)).status_code == 200
+    assert client.post("/v2/models/alpha/infer", json=body, headers=_auth(infer_key)).status_code == 200
     text = client.get("/metrics").text
     assert 'medinfer_inference_requests_total{model="alpha",outcome="ok",version="1"} 1.0' in text
     assert 'medinfer_inference_batch_size_count{model="alpha",version="1"} 1.0' in text

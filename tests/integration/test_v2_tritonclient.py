@@ -22,7 +22,7 @@ def server(tmp_path: Path, model_repo: Path) -> Iterator[tuple[Served, dict[str,
     env = base_env(tmp_path, model_repo, None)
     assert medinfer(env, "migrate").returncode == 0
     registered = medinfer(
-        env, "clients", "register", "--client-id", "triton", "--scope", "predict", "--scope", "models:read"
+        env, "clients", "register", "--client-id", "triton", "--scope", "infer", "--scope", "models:read"
     )
     key = json.loads(registered.stdout)["api_key"]
     served = serve(env, tmp_path / "serve.log")

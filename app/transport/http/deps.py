@@ -96,6 +96,6 @@ def request_deadline(request: Request, settings: Settings, timeout_s: float | No
 
 ModelsReader = Annotated[Principal, Depends(require(Scope.MODELS_READ))]
 ModelsAdmin = Annotated[Principal, Depends(require(Scope.MODELS_ADMIN))]
-Predictor = Annotated[Principal, Depends(require(Scope.PREDICT))]
+Predictor = Annotated[Principal, Depends(require(Scope.INFER))]
 ClientsAdmin = Annotated[Principal, Depends(require(Scope.CLIENTS_ADMIN))]
 JsonBody = Depends(require_json)

@@ -203,7 +203,7 @@ class ClientRegistration(_Wire):
 
     model_config = ConfigDict(
         extra="forbid",
-        json_schema_extra={"example": {"client_id": "his-epic-prod", "scopes": ["predict", "models:read"]}},
+        json_schema_extra={"example": {"client_id": "his-epic-prod", "scopes": ["infer", "models:read"]}},
     )
 
     client_id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")
@@ -218,7 +218,7 @@ class ClientCredentials(_Wire):
         json_schema_extra={
             "example": {
                 "client_id": "his-epic-prod",
-                "scopes": ["models:read", "predict"],
+                "scopes": ["models:read", "infer"],
                 "api_key": "mi_Jk3v0QvA1n9m5lX2cR8tY6uE4wZ7bP0sD1fG3hJ5kL8",
             }
         },
