@@ -153,6 +153,42 @@ def _cmd_models(settings: Settings, args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+def _cmd_audit(settings: Settings, args: argparse.Namespace) -> int:
+    import asyncio  # noqa: PLC0415
+
+    from app.audit.export import to_ndjson_line  # noqa: PLC0415
+    from app.audit.query import EventFilter, iter_events  # noqa: PLC0415
+    from app.audit.recorder import AuditWriter, create_audit_engine, verify_chain  # noqa: PLC0415
+    from app.domain import AuditRecord  # noqa: PLC0415
+    from app.observability.metrics import Metrics  # noqa: PLC0415
+
+    key = settings.audit_hmac_key.get_secret_value().encode()
+
+    async def run() -> int:
+        engine = create_audit_engine(settings.async_sqlalchemy_url, settings.database_timeout_s)
+        writer = AuditWriter(engine, key, settings.pseudonym_key.get_secret_value().encode(), Metrics())
+        try:
+            if args.audit_command == "verify":
+                result = await verify_chain(engine, key)
+                outcome = "success" if result.valid else "failure"
+                await writer.record(AuditRecord(action="audit.verify", outcome=outcome, actor="cli"))
+                print(json.dumps({
+                    "valid": result.valid, "events": result.events, "head_seq": result.head_seq,
+                    "first_broken_seq": result.first_broken_seq, "reason": result.reason,
+                }))  # fmt: skip
+                return 0 if result.valid else 1
+            await writer.record(AuditRecord(action="audit.export", outcome="success", actor="cli"))
+            with Path(args.output).open("wb") as out:  # noqa: ASYNC230 - one-shot CLI, nothing else on its loop
+                async for row in iter_events(engine, EventFilter()):
+                    out.write(to_ndjson_line(row))
+            return 0
+        finally:
+            await writer.aclose()
+            await engine.dispose()
+
+    return asyncio.run(run())
+
+
 def _cmd_openapi(settings: Settings, args: argparse.Namespace) -> int:
     from app.main import create_app  # noqa: PLC0415
 
@@ -191,6 +227,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--private-key", required=True, help="PEM Ed25519 private key (openssl genpkey -algorithm ed25519)"
     )
     sign.add_argument("file")
+    audit = sub.add_parser("audit", help="verify or export the audit trail")
+    audit_sub = audit.add_subparsers(dest="audit_command", required=True)
+    audit_sub.add_parser("verify", help="walk the hash chain; exit 1 and name the first broken link if any")
+    export = audit_sub.add_parser("export", help="write FHIR AuditEvent NDJSON")
+    export.add_argument("--output", required=True)
     openapi = sub.add_parser("openapi", help="print or write the OpenAPI document")
     openapi.add_argument("--output", default=None)
     return parser
@@ -202,6 +243,7 @@ _COMMANDS = {
     "keys": _cmd_keys,
     "clients": _cmd_clients,
     "models": _cmd_models,
+    "audit": _cmd_audit,
     "openapi": _cmd_openapi,
 }
 

@@ -57,11 +57,17 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: LogFormat = "json"
 
+    audit_enabled: bool = Field(
+        default=True, description="Only for benchmark baselines; production refuses to run without the audit trail."
+    )
     audit_hmac_key: SecretStr = SecretStr(PLACEHOLDER_SECRET)
     pseudonym_key: SecretStr = SecretStr(PLACEHOLDER_SECRET)
 
     @model_validator(mode="after")
     def _refuse_placeholder_secrets(self) -> Settings:
+        if self.env == "production" and not self.audit_enabled:
+            msg = "production refuses MEDINFER_AUDIT_ENABLED=false"
+            raise ValueError(msg)
         if self.env == "production":
             weak = [
                 name

@@ -12,6 +12,7 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
+from app.audit.recorder import AuditWriter, create_audit_engine
 from app.config import Settings
 from app.db import create_async_db, database_reachable
 from app.domain import Readiness
@@ -34,18 +35,33 @@ class Container:
     registry: ModelRegistry
     metrics: Metrics
     pipeline: Pipeline
+    audit_engine: AsyncEngine
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
     @classmethod
     def build(cls, settings: Settings, metrics: Metrics) -> Container:
-        """Create the objects. No connection is opened and no model is read yet."""
+        """Create the objects (inside the running event loop: the audit writer starts a task).
+
+        No connection is opened and no model is read yet.
+        """
         engine, sessionmaker = create_async_db(settings)
         trusted = (
             load_ed25519_public_key(settings.model_signing_public_key) if settings.model_signing_public_key else None
         )
         registry = ModelRegistry(settings.model_repository, trusted)
         metrics.watch_models(registry.statuses)
-        pipeline = Pipeline(registry, BatcherPool(metrics))
+        audit_engine = create_audit_engine(settings.async_sqlalchemy_url, settings.database_timeout_s)
+        audit = (
+            AuditWriter(
+                audit_engine,
+                settings.audit_hmac_key.get_secret_value().encode(),
+                settings.pseudonym_key.get_secret_value().encode(),
+                metrics,
+            )
+            if settings.audit_enabled
+            else None
+        )
+        pipeline = Pipeline(registry, BatcherPool(metrics), audit)
         return cls(
             settings=settings,
             engine=engine,
@@ -53,6 +69,7 @@ class Container:
             registry=registry,
             metrics=metrics,
             pipeline=pipeline,
+            audit_engine=audit_engine,
         )
 
     async def start(self) -> None:
@@ -106,6 +123,9 @@ class Container:
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.pipeline.batchers.aclose()
+        if self.pipeline.audit is not None:
+            await self.pipeline.audit.aclose()
+        await self.audit_engine.dispose()
         await self.engine.dispose()
         log.info("service stopped", extra={"event": "service.stop"})
 

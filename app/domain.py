@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -61,3 +62,38 @@ class Readiness:
     @property
     def ready(self) -> bool:
         return self.database and self.models_loaded
+
+
+@dataclass(frozen=True, slots=True)
+class AuditRecord:
+    """An event to append to the audit trail.
+
+    Identifiers arrive in clear and live only in memory: the recorder replaces them with keyed
+    pseudonyms before anything is serialised or stored.
+    """
+
+    action: str
+    outcome: str
+    request_id: str | None = None
+    actor: str | None = None
+    source_ip: str | None = None
+    model: str | None = None
+    model_version: str | None = None
+    model_sha256: str | None = None
+    input_sha256: str | None = None
+    output_sha256: str | None = None
+    patient_id: str | None = None
+    study_uid: str | None = None
+    series_uid: str | None = None
+    sop_uids: tuple[str, ...] = ()
+    detail: Mapping[str, object] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class RequestContext:
+    """Who asked, from where, under which request id, and the hash of what they sent."""
+
+    actor: str | None
+    request_id: str | None
+    source_ip: str | None
+    input_sha256: str | None = None

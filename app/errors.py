@@ -259,6 +259,17 @@ class InferenceFailedError(MedinferError):
     kind = ErrorKind.INTERNAL
 
 
+class AuditUnavailableError(MedinferError):
+    """The audit event could not be committed, so the result is withheld (fail closed).
+
+    Recovery: retry after ``Retry-After``; operators check the database.
+    """
+
+    code = "audit-unavailable"
+    title = "Audit trail unavailable"
+    kind = ErrorKind.UNAVAILABLE
+
+
 ALL_ERRORS: tuple[type[MedinferError], ...] = (
     MedinferError,
     InvalidRequestError,
@@ -280,4 +291,5 @@ ALL_ERRORS: tuple[type[MedinferError], ...] = (
     OverloadedError,
     DeadlineExceededError,
     InferenceFailedError,
+    AuditUnavailableError,
 )

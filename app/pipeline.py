@@ -6,15 +6,34 @@ It knows no transport and does no I/O of its own; the transports decode payloads
 
 from __future__ import annotations
 
+import hashlib
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
 
+from app.audit.recorder import AuditWriter
+from app.domain import AuditRecord, RequestContext
+from app.errors import AuditUnavailableError, MedinferError
 from app.inference.batcher import BatcherPool, Tensors
 from app.inference.registry import ModelRegistry, ServedVersion
 from app.inference.tensors import check_inputs
+
+log = logging.getLogger(__name__)
+
+#: Outputs up to this many values are kept in the audit event (class probabilities, not maps).
+AUDITED_OUTPUT_VALUES = 1024
+
+
+def outputs_sha256(outputs: Mapping[str, npt.NDArray[np.generic]]) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(outputs):
+        array = np.ascontiguousarray(outputs[name])
+        digest.update(f"{name}:{array.dtype.str}:{array.shape}".encode())
+        digest.update(array.tobytes() if array.dtype != object else repr(array.tolist()).encode())
+    return digest.hexdigest()
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,9 +45,11 @@ class TensorResult:
 
 
 class Pipeline:
-    def __init__(self, registry: ModelRegistry, batchers: BatcherPool) -> None:
+    def __init__(self, registry: ModelRegistry, batchers: BatcherPool, audit: AuditWriter | None) -> None:
+        """``audit`` is None only when auditing is switched off for a benchmark baseline."""
         self.registry = registry
         self.batchers = batchers
+        self.audit = audit
 
     async def infer_tensors(
         self,
@@ -36,15 +57,70 @@ class Pipeline:
         version: str | None,
         inputs: Mapping[str, npt.NDArray[np.generic]],
         deadline: float | None,
+        context: RequestContext,
     ) -> TensorResult:
-        """Run raw tensors through the batcher of the version serving now.
+        """Run raw tensors through the batcher of the version serving now, then audit.
 
-        The version is resolved once, so a reload during the request cannot mix versions.
+        The version is resolved once, so a reload during the request cannot mix versions. The
+        result is returned only after its audit event is committed (fail closed).
         """
-        served = self.registry.get(model, version)
-        tensors = check_inputs(served.spec, inputs)
-        outputs = await self.batchers.get(served).infer(tensors, deadline)
+        served: ServedVersion | None = None
+        try:
+            served = self.registry.get(model, version)
+            tensors = check_inputs(served.spec, inputs)
+            outputs = await self.batchers.get(served).infer(tensors, deadline)
+        except MedinferError as exc:
+            await self._record_failure(context, model, served, exc)
+            raise
+        await self.record(self._inference_record(context, served, outputs))
         return TensorResult(served=served, outputs=outputs)
+
+    async def record(self, record: AuditRecord) -> None:
+        """Commit one audit event (raises :class:`AuditUnavailableError` if it cannot be)."""
+        if self.audit is not None:
+            await self.audit.record(record)
+
+    @staticmethod
+    def _inference_record(context: RequestContext, served: ServedVersion, outputs: Tensors) -> AuditRecord:
+        small = {
+            name: array.tolist()
+            for name, array in outputs.items()
+            if array.dtype != object and array.size <= AUDITED_OUTPUT_VALUES
+        }
+        return AuditRecord(
+            action="inference",
+            outcome="success",
+            request_id=context.request_id,
+            actor=context.actor,
+            source_ip=context.source_ip,
+            model=served.spec.name,
+            model_version=served.version,
+            model_sha256=served.sha256,
+            input_sha256=context.input_sha256,
+            output_sha256=outputs_sha256(outputs),
+            detail={"outputs": small},
+        )
+
+    async def _record_failure(
+        self, context: RequestContext, model: str, served: ServedVersion | None, error: MedinferError
+    ) -> None:
+        record = AuditRecord(
+            action="inference",
+            outcome="error" if error.kind.value in {"internal", "unavailable"} else "failure",
+            request_id=context.request_id,
+            actor=context.actor,
+            source_ip=context.source_ip,
+            model=model,
+            model_version=served.version if served else None,
+            model_sha256=served.sha256 if served else None,
+            input_sha256=context.input_sha256,
+            detail={"error_code": error.code},
+        )
+        try:
+            await self.record(record)
+        except AuditUnavailableError:
+            # The request fails anyway and carries no result; its own error is the better answer.
+            log.warning("failure event not audited", extra={"event": "audit.failure_unrecorded", "code": error.code})
 
     def retire_unserved(self) -> None:
         """After a reload or unload: drain and stop the batchers of versions that left service."""

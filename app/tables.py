@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import DateTime, MetaData, String, Text
+from sqlalchemy import BigInteger, DateTime, Integer, MetaData, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 NAMING = {
@@ -34,3 +34,72 @@ class ApiClient(Base):
     scopes: Mapped[str] = mapped_column(Text, doc="Space-separated scope names.")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class AuditEvent(Base):
+    """One link of the append-only, hash-chained audit trail. Identifiers are HMAC pseudonyms.
+
+    ``seq`` is assigned under the chain lock (the ``audit_head`` row), so it is gap-free: a
+    missing number is a deleted event. ``hash`` = SHA-256(prev_hash || canonical JSON of the
+    event), ``mac`` = HMAC-SHA256(server key, hash).
+    """
+
+    __tablename__ = "audit_event"
+
+    seq: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    occurred_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    request_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    action: Mapped[str] = mapped_column(String(64), index=True)
+    outcome: Mapped[str] = mapped_column(String(16), index=True)
+    actor: Mapped[str | None] = mapped_column(String(128), nullable=True, index=True)
+    source_ip: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    model: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
+    model_version: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    model_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    input_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    output_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    patient_pseudonym: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
+    study_pseudonym: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    detail: Mapped[str] = mapped_column(Text, doc="Canonical JSON: error code, probabilities, pseudonymised UIDs.")
+    prev_hash: Mapped[str] = mapped_column(String(64))
+    hash: Mapped[str] = mapped_column(String(64))
+    mac: Mapped[str] = mapped_column(String(64))
+
+
+class AuditHead(Base):
+    """The chain's head, one row (id 1). Locking it serialises writers across processes, and its
+    MAC lets ``verify`` notice events deleted from the end of the chain."""
+
+    __tablename__ = "audit_head"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    seq: Mapped[int] = mapped_column(BigInteger)
+    hash: Mapped[str] = mapped_column(String(64))
+    mac: Mapped[str | None] = mapped_column(String(64), nullable=True)
+
+
+class JweReplay(Base):
+    """``jti`` values already accepted, kept until their token expires (shared by replicas)."""
+
+    __tablename__ = "jwe_replay"
+
+    jti: Mapped[str] = mapped_column(String(256), primary_key=True)
+    client_id: Mapped[str] = mapped_column(String(128))
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+
+
+class PacsOutbox(Base):
+    """Results waiting to be delivered to a PACS (DICOM SR), retried until delivered once."""
+
+    __tablename__ = "pacs_outbox"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    destination: Mapped[str] = mapped_column(String(128))
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    payload_path: Mapped[str] = mapped_column(Text, doc="Encrypted-at-rest file holding the SR object.")
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    delivered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    last_error: Mapped[str | None] = mapped_column(String(256), nullable=True)

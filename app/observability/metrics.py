@@ -96,6 +96,17 @@ class Metrics:
             ["model", "version"],
             registry=self.registry,
         )
+        self.audit_write_seconds = Histogram(
+            "medinfer_audit_write_seconds",
+            "Time of one audit transaction (a group of events committed together).",
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.audit_failures = Counter(
+            "medinfer_audit_write_failures_total",
+            "Audit events that could not be committed (their results were withheld).",
+            registry=self.registry,
+        )
         self.auth_failures = Counter(
             "medinfer_auth_failures_total",
             "Rejected authentications by reason.",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -13,14 +14,16 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.config import Settings
 from app.container import Container
-from app.domain import Principal, Scope
+from app.domain import AuditRecord, Principal, RequestContext, Scope
 from app.errors import (
+    AuditUnavailableError,
     AuthenticationError,
     DatabaseUnavailableError,
     InvalidRequestError,
     PermissionDeniedError,
     UnsupportedMediaTypeError,
 )
+from app.observability.logging import request_id_var
 from app.security.clients import authenticate
 
 DEADLINE_HEADER = "X-Deadline-Ms"
@@ -43,14 +46,25 @@ DbDep = Annotated[AsyncSession, Depends(get_db)]
 
 
 async def get_principal(
+    request: Request,
     container: ContainerDep,
     db: DbDep,
     authorization: Annotated[str | None, Header(include_in_schema=False)] = None,
 ) -> Principal:
     try:
         return await authenticate(db, authorization)
-    except AuthenticationError:
+    except AuthenticationError as exc:
         container.metrics.auth_failures.labels(reason="api_key").inc()
+        context = request_context(request, None)
+        record = AuditRecord(
+            action="auth.failure",
+            outcome="failure",
+            request_id=context.request_id,
+            source_ip=context.source_ip,
+            detail={"reason": exc.detail},
+        )
+        with contextlib.suppress(AuditUnavailableError):
+            await container.pipeline.record(record)
         raise
     except SQLAlchemyError as exc:
         raise DatabaseUnavailableError("credential store unavailable", retry_after_s=2) from exc
@@ -94,8 +108,18 @@ def request_deadline(request: Request, settings: Settings, timeout_s: float | No
     return time.monotonic() + min(candidates)
 
 
+def request_context(request: Request, principal: Principal | None, input_sha256: str | None = None) -> RequestContext:
+    return RequestContext(
+        actor=principal.client_id if principal else None,
+        request_id=request_id_var.get(),
+        source_ip=request.client.host if request.client else None,
+        input_sha256=input_sha256,
+    )
+
+
 ModelsReader = Annotated[Principal, Depends(require(Scope.MODELS_READ))]
 ModelsAdmin = Annotated[Principal, Depends(require(Scope.MODELS_ADMIN))]
-Predictor = Annotated[Principal, Depends(require(Scope.INFER))]
+Inferrer = Annotated[Principal, Depends(require(Scope.INFER))]
+AuditReader = Annotated[Principal, Depends(require(Scope.AUDIT_READ))]
 ClientsAdmin = Annotated[Principal, Depends(require(Scope.CLIENTS_ADMIN))]
 JsonBody = Depends(require_json)

@@ -3,19 +3,43 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Final
+from typing import Any, Final
 
-from fastapi import APIRouter, status
+from fastapi import APIRouter, Request, status
 
-from app.domain import VersionStatus
+from app.domain import AuditRecord, Principal, VersionStatus
+from app.errors import MedinferError
 from app.security.clients import parse_scopes, register_client
-from app.transport.http.deps import ClientsAdmin, ContainerDep, DbDep, JsonBody, ModelsAdmin
+from app.transport.http.deps import ClientsAdmin, ContainerDep, DbDep, JsonBody, ModelsAdmin, request_context
 from app.transport.http.problems import COMMON_ERRORS, problem_responses
 from app.transport.http.routes_models import ModelName
 from app.transport.http.schemas import ClientCredentials, ClientRegistration, ModelLoadResult, ModelVersionStatus
 
 router = APIRouter(prefix="/v1/admin")
 TAG: Final = "admin"
+
+
+async def _record(
+    request: Request,
+    container: ContainerDep,
+    principal: Principal,
+    action: str,
+    outcome: str,
+    model: str,
+    **detail: Any,
+) -> None:
+    context = request_context(request, principal)
+    await container.pipeline.record(
+        AuditRecord(
+            action=action,
+            outcome=outcome,
+            request_id=context.request_id,
+            actor=context.actor,
+            source_ip=context.source_ip,
+            model=model,
+            detail=detail,
+        )
+    )
 
 
 def _statuses(name: str, statuses: tuple[VersionStatus, ...]) -> ModelLoadResult:
@@ -49,11 +73,20 @@ def _statuses(name: str, statuses: tuple[VersionStatus, ...]) -> ModelLoadResult
     ),
     responses={**problem_responses(401, 403, 404, 409, 422, *COMMON_ERRORS)},
 )
-async def load_model(name: ModelName, container: ContainerDep, _principal: ModelsAdmin) -> ModelLoadResult:
+async def load_model(
+    name: ModelName, request: Request, container: ContainerDep, principal: ModelsAdmin
+) -> ModelLoadResult:
     try:
         statuses = await asyncio.to_thread(container.registry.load, name)
+    except MedinferError as exc:
+        await _record(request, container, principal, "model.load", "failure", name, error_code=exc.code)
+        raise
     finally:
         container.pipeline.retire_unserved()
+    await _record(
+        request, container, principal, "model.load", "success", name,
+        versions={s.version: s.sha256 for s in statuses},
+    )  # fmt: skip
     return _statuses(name, statuses)
 
 
@@ -68,9 +101,10 @@ async def load_model(name: ModelName, container: ContainerDep, _principal: Model
     status_code=status.HTTP_204_NO_CONTENT,
     responses={**problem_responses(401, 403, 404, 422, *COMMON_ERRORS)},
 )
-async def unload_model(name: ModelName, container: ContainerDep, _principal: ModelsAdmin) -> None:
+async def unload_model(name: ModelName, request: Request, container: ContainerDep, principal: ModelsAdmin) -> None:
     container.registry.unload(name)
     container.pipeline.retire_unserved()
+    await _record(request, container, principal, "model.unload", "success", name)
 
 
 @router.post(

@@ -6,15 +6,17 @@ problem+json; ``problems.py`` chooses the format by path, with the same status t
 
 from __future__ import annotations
 
+import hashlib
 from typing import Annotated, Any, Final
 
 from fastapi import APIRouter, Header, Path, Request, Response
 
 from app.config import service_version
+from app.domain import Principal
 from app.errors import MalformedBodyError, ModelNotFoundError, ModelNotReadyError
 from app.inference.registry import ServedVersion
 from app.inference.spec import ModelSpec
-from app.transport.http.deps import ContainerDep, ModelsReader, Predictor, request_deadline
+from app.transport.http.deps import ContainerDep, Inferrer, ModelsReader, request_context, request_deadline
 from app.transport.http.problems import v2_error_responses
 from app.transport.http.v2_codec import HEADER_LENGTH, deadline_from_parameters, decode_request, encode_response
 
@@ -212,7 +214,12 @@ _INFER_RESPONSES: Final = {
 
 
 async def _infer(
-    request: Request, container: ContainerDep, name: str, version: str | None, header_length: str | None
+    request: Request,
+    container: ContainerDep,
+    principal: Principal,
+    name: str,
+    version: str | None,
+    header_length: str | None,
 ) -> Response:
     try:
         length = int(header_length) if header_length is not None else None
@@ -222,7 +229,8 @@ async def _infer(
     decoded = decode_request(body, length, container.settings.max_tensor_bytes)
     timeout_s = deadline_from_parameters(decoded.request.parameters)
     deadline = request_deadline(request, container.settings, timeout_s)
-    result = await container.pipeline.infer_tensors(name, version, decoded.tensors, deadline)
+    context = request_context(request, principal, hashlib.sha256(body).hexdigest())
+    result = await container.pipeline.infer_tensors(name, version, decoded.tensors, deadline, context)
     payload, json_length = encode_response(
         result.served.spec.name, result.served.version, decoded.request.id, result.outputs, decoded
     )
@@ -246,10 +254,10 @@ async def model_infer(
     name: ModelName,
     request: Request,
     container: ContainerDep,
-    _principal: Predictor,
+    principal: Inferrer,
     inference_header_content_length: Annotated[str | None, Header(include_in_schema=False, alias=HEADER_LENGTH)] = None,
 ) -> Response:
-    return await _infer(request, container, name, None, inference_header_content_length)
+    return await _infer(request, container, principal, name, None, inference_header_content_length)
 
 
 @router.post(
@@ -266,7 +274,7 @@ async def model_version_infer(
     version: Version,
     request: Request,
     container: ContainerDep,
-    _principal: Predictor,
+    principal: Inferrer,
     inference_header_content_length: Annotated[str | None, Header(include_in_schema=False, alias=HEADER_LENGTH)] = None,
 ) -> Response:
-    return await _infer(request, container, name, version, inference_header_content_length)
+    return await _infer(request, container, principal, name, version, inference_header_content_length)

@@ -3,6 +3,7 @@ format is a contract with generated clients and changes only with a version bump
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -227,3 +228,82 @@ class ClientCredentials(_Wire):
     client_id: str
     scopes: list[str]
     api_key: str
+
+
+_HASH_EXAMPLE = "4c1f0f2b8f0e4a6b9d3e2c1a0b9f8e7d6c5b4a3928171605f4e3d2c1b0a99887"
+
+
+class AuditVerification(_Wire):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "example": {
+                "valid": False,
+                "events": 41,
+                "head_seq": 57,
+                "head_hash": _HASH_EXAMPLE,
+                "first_broken_seq": 42,
+                "reason": "content does not match its hash (altered)",
+            }
+        },
+    )
+
+    valid: bool
+    events: int = Field(description="Events verified before the first break (all of them when valid).")
+    head_seq: int
+    head_hash: str
+    first_broken_seq: int | None
+    reason: str | None
+
+
+class AuditEventOut(_Wire):
+    seq: int
+    occurred_at: datetime
+    request_id: str | None
+    action: str
+    outcome: str
+    actor: str | None
+    source_ip: str | None
+    model: str | None
+    model_version: str | None
+    model_sha256: str | None
+    input_sha256: str | None
+    output_sha256: str | None
+    patient_pseudonym: str | None
+    study_pseudonym: str | None
+    detail: dict[str, Any]
+    hash: str
+
+
+class AuditEventPage(_Wire):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "example": {
+                "events": [
+                    {
+                        "seq": 42,
+                        "occurred_at": "2026-11-28T13:05:12.123456Z",
+                        "request_id": "5f0c6d0e-8a0b-4a52-9a43-2f1d2b7b9c11",
+                        "action": "inference",
+                        "outcome": "success",
+                        "actor": "his-epic-prod",
+                        "source_ip": "10.1.2.3",
+                        "model": "ehr-heart-disease",
+                        "model_version": "1",
+                        "model_sha256": _HASH_EXAMPLE,
+                        "input_sha256": _HASH_EXAMPLE,
+                        "output_sha256": _HASH_EXAMPLE,
+                        "patient_pseudonym": _HASH_EXAMPLE,
+                        "study_pseudonym": None,
+                        "detail": {"outputs": {"probabilities": [[0.31, 0.69]]}},
+                        "hash": _HASH_EXAMPLE,
+                    }
+                ],
+                "next_cursor": "42",
+            }
+        },
+    )
+
+    events: list[AuditEventOut]
+    next_cursor: str | None = Field(description="Pass as `cursor` for the next page; null on the last page.")

@@ -1,0 +1,222 @@
+"""Writes audit events with group commit, and nothing leaves before its event is committed.
+
+Callers ``await record(event)``. One writer task per process takes every event queued while
+the previous transaction ran and appends them in one transaction under the chain lock (the
+``audit_head`` row: ``SELECT ... FOR UPDATE`` on PostgreSQL, ``BEGIN IMMEDIATE`` on SQLite), so
+several processes keep one gap-free chain and a busy service pays one commit per batch, not
+per request. If the transaction fails, every caller of that batch gets
+:class:`AuditUnavailableError` and must withhold its result.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import event, insert, select, update
+from sqlalchemy.engine.interfaces import DBAPIConnection
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
+from sqlalchemy.pool import ConnectionPoolEntry
+
+from app.audit.chain import Verification, canonical, head_mac, link_hash, mac, pseudonym, utcnow, verify
+from app.domain import AuditRecord
+from app.errors import AuditUnavailableError
+from app.observability.metrics import Metrics
+from app.tables import AuditEvent, AuditHead
+
+log = logging.getLogger(__name__)
+
+MAX_BATCH = 512
+_MAX_DETAIL_VALUES = 1024
+
+
+def _sqlite_immediate(engine: AsyncEngine) -> None:
+    """SQLite: take the write lock at BEGIN, so two processes never both read the same head."""
+
+    def on_connect(dbapi_connection: DBAPIConnection, _record: ConnectionPoolEntry) -> None:
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA busy_timeout=10000")
+        cursor.close()
+
+    def on_begin(conn: Any) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+    event.listen(engine.sync_engine, "connect", on_connect)
+    event.listen(engine.sync_engine, "begin", on_begin)
+
+
+def create_audit_engine(url: str, timeout_s: float) -> AsyncEngine:
+    """A small engine of its own: the writer's transactions never wait behind request reads."""
+    connect_args: dict[str, object] = {}
+    if url.startswith("postgresql"):
+        connect_args["connect_timeout"] = max(1, int(timeout_s))
+    engine = create_async_engine(url, pool_pre_ping=True, pool_size=2, max_overflow=2, connect_args=connect_args)
+    if engine.dialect.name == "sqlite":
+        _sqlite_immediate(engine)
+    return engine
+
+
+@dataclass(slots=True)
+class _Pending:
+    record: AuditRecord
+    occurred_at: datetime
+    future: asyncio.Future[int] = field(repr=False)
+
+
+def _clip(value: object) -> object:
+    """Keep detail small: long arrays (e.g. a segmentation mask) are summarised, not stored."""
+    if isinstance(value, list) and len(value) > _MAX_DETAIL_VALUES:
+        return {"truncated": True, "length": len(value)}
+    if isinstance(value, dict):
+        return {k: _clip(v) for k, v in value.items()}
+    return value
+
+
+class AuditWriter:
+    def __init__(self, engine: AsyncEngine, hmac_key: bytes, pseudonym_key: bytes, metrics: Metrics) -> None:
+        self._engine = engine
+        self._hmac_key = hmac_key
+        self._pseudonym_key = pseudonym_key
+        self._metrics = metrics
+        self._queue: list[_Pending] = []
+        self._wakeup = asyncio.Event()
+        self._closing = False
+        self._task = asyncio.create_task(self._run(), name="audit-writer")
+
+    async def record(self, record: AuditRecord) -> int:
+        """Append ``record``; returns its ``seq`` once committed. Raises :class:`AuditUnavailableError`."""
+        if self._closing:
+            raise AuditUnavailableError("audit writer is shutting down", retry_after_s=2)
+        pending = _Pending(record, utcnow(), asyncio.get_running_loop().create_future())
+        self._queue.append(pending)
+        self._wakeup.set()
+        return await asyncio.shield(pending.future)
+
+    async def _run(self) -> None:
+        while True:
+            if not self._queue:
+                if self._closing:
+                    return
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
+            started = time.monotonic()
+            try:
+                seqs = await self._append(batch)
+            except (SQLAlchemyError, OSError) as exc:
+                self._metrics.audit_failures.inc(len(batch))
+                log.exception(
+                    "audit write failed",
+                    extra={"event": "audit.write_failed", "count": len(batch), "exc_type": type(exc).__name__},
+                )
+                error = AuditUnavailableError("audit trail unavailable; result withheld", retry_after_s=2)
+                for pending in batch:
+                    if not pending.future.done():
+                        pending.future.set_exception(error)
+                continue
+            self._metrics.audit_write_seconds.observe(time.monotonic() - started)
+            for pending, seq in zip(batch, seqs, strict=True):
+                if not pending.future.done():
+                    pending.future.set_result(seq)
+
+    def _row(self, pending: _Pending, seq: int, prev_hash: str) -> dict[str, Any]:
+        r = pending.record
+        key = self._pseudonym_key
+        detail = dict(_clip(dict(r.detail)))  # type: ignore[call-overload]
+        if r.series_uid:
+            detail["series_pseudonym"] = pseudonym(key, "series", r.series_uid)
+        if r.sop_uids:
+            detail["sop_pseudonyms"] = [pseudonym(key, "sop", uid) for uid in r.sop_uids]
+        row: dict[str, Any] = {
+            "seq": seq,
+            "occurred_at": pending.occurred_at,
+            "request_id": r.request_id,
+            "action": r.action,
+            "outcome": r.outcome,
+            "actor": r.actor,
+            "source_ip": r.source_ip,
+            "model": r.model,
+            "model_version": r.model_version,
+            "model_sha256": r.model_sha256,
+            "input_sha256": r.input_sha256,
+            "output_sha256": r.output_sha256,
+            "patient_pseudonym": pseudonym(key, "patient", r.patient_id) if r.patient_id else None,
+            "study_pseudonym": pseudonym(key, "study", r.study_uid) if r.study_uid else None,
+            "detail": json.dumps(detail, sort_keys=True, separators=(",", ":"), default=str),
+        }
+        row["prev_hash"] = prev_hash
+        row["hash"] = link_hash(prev_hash, canonical(row))
+        row["mac"] = mac(self._hmac_key, row["hash"])
+        return row
+
+    async def _append(self, batch: list[_Pending]) -> list[int]:
+        async with self._engine.begin() as conn:
+            query = select(AuditHead.seq, AuditHead.hash).where(AuditHead.id == 1)
+            if conn.dialect.name == "postgresql":
+                query = query.with_for_update()
+            head_seq, head_hash = (await conn.execute(query)).one()
+            rows = []
+            for pending in batch:
+                head_seq += 1
+                row = self._row(pending, head_seq, head_hash)
+                head_hash = row["hash"]
+                rows.append(row)
+            await conn.execute(insert(AuditEvent), rows)
+            await conn.execute(
+                update(AuditHead)
+                .where(AuditHead.id == 1)
+                .values(seq=head_seq, hash=head_hash, mac=head_mac(self._hmac_key, head_seq, head_hash))
+            )
+        return [row["seq"] for row in rows]
+
+    async def aclose(self) -> None:
+        """Commit what is queued, then stop."""
+        self._closing = True
+        self._wakeup.set()
+        await self._task
+
+
+async def chain_rows(engine: AsyncEngine, upto: int, after: int = 0, page: int = 2000) -> AsyncIterator[AuditEvent]:
+    """Events with ``after < seq <= upto`` in order, a page at a time."""
+    last = after
+    while True:
+        query = select(AuditEvent).where(AuditEvent.seq > last, AuditEvent.seq <= upto).order_by(AuditEvent.seq)
+        async with AsyncSession(engine) as session:
+            rows = (await session.scalars(query.limit(page))).all()
+        if not rows:
+            return
+        for row in rows:
+            yield row
+        last = rows[-1].seq
+
+
+async def verify_chain(engine: AsyncEngine, hmac_key: bytes) -> Verification:
+    """Verify every event up to the head read first, so writers appending meanwhile do not count."""
+    async with engine.connect() as conn:
+        head = (await conn.execute(select(AuditHead.seq, AuditHead.hash, AuditHead.mac).where(AuditHead.id == 1))).one()
+        beyond = await conn.scalar(
+            select(AuditEvent.seq).where(AuditEvent.seq > head.seq).order_by(AuditEvent.seq).limit(1)
+        )
+    rows = [row async for row in chain_rows(engine, upto=head.seq)]
+    result = verify(rows, head.seq, head.hash, head.mac, hmac_key)
+    if result.valid and beyond is not None and beyond != head.seq + 1:
+        # Rows past the head that a concurrent writer did not put there (its commit moves the head).
+        return Verification(
+            valid=False,
+            events=result.events,
+            head_seq=head.seq,
+            head_hash=head.hash,
+            first_broken_seq=beyond,
+            reason="event beyond the head",
+        )
+    return result

@@ -1,0 +1,151 @@
+"""The audit trail for compliance officers: verify, list, export. Scope ``audit:read``.
+
+Verifying and exporting are themselves security-relevant actions and leave events.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from datetime import datetime
+from typing import Annotated, Any, Final
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import StreamingResponse
+
+from app.audit.export import to_ndjson_line
+from app.audit.query import EventFilter, iter_events, list_events
+from app.audit.recorder import verify_chain
+from app.domain import AuditRecord, Principal
+from app.tables import AuditEvent
+from app.transport.http.deps import AuditReader, ContainerDep, request_context
+from app.transport.http.problems import COMMON_ERRORS, problem_responses
+from app.transport.http.schemas import AuditEventOut, AuditEventPage, AuditVerification
+
+router = APIRouter(prefix="/v1/audit")
+TAG: Final = "audit"
+NDJSON: Final = "application/fhir+ndjson"
+
+
+def _filters(
+    since: Annotated[datetime | None, Query(description="Events at or after this time (ISO 8601).")] = None,
+    until: Annotated[datetime | None, Query(description="Events before this time.")] = None,
+    model: Annotated[str | None, Query(max_length=64)] = None,
+    actor: Annotated[str | None, Query(max_length=128, description="Client id.")] = None,
+    outcome: Annotated[str | None, Query(pattern="^(success|failure|error)$")] = None,
+    action: Annotated[str | None, Query(max_length=64, examples=["inference"])] = None,
+) -> EventFilter:
+    return EventFilter(since=since, until=until, model=model, actor=actor, outcome=outcome, action=action)
+
+
+Filters = Annotated[EventFilter, Depends(_filters)]
+
+
+def _out(row: AuditEvent) -> AuditEventOut:
+    return AuditEventOut(
+        seq=row.seq,
+        occurred_at=row.occurred_at,
+        request_id=row.request_id,
+        action=row.action,
+        outcome=row.outcome,
+        actor=row.actor,
+        source_ip=row.source_ip,
+        model=row.model,
+        model_version=row.model_version,
+        model_sha256=row.model_sha256,
+        input_sha256=row.input_sha256,
+        output_sha256=row.output_sha256,
+        patient_pseudonym=row.patient_pseudonym,
+        study_pseudonym=row.study_pseudonym,
+        detail=json.loads(row.detail),
+        hash=row.hash,
+    )
+
+
+async def _record(
+    container: ContainerDep, request: Request, principal: Principal, action: str, outcome: str, **detail: Any
+) -> None:
+    context = request_context(request, principal)
+    await container.pipeline.record(
+        AuditRecord(
+            action=action,
+            outcome=outcome,
+            request_id=context.request_id,
+            actor=context.actor,
+            source_ip=context.source_ip,
+            detail=detail,
+        )
+    )
+
+
+@router.get(
+    "/verify",
+    operation_id="verifyAuditChain",
+    tags=[TAG],
+    summary="Verify the audit chain",
+    description="Walks the whole chain and names the first broken link, if any. Scope `audit:read`.",
+    responses={**problem_responses(401, 403, 503, *COMMON_ERRORS)},
+)
+async def verify(request: Request, container: ContainerDep, principal: AuditReader) -> AuditVerification:
+    key = container.settings.audit_hmac_key.get_secret_value().encode()
+    result = await verify_chain(container.engine, key)
+    await _record(
+        container, request, principal, "audit.verify", "success" if result.valid else "failure",
+        events=result.events, first_broken_seq=result.first_broken_seq,
+    )  # fmt: skip
+    return AuditVerification(
+        valid=result.valid,
+        events=result.events,
+        head_seq=result.head_seq,
+        head_hash=result.head_hash,
+        first_broken_seq=result.first_broken_seq,
+        reason=result.reason,
+    )
+
+
+@router.get(
+    "/events",
+    operation_id="listAuditEvents",
+    tags=[TAG],
+    summary="List audit events",
+    description=(
+        "Oldest first, filtered, cursor-paged: pass `next_cursor` back as `cursor` for the next page. "
+        "Patients and studies appear only as keyed pseudonyms. Scope `audit:read`."
+    ),
+    responses={**problem_responses(401, 403, 422, *COMMON_ERRORS)},
+)
+async def events(
+    container: ContainerDep,
+    _principal: AuditReader,
+    filters: Filters,
+    cursor: Annotated[str | None, Query(max_length=32, pattern="^[0-9]+$")] = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 100,
+) -> AuditEventPage:
+    rows = await list_events(container.engine, filters, int(cursor) if cursor else 0, limit)
+    return AuditEventPage(events=[_out(r) for r in rows], next_cursor=str(rows[-1].seq) if len(rows) == limit else None)
+
+
+@router.get(
+    "/export",
+    operation_id="exportAuditEvents",
+    tags=[TAG],
+    summary="Export as FHIR AuditEvent NDJSON",
+    description="One FHIR R4 AuditEvent (IHE BALP shape) per line, streamed. Scope `audit:read`.",
+    response_class=StreamingResponse,
+    responses={
+        200: {
+            "content": {NDJSON: {"schema": {"type": "string"}, "example": '{"resourceType":"AuditEvent","id":"1"}\n'}}
+        },
+        **problem_responses(401, 403, 422, 503, *COMMON_ERRORS),
+    },
+)
+async def export(
+    request: Request, container: ContainerDep, principal: AuditReader, filters: Filters
+) -> StreamingResponse:
+    await _record(container, request, principal, "audit.export", "success")
+
+    async def lines() -> AsyncIterator[bytes]:
+        async for row in iter_events(container.engine, filters):
+            yield to_ndjson_line(row)
+
+    return StreamingResponse(lines(), media_type=NDJSON)
