@@ -111,20 +111,15 @@ def verify(
             )
         expected_prev = row.hash
         count += 1
-    problem = None
+    problem, at = None, None
     if head_seq != count or head_hash != expected_prev:
-        problem = f"head says {head_seq} events but the chain holds {count} (truncated)"
+        problem, at = f"head says {head_seq} events but the chain holds {count} (truncated)", count + 1
     elif head_seq > 0 and (
         head_mac_value is None or not hmac.compare_digest(head_mac(key, head_seq, head_hash), head_mac_value)
     ):
-        problem = "head MAC does not verify"
+        problem, at = "head MAC does not verify", head_seq
     return Verification(
-        valid=problem is None,
-        events=count,
-        head_seq=head_seq,
-        head_hash=head_hash,
-        first_broken_seq=None if problem is None else count + 1,
-        reason=problem,
+        valid=problem is None, events=count, head_seq=head_seq, head_hash=head_hash, first_broken_seq=at, reason=problem
     )
 
 
