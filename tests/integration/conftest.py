@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -109,3 +112,72 @@ def base_env(tmp_path: Path, model_repo: Path, database_url: str | None) -> dict
     if database_url is not None:
         env["MEDINFER_DATABASE_URL"] = database_url
     return env
+
+
+class PrivatePostgres:
+    """A PostgreSQL cluster of one test's own, so the test may stop and restart it."""
+
+    def __init__(self) -> None:
+        self.bin = Path(require_env("MEDINFER_TEST_PG_BIN"))
+        self.root = Path(tempfile.mkdtemp(prefix="medinfer-pg-"))
+        self.root.chmod(0o755)
+        self.data = self.root / "data"
+        self.port = free_port()
+        self.url = f"postgresql+psycopg://medinfer@127.0.0.1:{self.port}/medinfer"
+        self.data.mkdir()
+        if os.geteuid() == 0:
+            shutil.chown(self.data, "postgres", "postgres")
+            shutil.chown(self.root, "postgres", "postgres")
+        self._run("initdb", "-D", str(self.data), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--locale=C.UTF-8")
+        self.start()
+        self._run(
+            "psql",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(self.port),
+            "-U",
+            "postgres",
+            "-q",
+            "-c",
+            "CREATE ROLE medinfer LOGIN",
+            "-c",
+            "CREATE DATABASE medinfer OWNER medinfer",
+        )
+
+    def _run(self, tool: str, *args: str) -> None:
+        command = [str(self.bin / tool), *args]
+        if os.geteuid() == 0:
+            command = ["runuser", "-u", "postgres", "--", *command]
+        subprocess.run(command, check=True, capture_output=True, timeout=120)
+
+    def start(self) -> None:
+        options = f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.root} -c fsync=off"
+        self._run(
+            "pg_ctl", "-D", str(self.data), "-l", str(self.root / "log"), "-w", "-t", "60", "-o", options, "start"
+        )
+
+    def stop(self, mode: str = "immediate") -> None:
+        self._run("pg_ctl", "-D", str(self.data), "-m", mode, "-w", "stop")
+
+    def destroy(self) -> None:
+        if (self.data / "postmaster.pid").exists():
+            self.stop()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+@pytest.fixture
+def private_pg() -> Iterator[PrivatePostgres]:
+    cluster = PrivatePostgres()
+    try:
+        yield cluster
+    finally:
+        cluster.destroy()
+
+
+def register_key(env: dict[str, str], client_id: str, *scopes: str) -> str:
+    args = [arg for scope in scopes for arg in ("--scope", scope)]
+    result = medinfer(env, "clients", "register", "--client-id", client_id, *args)
+    assert result.returncode == 0, result.stderr
+    key: str = json.loads(result.stdout)["api_key"]
+    return key

@@ -28,9 +28,7 @@ def loaded_server(tmp_path: Path) -> Iterator[tuple[Served, dict[str, str]]]:
     write_gather_model(repo, "slow-queue", delay_ms=300.0, queue_size=2)
     env = base_env(tmp_path, repo, None)
     assert medinfer(env, "migrate").returncode == 0
-    key = json.loads(medinfer(env, "clients", "register", "--client-id", "load", "--scope", "infer").stdout)[
-        "api_key"
-    ]
+    key = json.loads(medinfer(env, "clients", "register", "--client-id", "load", "--scope", "infer").stdout)["api_key"]
     served = serve(env, tmp_path / "serve.log")
     try:
         yield served, {"Authorization": f"Bearer {key}"}

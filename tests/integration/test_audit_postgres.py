@@ -1,0 +1,204 @@
+"""The audit trail on a real PostgreSQL: append-only triggers, one valid chain under several
+writer processes, fail-closed while the database is down, and a clean chain after SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.exc import DBAPIError
+
+from tests.integration.conftest import PrivatePostgres, Served, base_env, medinfer, register_key, serve
+
+pytestmark = pytest.mark.integration
+
+BODY = {"inputs": [{"name": "features", "shape": [1, 3], "datatype": "FP32", "data": [1, 2, 3]}]}
+
+
+def _verify(env: dict[str, str]) -> dict[str, object]:
+    result = medinfer(env, "audit", "verify")
+    verdict: dict[str, object] = json.loads(result.stdout)
+    assert result.returncode == (0 if verdict["valid"] else 1)
+    return verdict
+
+
+def _count(url: str, where: str = "action = 'inference' AND outcome = 'success'") -> int:
+    engine = create_engine(url.replace("+psycopg", "+psycopg"))
+    try:
+        with engine.connect() as conn:
+            return int(conn.execute(text(f"SELECT count(*) FROM audit_event WHERE {where}")).scalar_one())  # noqa: S608
+    finally:
+        engine.dispose()
+
+
+def _infer(served: Served, key: str, request_id: str) -> httpx.Response:
+    return httpx.post(
+        f"{served.base_url}/v2/models/alpha/infer",
+        json=BODY,
+        headers={"Authorization": f"Bearer {key}", "X-Request-ID": request_id},
+        timeout=30,
+    )
+
+
+def test_postgres_refuses_update_delete_and_truncate_of_audit_events(
+    tmp_path: Path, model_repo: Path, pg_url: str
+) -> None:
+    env = base_env(tmp_path, model_repo, pg_url)
+    assert medinfer(env, "migrate").returncode == 0
+    key = register_key(env, "his", "infer")
+    served = serve(env, tmp_path / "serve.log")
+    try:
+        assert _infer(served, key, "t-1").status_code == 200
+    finally:
+        served.stop()
+    engine = create_engine(pg_url)
+    try:
+        for statement in ("UPDATE audit_event SET outcome = 'x'", "DELETE FROM audit_event", "TRUNCATE audit_event"):
+            with engine.begin() as conn, pytest.raises(DBAPIError, match="append-only"):
+                conn.execute(text(statement))
+    finally:
+        engine.dispose()
+    assert _verify(env)["valid"] is True
+
+
+def test_three_server_processes_keep_one_valid_chain(tmp_path: Path, model_repo: Path, pg_url: str) -> None:
+    env = base_env(tmp_path, model_repo, pg_url)
+    assert medinfer(env, "migrate").returncode == 0
+    key = register_key(env, "his", "infer")
+    servers = [serve(env, tmp_path / f"serve-{i}.log") for i in range(3)]
+    ok = 0
+    lock = threading.Lock()
+
+    def worker(index: int) -> None:
+        nonlocal ok
+        served = servers[index % 3]
+        with httpx.Client(base_url=served.base_url, timeout=30) as client:
+            for n in range(25):
+                response = client.post(
+                    "/v2/models/alpha/infer",
+                    json=BODY,
+                    headers={"Authorization": f"Bearer {key}", "X-Request-ID": f"w{index}-{n}"},
+                )
+                assert response.status_code == 200, response.text
+                with lock:
+                    ok += 1
+
+    try:
+        with ThreadPoolExecutor(max_workers=12) as pool:
+            for future in [pool.submit(worker, i) for i in range(12)]:
+                future.result()
+    finally:
+        for served in servers:
+            served.stop()
+    assert ok == 300
+    assert _count(pg_url) == 300
+    verdict = _verify(env)
+    assert verdict["valid"] is True
+    assert verdict["events"] >= 300
+
+
+def test_fail_closed_while_postgres_is_down_and_recovery_after(
+    tmp_path: Path, model_repo: Path, private_pg: PrivatePostgres
+) -> None:
+    env = base_env(tmp_path, model_repo, private_pg.url)
+    assert medinfer(env, "migrate").returncode == 0
+    key = register_key(env, "his", "infer")
+    served = serve(env, tmp_path / "serve.log")
+    results: dict[str, int] = {}
+    stop = threading.Event()
+
+    def load(worker: int) -> None:
+        n = 0
+        while not stop.is_set():
+            request_id = f"f{worker}-{n}"
+            try:
+                results[request_id] = _infer(served, key, request_id).status_code
+            except httpx.TransportError:
+                results[request_id] = -1
+            n += 1
+
+    try:
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            workers = [pool.submit(load, i) for i in range(4)]
+            time.sleep(1.0)
+            private_pg.stop("immediate")
+            time.sleep(1.5)
+            down = [_infer(served, key, f"down-{i}") for i in range(3)]
+            private_pg.start()
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline and _infer(served, key, "probe").status_code != 200:
+                time.sleep(0.2)
+            time.sleep(0.5)
+            stop.set()
+            for worker in workers:
+                worker.result()
+        recovered = _infer(served, key, "after")
+    finally:
+        served.stop()
+
+    assert all(r.status_code == 503 for r in down), [r.status_code for r in down]
+    assert recovered.status_code == 200
+    assert set(results.values()) <= {200, 503}, set(results.values())
+    assert 503 in results.values()
+    # Every 200 carried a result whose audit event is committed.
+    answered = {rid for rid, status in results.items() if status == 200} | {"after"}
+    engine = create_engine(private_pg.url)
+    try:
+        with engine.connect() as conn:
+            audited = {
+                row[0]
+                for row in conn.execute(
+                    text("SELECT request_id FROM audit_event WHERE action = 'inference' AND outcome = 'success'")
+                )
+            }
+    finally:
+        engine.dispose()
+    assert answered <= audited
+    assert _verify(env)["valid"] is True
+
+
+def test_sigkill_mid_write_leaves_a_valid_chain(tmp_path: Path, model_repo: Path, pg_url: str) -> None:
+    env = base_env(tmp_path, model_repo, pg_url)
+    assert medinfer(env, "migrate").returncode == 0
+    key = register_key(env, "his", "infer")
+    served = serve(env, tmp_path / "serve.log")
+    answered: list[str] = []
+    stop = threading.Event()
+
+    def load(worker: int) -> None:
+        n = 0
+        while not stop.is_set():
+            try:
+                if _infer(served, key, f"k{worker}-{n}").status_code == 200:
+                    answered.append(f"k{worker}-{n}")
+            except httpx.TransportError:
+                return
+            n += 1
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        workers = [pool.submit(load, i) for i in range(8)]
+        time.sleep(1.5)
+        served.process.send_signal(signal.SIGKILL)
+        served.process.wait(timeout=10)
+        served.log_handle.close()
+        stop.set()
+        for worker in workers:
+            worker.result()
+
+    assert len(answered) > 10
+    verdict = _verify(env)
+    assert verdict["valid"] is True
+    assert _count(pg_url) >= len(answered)
+    restarted = serve(env, tmp_path / "serve-2.log")
+    try:
+        assert _infer(restarted, key, "after-kill").status_code == 200
+    finally:
+        restarted.stop()
+    assert _verify(env)["valid"] is True
