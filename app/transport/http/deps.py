@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -27,6 +28,7 @@ from app.observability.logging import request_id_var
 from app.security.clients import authenticate
 
 DEADLINE_HEADER = "X-Deadline-Ms"
+log = logging.getLogger(__name__)
 
 
 def get_container(request: Request) -> Container:
@@ -38,8 +40,16 @@ ContainerDep = Annotated[Container, Depends(get_container)]
 
 
 async def get_db(container: ContainerDep) -> AsyncIterator[AsyncSession]:
-    async with container.sessionmaker() as session:
+    session = container.sessionmaker()
+    try:
         yield session
+    finally:
+        # Closing a session whose connection died with the database must not turn the answer
+        # (already a 503 from the route) into a 500 after the fact.
+        try:
+            await session.close()
+        except SQLAlchemyError:
+            log.warning("database session close failed", extra={"event": "db.close_failed"})
 
 
 DbDep = Annotated[AsyncSession, Depends(get_db)]
