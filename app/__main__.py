@@ -159,14 +159,16 @@ def _cmd_audit(settings: Settings, args: argparse.Namespace) -> int:
     from app.audit.export import to_ndjson_line  # noqa: PLC0415
     from app.audit.query import EventFilter, iter_events  # noqa: PLC0415
     from app.audit.recorder import AuditWriter, create_audit_engine, verify_chain  # noqa: PLC0415
+    from app.db import create_async_db  # noqa: PLC0415
     from app.domain import AuditRecord  # noqa: PLC0415
     from app.observability.metrics import Metrics  # noqa: PLC0415
 
     key = settings.audit_hmac_key.get_secret_value().encode()
 
     async def run() -> int:
-        engine = create_audit_engine(settings.async_sqlalchemy_url, settings.database_timeout_s)
-        writer = AuditWriter(engine, key, settings.pseudonym_key.get_secret_value().encode(), Metrics())
+        engine, _ = create_async_db(settings)
+        writer_engine = create_audit_engine(settings.sqlalchemy_url, settings.database_timeout_s)
+        writer = AuditWriter(writer_engine, key, settings.pseudonym_key.get_secret_value().encode(), Metrics())
         try:
             if args.audit_command == "verify":
                 result = await verify_chain(engine, key)
@@ -184,6 +186,7 @@ def _cmd_audit(settings: Settings, args: argparse.Namespace) -> int:
             return 0
         finally:
             await writer.aclose()
+            writer_engine.dispose()
             await engine.dispose()
 
     return asyncio.run(run())

@@ -10,6 +10,7 @@ from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
+from sqlalchemy import Engine
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from app.audit.recorder import AuditWriter, create_audit_engine
@@ -35,7 +36,7 @@ class Container:
     registry: ModelRegistry
     metrics: Metrics
     pipeline: Pipeline
-    audit_engine: AsyncEngine
+    audit_engine: Engine
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
     @classmethod
@@ -50,7 +51,7 @@ class Container:
         )
         registry = ModelRegistry(settings.model_repository, trusted)
         metrics.watch_models(registry.statuses)
-        audit_engine = create_audit_engine(settings.async_sqlalchemy_url, settings.database_timeout_s)
+        audit_engine = create_audit_engine(settings.sqlalchemy_url, settings.database_timeout_s)
         audit = (
             AuditWriter(
                 audit_engine,
@@ -125,7 +126,7 @@ class Container:
         await self.pipeline.batchers.aclose()
         if self.pipeline.audit is not None:
             await self.pipeline.audit.aclose()
-        await self.audit_engine.dispose()
+        self.audit_engine.dispose()
         await self.engine.dispose()
         log.info("service stopped", extra={"event": "service.stop"})
 

@@ -1,33 +1,38 @@
 """Writes audit events with group commit, and nothing leaves before its event is committed.
 
-Callers ``await record(event)``. One writer task per process takes every event queued while
+Callers ``await record(event)``. One writer thread per process takes every event queued while
 the previous transaction ran and appends them in one transaction under the chain lock (the
 ``audit_head`` row: ``SELECT ... FOR UPDATE`` on PostgreSQL, ``BEGIN IMMEDIATE`` on SQLite), so
 several processes keep one gap-free chain and a busy service pays one commit per batch, not
-per request. If the transaction fails, every caller of that batch gets
-:class:`AuditUnavailableError` and must withhold its result.
+per request. The writer has a thread and a synchronous connection of its own, so its
+transactions are not stretched by every other coroutine on the event loop. If a transaction
+fails, every caller of that batch gets :class:`AuditUnavailableError` and must withhold its
+result.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import queue
+import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import event, insert, select, update
+from sqlalchemy import Engine, create_engine, event, insert, select, update
 from sqlalchemy.engine.interfaces import DBAPIConnection
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from sqlalchemy.pool import ConnectionPoolEntry
 
 from app.audit.chain import Verification, canonical, head_mac, link_hash, mac, pseudonym, utcnow, verify
 from app.domain import AuditRecord
-from app.errors import AuditUnavailableError
+from app.errors import AuditUnavailableError, MedinferError
 from app.observability.metrics import Metrics
 from app.tables import AuditEvent, AuditHead
 
@@ -37,7 +42,7 @@ MAX_BATCH = 512
 _MAX_DETAIL_VALUES = 1024
 
 
-def _sqlite_immediate(engine: AsyncEngine) -> None:
+def _sqlite_immediate(engine: Engine) -> None:
     """SQLite: take the write lock at BEGIN, so two processes never both read the same head."""
 
     def on_connect(dbapi_connection: DBAPIConnection, _record: ConnectionPoolEntry) -> None:
@@ -50,16 +55,16 @@ def _sqlite_immediate(engine: AsyncEngine) -> None:
     def on_begin(conn: Any) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE")
 
-    event.listen(engine.sync_engine, "connect", on_connect)
-    event.listen(engine.sync_engine, "begin", on_begin)
+    event.listen(engine, "connect", on_connect)
+    event.listen(engine, "begin", on_begin)
 
 
-def create_audit_engine(url: str, timeout_s: float) -> AsyncEngine:
-    """A small engine of its own: the writer's transactions never wait behind request reads."""
+def create_audit_engine(url: str, timeout_s: float) -> Engine:
+    """The writer's own synchronous engine (one connection is all it uses)."""
     connect_args: dict[str, object] = {}
     if url.startswith("postgresql"):
         connect_args["connect_timeout"] = max(1, int(timeout_s))
-    engine = create_async_engine(url, pool_pre_ping=True, pool_size=2, max_overflow=2, connect_args=connect_args)
+    engine = create_engine(url, pool_pre_ping=True, pool_size=1, max_overflow=1, connect_args=connect_args)
     if engine.dialect.name == "sqlite":
         _sqlite_immediate(engine)
     return engine
@@ -69,7 +74,17 @@ def create_audit_engine(url: str, timeout_s: float) -> AsyncEngine:
 class _Pending:
     record: AuditRecord
     occurred_at: datetime
+    loop: asyncio.AbstractEventLoop = field(repr=False)
     future: asyncio.Future[int] = field(repr=False)
+
+
+def _settle(future: asyncio.Future[int], result: int | BaseException) -> None:
+    if future.done():
+        return
+    if isinstance(result, BaseException):
+        future.set_exception(result)
+    else:
+        future.set_result(result)
 
 
 def _clip(value: object) -> object:
@@ -82,52 +97,60 @@ def _clip(value: object) -> object:
 
 
 class AuditWriter:
-    def __init__(self, engine: AsyncEngine, hmac_key: bytes, pseudonym_key: bytes, metrics: Metrics) -> None:
+    def __init__(self, engine: Engine, hmac_key: bytes, pseudonym_key: bytes, metrics: Metrics) -> None:
         self._engine = engine
         self._hmac_key = hmac_key
         self._pseudonym_key = pseudonym_key
         self._metrics = metrics
-        self._queue: list[_Pending] = []
-        self._wakeup = asyncio.Event()
+        self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
         self._closing = False
-        self._task = asyncio.create_task(self._run(), name="audit-writer")
+        self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
+        self._thread.start()
 
     async def record(self, record: AuditRecord) -> int:
         """Append ``record``; returns its ``seq`` once committed. Raises :class:`AuditUnavailableError`."""
         if self._closing:
             raise AuditUnavailableError("audit writer is shutting down", retry_after_s=2)
-        pending = _Pending(record, utcnow(), asyncio.get_running_loop().create_future())
-        self._queue.append(pending)
-        self._wakeup.set()
+        loop = asyncio.get_running_loop()
+        pending = _Pending(record, utcnow(), loop, loop.create_future())
+        self._queue.put(pending)
         return await asyncio.shield(pending.future)
 
-    async def _run(self) -> None:
+    def _run(self) -> None:
         while True:
-            if not self._queue:
-                if self._closing:
-                    return
-                self._wakeup.clear()
-                await self._wakeup.wait()
-                continue
-            batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
-            started = time.monotonic()
-            try:
-                seqs = await self._append(batch)
-            except (SQLAlchemyError, OSError) as exc:
-                self._metrics.audit_failures.inc(len(batch))
-                log.exception(
-                    "audit write failed",
-                    extra={"event": "audit.write_failed", "count": len(batch), "exc_type": type(exc).__name__},
-                )
-                error = AuditUnavailableError("audit trail unavailable; result withheld", retry_after_s=2)
-                for pending in batch:
-                    if not pending.future.done():
-                        pending.future.set_exception(error)
-                continue
+            first = self._queue.get()
+            if first is None:
+                return
+            batch = [first]
+            stopping = False
+            while len(batch) < MAX_BATCH:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    stopping = True
+                    break
+                batch.append(item)
+            self._write(batch)
+            if stopping:
+                return
+
+    def _write(self, batch: list[_Pending]) -> None:
+        started = time.monotonic()
+        outcomes: list[int | BaseException]
+        try:
+            outcomes = list(self._append(batch))
+        except (SQLAlchemyError, OSError):
+            self._metrics.audit_failures.inc(len(batch))
+            log.exception("audit write failed", extra={"event": "audit.write_failed", "count": len(batch)})
+            error: MedinferError = AuditUnavailableError("audit trail unavailable; result withheld", retry_after_s=2)
+            outcomes = [error] * len(batch)
+        else:
             self._metrics.audit_write_seconds.observe(time.monotonic() - started)
-            for pending, seq in zip(batch, seqs, strict=True):
-                if not pending.future.done():
-                    pending.future.set_result(seq)
+        for pending, outcome in zip(batch, outcomes, strict=True):
+            with contextlib.suppress(RuntimeError):  # the caller's loop is already closed
+                pending.loop.call_soon_threadsafe(_settle, pending.future, outcome)
 
     def _row(self, pending: _Pending, seq: int, prev_hash: str) -> dict[str, Any]:
         r = pending.record
@@ -159,20 +182,20 @@ class AuditWriter:
         row["mac"] = mac(self._hmac_key, row["hash"])
         return row
 
-    async def _append(self, batch: list[_Pending]) -> list[int]:
-        async with self._engine.begin() as conn:
+    def _append(self, batch: list[_Pending]) -> list[int]:
+        with self._engine.begin() as conn:
             query = select(AuditHead.seq, AuditHead.hash).where(AuditHead.id == 1)
             if conn.dialect.name == "postgresql":
                 query = query.with_for_update()
-            head_seq, head_hash = (await conn.execute(query)).one()
+            head_seq, head_hash = conn.execute(query).one()
             rows = []
             for pending in batch:
                 head_seq += 1
                 row = self._row(pending, head_seq, head_hash)
                 head_hash = row["hash"]
                 rows.append(row)
-            await conn.execute(insert(AuditEvent), rows)
-            await conn.execute(
+            conn.execute(insert(AuditEvent), rows)
+            conn.execute(
                 update(AuditHead)
                 .where(AuditHead.id == 1)
                 .values(seq=head_seq, hash=head_hash, mac=head_mac(self._hmac_key, head_seq, head_hash))
@@ -180,10 +203,10 @@ class AuditWriter:
         return [row["seq"] for row in rows]
 
     async def aclose(self) -> None:
-        """Commit what is queued, then stop."""
+        """Commit what is queued, then stop the thread."""
         self._closing = True
-        self._wakeup.set()
-        await self._task
+        self._queue.put(None)
+        await asyncio.to_thread(self._thread.join)
 
 
 async def chain_rows(engine: AsyncEngine, upto: int, after: int = 0, page: int = 2000) -> AsyncIterator[AuditEvent]:
