@@ -97,3 +97,7 @@ class RequestContext:
     request_id: str | None
     source_ip: str | None
     input_sha256: str | None = None
+    patient_id: str | None = None
+    study_uid: str | None = None
+    series_uid: str | None = None
+    sop_uids: tuple[str, ...] = ()

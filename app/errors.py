@@ -58,6 +58,18 @@ class InvalidRequestError(MedinferError):
     kind = ErrorKind.INVALID_INPUT
 
 
+class MissingFeaturesError(MedinferError):
+    """The record lacks features the model needs (or, under the ``reject`` policy, any feature).
+    The detail lists them by LOINC code (or site code / Patient field).
+
+    Recovery: send the listed Observations, or use a model whose policy imputes them.
+    """
+
+    code = "missing-features"
+    title = "Missing features"
+    kind = ErrorKind.INVALID_INPUT
+
+
 class MalformedBodyError(MedinferError):
     """The body could not be parsed at all (for example JSON that does not decode).
 
@@ -89,6 +101,17 @@ class UnsupportedMediaTypeError(MedinferError):
     code = "unsupported-media-type"
     title = "Unsupported media type"
     kind = ErrorKind.UNSUPPORTED_MEDIA_TYPE
+
+
+class NotAcceptableError(MedinferError):
+    """The ``Accept`` header asks for a representation the operation cannot produce.
+
+    Recovery: accept one of the media types listed in the OpenAPI document.
+    """
+
+    code = "not-acceptable"
+    title = "Not acceptable"
+    kind = ErrorKind.NOT_ACCEPTABLE
 
 
 class RouteNotFoundError(MedinferError):
@@ -273,9 +296,11 @@ class AuditUnavailableError(MedinferError):
 ALL_ERRORS: tuple[type[MedinferError], ...] = (
     MedinferError,
     InvalidRequestError,
+    MissingFeaturesError,
     MalformedBodyError,
     PayloadTooLargeError,
     UnsupportedMediaTypeError,
+    NotAcceptableError,
     RouteNotFoundError,
     MethodNotAllowedError,
     AuthenticationError,

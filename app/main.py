@@ -14,7 +14,7 @@ from fastapi.routing import APIRoute
 from app.config import Settings, load_settings, service_version
 from app.container import Container
 from app.observability.metrics import Metrics
-from app.transport.http import routes_admin, routes_audit, routes_models, routes_ops, routes_v2
+from app.transport.http import routes_admin, routes_audit, routes_models, routes_ops, routes_predict, routes_v2
 from app.transport.http.deps import get_principal
 from app.transport.http.middleware import RequestContextMiddleware
 from app.transport.http.problems import install_problem_handlers, normalise_openapi_errors
@@ -24,6 +24,7 @@ from app.transport.http.v2_codec import V2InferRequest, V2InferResponse
 TAGS = [
     {"name": "operations", "description": "Health probes, metrics and problem-type documentation."},
     {"name": "models", "description": "The model catalogue and its provenance."},
+    {"name": "predict", "description": "Patient records in, decisions with provenance out (JSON or FHIR)."},
     {"name": "admin", "description": "Live model management and client registration."},
     {"name": "audit", "description": "The tamper-evident audit trail: verify, list, export (FHIR AuditEvent)."},
     {
@@ -45,7 +46,14 @@ Send `X-Request-ID` to correlate; the service echoes it (or a generated one) on 
 DOCUMENTED_MODELS = (Problem, V2InferRequest, V2InferResponse)
 
 
-ROUTERS = (routes_ops.router, routes_models.router, routes_admin.router, routes_audit.router, routes_v2.router)
+ROUTERS = (
+    routes_ops.router,
+    routes_models.router,
+    routes_predict.router,
+    routes_admin.router,
+    routes_audit.router,
+    routes_v2.router,
+)
 
 
 def _operations_needing_a_principal() -> Iterator[str]:

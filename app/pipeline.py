@@ -20,6 +20,8 @@ from app.errors import AuditUnavailableError, MedinferError
 from app.inference.batcher import BatcherPool, Tensors
 from app.inference.registry import ModelRegistry, ServedVersion
 from app.inference.tensors import check_inputs
+from app.parsing.fhir import ExtractedFeatures
+from app.postprocess.classification import Classification, classify
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +77,24 @@ class Pipeline:
         await self.record(self._inference_record(context, served, outputs))
         return TensorResult(served=served, outputs=outputs)
 
+    async def predict_features(
+        self,
+        model: str,
+        version: str | None,
+        *,
+        features: ExtractedFeatures,
+        deadline: float | None,
+        context: RequestContext,
+        operating_point: str | None = None,
+    ) -> tuple[ServedVersion, Classification]:
+        """One EHR feature vector -> probabilities -> decision, audited like any inference."""
+        spec = self.registry.get(model, version).spec
+        (tensor,) = spec.inputs
+        vector = np.asarray([features.values], dtype=np.float32)
+        result = await self.infer_tensors(model, version, {tensor.name: vector}, deadline, context)
+        probabilities = result.outputs[result.served.spec.outputs[0].name][0]
+        return result.served, classify(result.served.spec, probabilities.tolist(), operating_point)
+
     async def record(self, record: AuditRecord) -> None:
         """Commit one audit event (raises :class:`AuditUnavailableError` if it cannot be)."""
         if self.audit is not None:
@@ -98,6 +118,10 @@ class Pipeline:
             model_sha256=served.sha256,
             input_sha256=context.input_sha256,
             output_sha256=outputs_sha256(outputs),
+            patient_id=context.patient_id,
+            study_uid=context.study_uid,
+            series_uid=context.series_uid,
+            sop_uids=context.sop_uids,
             detail={"outputs": small},
         )
 
@@ -114,6 +138,8 @@ class Pipeline:
             model_version=served.version if served else None,
             model_sha256=served.sha256 if served else None,
             input_sha256=context.input_sha256,
+            patient_id=context.patient_id,
+            study_uid=context.study_uid,
             detail={"error_code": error.code},
         )
         try:

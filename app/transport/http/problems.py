@@ -172,6 +172,7 @@ _EXAMPLES: Final[Mapping[int, tuple[type[e.MedinferError], str]]] = {
     403: (e.PermissionDeniedError, "scope 'models:admin' required"),
     404: (e.ModelNotFoundError, "model 'cxr-pneumonia' is not in the repository"),
     405: (e.MethodNotAllowedError, "method not allowed on this path"),
+    406: (e.NotAcceptableError, "answers are application/json or application/fhir+json"),
     409: (e.ModelIntegrityError, "cxr-pneumonia v2: sha256 3f2a... does not match the pinned 9b1c...; version refused"),
     413: (e.PayloadTooLargeError, "request body exceeds the configured limit"),
     415: (e.UnsupportedMediaTypeError, "expected application/json"),

@@ -307,3 +307,38 @@ class AuditEventPage(_Wire):
 
     events: list[AuditEventOut]
     next_cursor: str | None = Field(description="Pass as `cursor` for the next page; null on the last page.")
+
+
+PREDICTION_EXAMPLE: dict[str, Any] = {
+    "request_id": "5f0c6d0e-8a0b-4a52-9a43-2f1d2b7b9c11",
+    "model": {
+        "name": "ehr-heart-disease",
+        "version": "1",
+        "sha256": _HASH_EXAMPLE,
+        "intended_use": "Demonstration and integration testing of medinfer's FHIR path. Not a medical device.",
+        "not_for_clinical_use": True,
+    },
+    "probabilities": {"no_cad": 0.31, "cad": 0.69},
+    "decision": {
+        "label": "cad",
+        "positive": True,
+        "positive_label": "cad",
+        "threshold": 0.4541,
+        "operating_point": "default",
+    },
+    "input": {"kind": "fhir", "patient": "Patient/p1", "observations": ["bp1"], "imputed": ["chol"]},
+    "warnings": ["not for clinical use"],
+}
+
+RISK_ASSESSMENT_EXAMPLE: dict[str, Any] = {
+    "resourceType": "RiskAssessment",
+    "status": "preliminary",
+    "subject": {"reference": "Patient/p1"},
+    "performer": {"reference": "#model", "display": "ehr-heart-disease v1"},
+    "basis": [{"reference": "Observation/bp1"}],
+    "prediction": [
+        {"outcome": {"text": "no_cad"}, "probabilityDecimal": 31.0},
+        {"outcome": {"text": "cad"}, "probabilityDecimal": 69.0},
+    ],
+    "note": [{"text": "Not for clinical use."}],
+}

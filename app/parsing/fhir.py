@@ -1,0 +1,328 @@
+"""FHIR R4 Bundles (and plain JSON features) -> the feature vector a tabular model expects.
+
+The mapping is declared in ``model.toml`` ``[preprocessing]``: each feature comes from a LOINC
+(or site code-system) Observation, or from the Patient's birthDate or gender; quantities are
+accepted in the declared UCUM unit or in listed alternatives with a reviewed conversion factor;
+coded values map through declared code tables. Nothing is guessed: an Observation for another
+patient, an unknown unit or code, or a value outside its plausible range is refused naming the
+feature, never its value.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
+from typing import Any, Literal
+
+from fhir.resources.R4B.bundle import Bundle
+from fhir.resources.R4B.observation import Observation
+from fhir.resources.R4B.patient import Patient
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from app.errors import InvalidRequestError, MalformedBodyError, MissingFeaturesError
+
+LOINC = "http://loinc.org"
+UCUM = "http://unitsofmeasure.org"
+_USABLE_STATUS = frozenset({"final", "amended", "corrected", "preliminary"})
+_BUNDLE_TYPES = frozenset({"collection", "transaction", "batch"})
+
+
+class FeatureSpec(BaseModel):
+    """One input feature as ``[[preprocessing.features]]`` declares it."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    index: int = Field(ge=0)
+    name: str
+    source: Literal["Patient.birthDate", "Patient.gender"] | None = None
+    loinc: str | None = None
+    system: str | None = None
+    code: str | None = None
+    unit: str | None = None
+    alternative_units: dict[str, float] = Field(default_factory=dict)
+    codes: dict[str, float] = Field(default_factory=dict)
+    valid_range: tuple[float, float] | None = None
+    zero_means_missing: bool = False
+    derive: str | None = None
+    derive_threshold: float | None = None
+
+    @property
+    def label(self) -> str:
+        """How the feature is named to the caller: its LOINC code, site code, or Patient field."""
+        if self.loinc:
+            return f"LOINC {self.loinc} ({self.name})"
+        if self.code:
+            return f"{self.code} ({self.name})"
+        return f"{self.source} ({self.name})"
+
+
+class FeatureMap(BaseModel):
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    kind: Literal["fhir"]
+    feature_order: tuple[str, ...]
+    missing_policy: Literal["reject", "impute"] = "reject"
+    required: tuple[str, ...] = ()
+    imputation: dict[str, float] = Field(default_factory=dict)
+    features: tuple[FeatureSpec, ...]
+
+    def ordered(self) -> list[FeatureSpec]:
+        by_name = {f.name: f for f in self.features}
+        return [by_name[name] for name in self.feature_order]
+
+
+def feature_map(preprocessing: Mapping[str, Any]) -> FeatureMap:
+    """The model's FHIR recipe; :class:`InvalidRequestError` if the model takes no EHR features."""
+    if preprocessing.get("kind") != "fhir":
+        raise InvalidRequestError("this model does not take EHR features")
+    return FeatureMap.model_validate(dict(preprocessing))
+
+
+@dataclass(frozen=True, slots=True)
+class ExtractedFeatures:
+    """The vector (NaN where missing and imputed by the model), and where each value came from."""
+
+    values: list[float]
+    names: list[str]
+    imputed: list[str] = field(default_factory=list)
+    observation_ids: list[str] = field(default_factory=list)
+    patient_id: str | None = None
+    patient_reference: str | None = None
+
+
+def _age_years(birth: date, on: date) -> float:
+    years = on.year - birth.year - ((on.month, on.day) < (birth.month, birth.day))
+    return float(years)
+
+
+def _effective(observation: Observation) -> datetime:
+    moment: object = observation.effectiveDateTime or observation.issued
+    if moment is None and observation.effectivePeriod is not None:
+        moment = observation.effectivePeriod.end or observation.effectivePeriod.start
+    if isinstance(moment, datetime):
+        return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+    if isinstance(moment, date):  # FHIR dateTime may be just a date
+        return datetime(moment.year, moment.month, moment.day, tzinfo=UTC)
+    return datetime.min.replace(tzinfo=UTC)
+
+
+def _codes(observation: Observation) -> set[tuple[str | None, str | None]]:
+    return {(c.system, c.code) for c in (observation.code.coding or [])}
+
+
+def _matches(spec: FeatureSpec, observation: Observation) -> bool:
+    codes = _codes(observation)
+    if spec.loinc:
+        return (LOINC, spec.loinc) in codes
+    return spec.code is not None and (spec.system, spec.code) in codes
+
+
+def _quantity(spec: FeatureSpec, observation: Observation) -> float:
+    quantity = observation.valueQuantity
+    if quantity is not None and quantity.value is not None:
+        unit = quantity.code or quantity.unit
+        value = float(quantity.value)
+        if spec.unit is None or unit in {spec.unit, None} or (spec.unit == "1" and unit in {"{count}", ""}):
+            return value
+        if unit in spec.alternative_units:
+            return value * spec.alternative_units[unit]
+        accepted = ", ".join([spec.unit, *spec.alternative_units])
+        raise InvalidRequestError(f"{spec.label}: unit {unit!r} not accepted (send one of: {accepted})")
+    if observation.valueInteger is not None:
+        return float(observation.valueInteger)
+    raise InvalidRequestError(f"{spec.label}: expected a valueQuantity")
+
+
+def _coded(spec: FeatureSpec, observation: Observation) -> float:
+    if observation.valueBoolean is not None:
+        key = "true" if observation.valueBoolean else "false"
+        if key in spec.codes:
+            return spec.codes[key]
+    concept = observation.valueCodeableConcept
+    if concept is not None:
+        for coding in concept.coding or []:
+            if coding.code in spec.codes:
+                return spec.codes[coding.code]
+        raise InvalidRequestError(f"{spec.label}: code not in the model's code table ({', '.join(spec.codes)})")
+    if observation.valueQuantity is not None or observation.valueInteger is not None:
+        value = _quantity(spec, observation)
+        if value in spec.codes.values():
+            return value
+    raise InvalidRequestError(f"{spec.label}: expected one of the codes {', '.join(spec.codes)}")
+
+
+def _observation_value(spec: FeatureSpec, observation: Observation) -> float | None:
+    if spec.derive == "greater_than" and spec.derive_threshold is not None:
+        if observation.valueBoolean is not None:
+            return spec.codes["true" if observation.valueBoolean else "false"]
+        exceeded = _quantity(spec, observation) > spec.derive_threshold
+        return spec.codes["true" if exceeded else "false"]
+    value = _coded(spec, observation) if spec.codes else _quantity(spec, observation)
+    if spec.zero_means_missing and value == 0:
+        return None
+    return value
+
+
+def _check_range(spec: FeatureSpec, value: float) -> None:
+    if not math.isfinite(value):
+        raise InvalidRequestError(f"{spec.label}: value is not a finite number")
+    if spec.valid_range is not None:
+        low, high = spec.valid_range
+        if not low <= value <= high:
+            raise InvalidRequestError(f"{spec.label}: value outside the plausible range [{low:g}, {high:g}]")
+
+
+def _finish(fmap: FeatureMap, found: dict[str, float | None]) -> tuple[list[float], list[str]]:
+    ordered = fmap.ordered()
+    missing = [spec for spec in ordered if found.get(spec.name) is None]
+    required_missing = [spec.label for spec in missing if spec.name in fmap.required]
+    if missing and (fmap.missing_policy == "reject" or required_missing):
+        labels = required_missing if fmap.missing_policy == "impute" else [spec.label for spec in missing]
+        raise MissingFeaturesError("missing required features: " + "; ".join(labels))
+    values = [math.nan if found.get(spec.name) is None else float(found[spec.name]) for spec in ordered]  # type: ignore[arg-type]
+    return values, [spec.name for spec in missing]
+
+
+def _load_bundle(body: bytes) -> Bundle:
+    try:
+        raw = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise MalformedBodyError("request body is not valid JSON") from exc
+    if not isinstance(raw, dict) or raw.get("resourceType") != "Bundle":
+        raise InvalidRequestError("expected a FHIR Bundle (resourceType 'Bundle')")
+    try:
+        bundle = Bundle.model_validate(raw)
+    except ValidationError as exc:
+        where = "; ".join(".".join(str(p) for p in err["loc"]) for err in exc.errors()[:3])
+        raise InvalidRequestError(f"Bundle is not valid FHIR R4: {where}") from exc
+    if bundle.type not in _BUNDLE_TYPES:
+        raise InvalidRequestError(f"Bundle.type must be one of {sorted(_BUNDLE_TYPES)}")
+    return bundle
+
+
+def _patient_and_observations(bundle: Bundle) -> tuple[Patient, str | None, list[Observation]]:
+    patients: list[tuple[Patient, str | None]] = []
+    observations: list[Observation] = []
+    for entry in bundle.entry or []:
+        if isinstance(entry.resource, Patient):
+            patients.append((entry.resource, entry.fullUrl))
+        elif isinstance(entry.resource, Observation):
+            observations.append(entry.resource)
+    if len(patients) != 1:
+        raise InvalidRequestError(f"the Bundle must hold exactly one Patient (found {len(patients)})")
+    patient, full_url = patients[0]
+    subject_refs = {f"Patient/{patient.id}"} if patient.id else set()
+    if full_url:
+        subject_refs.add(full_url)
+    for observation in observations:
+        reference = observation.subject.reference if observation.subject else None
+        if reference not in subject_refs:
+            # Patient safety: never mix another patient's values into this prediction.
+            raise InvalidRequestError("an Observation's subject is not the Bundle's Patient")
+    return patient, full_url, [o for o in observations if o.status in _USABLE_STATUS]
+
+
+def _observation_features(
+    fmap: FeatureMap, observations: list[Observation]
+) -> tuple[dict[str, float | None], list[str], date | None]:
+    """The latest usable Observation per feature (by effective time), mapped and range-checked."""
+    found: dict[str, float | None] = {}
+    used: list[str] = []
+    latest: date | None = None
+    for spec in fmap.ordered():
+        candidates = [o for o in observations if _matches(spec, o)] if spec.source is None else []
+        if not candidates:
+            continue
+        observation = max(candidates, key=_effective)
+        value = _observation_value(spec, observation)
+        if value is not None:
+            _check_range(spec, value)
+        found[spec.name] = value
+        if observation.id:
+            used.append(observation.id)
+        moment = _effective(observation)
+        if moment.year > 1 and (latest is None or moment.date() > latest):
+            latest = moment.date()
+    return found, used, latest
+
+
+def _patient_features(fmap: FeatureMap, patient: Patient, on: date) -> dict[str, float]:
+    found: dict[str, float] = {}
+    for spec in fmap.ordered():
+        if spec.source == "Patient.birthDate" and patient.birthDate is not None:
+            age = _age_years(patient.birthDate, on)
+            _check_range(spec, age)
+            found[spec.name] = age
+        elif spec.source == "Patient.gender" and patient.gender is not None:
+            if patient.gender not in spec.codes:
+                raise InvalidRequestError(f"{spec.label}: gender {patient.gender!r} has no code in this model")
+            found[spec.name] = spec.codes[patient.gender]
+    return found
+
+
+def from_bundle(body: bytes, fmap: FeatureMap) -> ExtractedFeatures:
+    """Parse a FHIR R4 Bundle and map it. Raises 4xx-kind errors naming what is wrong.
+
+    Age is computed at the date of the latest Observation used (today if there is none).
+    """
+    patient, full_url, observations = _patient_and_observations(_load_bundle(body))
+    found, used, latest = _observation_features(fmap, observations)
+    found.update(_patient_features(fmap, patient, latest or datetime.now(UTC).date()))
+    values, imputed = _finish(fmap, found)
+    identifier = patient.identifier[0].value if patient.identifier else None
+    return ExtractedFeatures(
+        values=values,
+        names=list(fmap.feature_order),
+        imputed=imputed,
+        observation_ids=used,
+        patient_id=identifier or patient.id,
+        patient_reference=f"Patient/{patient.id}" if patient.id else full_url,
+    )
+
+
+def from_features(payload: Mapping[str, Any], fmap: FeatureMap) -> ExtractedFeatures:
+    """``{"features": {name: number | code}}``, mapped through the same code tables and checks."""
+    features = payload.get("features")
+    if not isinstance(features, Mapping):
+        raise InvalidRequestError("expected {'features': {name: value}}")
+    known = {spec.name: spec for spec in fmap.features}
+    unknown = sorted(set(features) - set(known))
+    if unknown:
+        raise InvalidRequestError(f"unknown feature(s) {unknown}; the model takes {list(fmap.feature_order)}")
+    found: dict[str, float | None] = {}
+    for name, raw in features.items():
+        spec = known[name]
+        if raw is None:
+            found[name] = None
+            continue
+        if isinstance(raw, str | bool):
+            key = str(raw).lower() if isinstance(raw, bool) else raw
+            if key not in spec.codes:
+                raise InvalidRequestError(f"{spec.label}: code not in the model's code table ({', '.join(spec.codes)})")
+            value = spec.codes[key]
+        elif isinstance(raw, int | float):
+            value = float(raw)
+            if spec.codes and value not in spec.codes.values():
+                raise InvalidRequestError(f"{spec.label}: expected one of the codes {', '.join(spec.codes)}")
+        else:
+            raise InvalidRequestError(f"{spec.label}: expected a number or a code")
+        _check_range(spec, value)
+        found[name] = value
+    values, imputed = _finish(fmap, found)
+    return ExtractedFeatures(values=values, names=list(fmap.feature_order), imputed=imputed)
+
+
+def parse_features_json(body: bytes) -> dict[str, Any]:
+    try:
+        payload = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise MalformedBodyError("request body is not valid JSON") from exc
+    if not isinstance(payload, dict):
+        raise InvalidRequestError("expected a JSON object")
+    return payload
+
+
+__all__: Sequence[str] = ("ExtractedFeatures", "FeatureMap", "feature_map", "from_bundle", "from_features")
