@@ -100,8 +100,8 @@ def test_request_bodies_have_examples(document: dict[str, Any]) -> None:
         for media_type, media in body["content"].items():
             if media_type == "application/octet-stream":
                 continue
-            name = media["schema"]["$ref"].rsplit("/", 1)[-1]
-            assert "example" in media or "example" in schemas[name], f"{method.upper()} {path}"
+            name = media["schema"].get("$ref", "").rsplit("/", 1)[-1]
+            assert "example" in media or "example" in schemas.get(name, {}), f"{method.upper()} {path}"
 
 
 def test_protected_operations_declare_bearer_security(document: dict[str, Any]) -> None:
