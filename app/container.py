@@ -62,7 +62,8 @@ class Container:
             if settings.audit_enabled
             else None
         )
-        pipeline = Pipeline(registry, BatcherPool(metrics), audit)
+        metrics.watch_gpus()
+        pipeline = Pipeline(registry, BatcherPool(metrics), audit, metrics)
         return cls(
             settings=settings,
             engine=engine,

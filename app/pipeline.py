@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -20,7 +22,8 @@ from app.errors import AuditUnavailableError, MedinferError
 from app.inference.batcher import BatcherPool, Tensors
 from app.inference.registry import ModelRegistry, ServedVersion
 from app.inference.tensors import check_inputs
-from app.parsing.fhir import ExtractedFeatures
+from app.observability.metrics import Metrics
+from app.parsing.fhir import ExtractedFeatures, feature_map, from_bundle, from_features, parse_features_json
 from app.postprocess.classification import Classification, classify
 
 log = logging.getLogger(__name__)
@@ -46,12 +49,22 @@ class TensorResult:
     outputs: Tensors
 
 
+@dataclass(frozen=True, slots=True)
+class RecordPrediction:
+    served: ServedVersion
+    classification: Classification
+    features: ExtractedFeatures
+
+
 class Pipeline:
-    def __init__(self, registry: ModelRegistry, batchers: BatcherPool, audit: AuditWriter | None) -> None:
+    def __init__(
+        self, registry: ModelRegistry, batchers: BatcherPool, audit: AuditWriter | None, metrics: Metrics
+    ) -> None:
         """``audit`` is None only when auditing is switched off for a benchmark baseline."""
         self.registry = registry
         self.batchers = batchers
         self.audit = audit
+        self.metrics = metrics
 
     async def infer_tensors(
         self,
@@ -77,23 +90,36 @@ class Pipeline:
         await self.record(self._inference_record(context, served, outputs))
         return TensorResult(served=served, outputs=outputs)
 
-    async def predict_features(
+    async def predict_record(
         self,
         model: str,
-        version: str | None,
         *,
-        features: ExtractedFeatures,
+        body: bytes,
+        kind: Literal["fhir", "features"],
         deadline: float | None,
         context: RequestContext,
         operating_point: str | None = None,
-    ) -> tuple[ServedVersion, Classification]:
-        """One EHR feature vector -> probabilities -> decision, audited like any inference."""
-        spec = self.registry.get(model, version).spec
-        (tensor,) = spec.inputs
+    ) -> RecordPrediction:
+        """An EHR record (FHIR Bundle or plain features) -> features -> probabilities -> decision.
+
+        Audited like any inference, with the Patient's identifier as a pseudonym.
+        """
+        served = self.registry.get(model)
+        started = time.perf_counter()
+        fmap = feature_map(served.spec.preprocessing)
+        features = from_bundle(body, fmap) if kind == "fhir" else from_features(parse_features_json(body), fmap)
+        self.metrics.preprocess_seconds.labels(model=model, version=served.version).observe(
+            time.perf_counter() - started
+        )
+        (tensor,) = served.spec.inputs
         vector = np.asarray([features.values], dtype=np.float32)
-        result = await self.infer_tensors(model, version, {tensor.name: vector}, deadline, context)
+        result = await self.infer_tensors(
+            model, served.version, {tensor.name: vector}, deadline, replace(context, patient_id=features.patient_id)
+        )
         probabilities = result.outputs[result.served.spec.outputs[0].name][0]
-        return result.served, classify(result.served.spec, probabilities.tolist(), operating_point)
+        decision = classify(result.served.spec, probabilities.tolist(), operating_point)
+        self.metrics.predictions.labels(model=model, version=result.served.version, label=decision.label).inc()
+        return RecordPrediction(served=result.served, classification=decision, features=features)
 
     async def record(self, record: AuditRecord) -> None:
         """Commit one audit event (raises :class:`AuditUnavailableError` if it cannot be)."""

@@ -8,6 +8,7 @@ carry route templates, model names and versions, outcomes; never patient, study 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -41,6 +42,36 @@ class _ModelStatusCollector(Collector):
                 provider.add_metric([status.model, status.version, name], 1.0)
         yield ready
         yield provider
+
+
+class _GpuCollector(Collector):
+    """NVML readings at scrape time. Created only when NVML initialises (a GPU and driver exist)."""
+
+    def __init__(self, nvml: Any) -> None:
+        self._nvml = nvml
+
+    @classmethod
+    def create(cls) -> _GpuCollector | None:
+        try:
+            import pynvml  # noqa: PLC0415 - optional: only nodes with an NVIDIA driver have it working
+
+            pynvml.nvmlInit()
+        except Exception:  # noqa: BLE001 - no library, no driver or no GPU: the metrics stay absent
+            return None
+        return cls(pynvml)
+
+    def collect(self) -> Iterator[Metric]:
+        nvml = self._nvml
+        utilisation = GaugeMetricFamily(
+            "medinfer_gpu_utilization_ratio", "GPU compute utilisation (0-1).", labels=["gpu"]
+        )
+        memory = GaugeMetricFamily("medinfer_gpu_memory_used_bytes", "GPU memory in use.", labels=["gpu"])
+        for index in range(nvml.nvmlDeviceGetCount()):
+            handle = nvml.nvmlDeviceGetHandleByIndex(index)
+            utilisation.add_metric([str(index)], nvml.nvmlDeviceGetUtilizationRates(handle).gpu / 100.0)
+            memory.add_metric([str(index)], float(nvml.nvmlDeviceGetMemoryInfo(handle).used))
+        yield utilisation
+        yield memory
 
 
 class Metrics:
@@ -107,12 +138,33 @@ class Metrics:
             "Audit events that could not be committed (their results were withheld).",
             registry=self.registry,
         )
+        self.preprocess_seconds = Histogram(
+            "medinfer_inference_preprocess_seconds",
+            "Time to turn a payload (FHIR record, DICOM study) into model inputs.",
+            ["model", "version"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.predictions = Counter(
+            "medinfer_predictions_total",
+            "Decisions by model, version and predicted label, for clinical drift watching.",
+            ["model", "version", "label"],
+            registry=self.registry,
+        )
         self.auth_failures = Counter(
             "medinfer_auth_failures_total",
             "Rejected authentications by reason.",
             ["reason"],
             registry=self.registry,
         )
+
+    def watch_gpus(self) -> bool:
+        """Export GPU utilisation and memory through NVML when a GPU is present; absent otherwise."""
+        collector = _GpuCollector.create()
+        if collector is None:
+            return False
+        self.registry.register(collector)
+        return True
 
     def registry_text(self) -> str:
         """The exposition text, as ``/metrics`` serves it."""

@@ -236,3 +236,12 @@ def test_the_audit_event_holds_a_pseudonym_never_the_mrn(ehr: tuple[TestClient, 
         dump = "\n".join(db.iterdump())
     assert "MRN-0042" not in dump
     assert "Doe" not in dump
+
+
+def test_prediction_metrics_count_labels_and_time_preprocessing(ehr: tuple[TestClient, str, Settings]) -> None:
+    client, key, _ = ehr
+    label = _post(client, key, bundle(*full_observations())).json()["decision"]["label"]
+    text = client.get("/metrics").text
+    assert f'medinfer_predictions_total{{label="{label}",model="{MODEL}",version="1"}} 1.0' in text
+    assert f'medinfer_inference_preprocess_seconds_count{{model="{MODEL}",version="1"}} 1.0' in text
+    assert "medinfer_gpu_" not in text or "medinfer_gpu_utilization_ratio" in text

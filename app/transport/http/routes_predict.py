@@ -7,7 +7,6 @@ the imaging path. ``Accept: application/fhir+json`` answers a FHIR RiskAssessmen
 from __future__ import annotations
 
 import hashlib
-from dataclasses import replace
 from typing import Annotated, Any, Final
 
 from fastapi import APIRouter, Header, Query, Request
@@ -16,7 +15,6 @@ from fastapi.responses import JSONResponse
 from app.encoders.fhir import risk_assessment
 from app.encoders.json import prediction
 from app.errors import NotAcceptableError, UnsupportedMediaTypeError
-from app.parsing.fhir import feature_map, from_bundle, from_features, parse_features_json
 from app.transport.http.deps import ContainerDep, Inferrer, request_context, request_deadline
 from app.transport.http.problems import COMMON_ERRORS, problem_responses
 from app.transport.http.routes_models import ModelName
@@ -135,21 +133,17 @@ async def predict(
     media = _media(content_type)
     if media not in {FHIR_JSON, "application/json"}:
         raise UnsupportedMediaTypeError("send application/fhir+json (a Bundle) or application/json (features)")
-    fmap = feature_map(container.registry.get(name).spec.preprocessing)
     body = await request.body()
-    features = from_bundle(body, fmap) if media == FHIR_JSON else from_features(parse_features_json(body), fmap)
-
-    context = replace(
-        request_context(request, principal, hashlib.sha256(body).hexdigest()), patient_id=features.patient_id
-    )
-    served, classification = await container.pipeline.predict_features(
+    context = request_context(request, principal, hashlib.sha256(body).hexdigest())
+    result = await container.pipeline.predict_record(
         name,
-        None,
-        features=features,
+        body=body,
+        kind="fhir" if media == FHIR_JSON else "features",
         deadline=request_deadline(request, container.settings),
         context=context,
         operating_point=operating_point,
     )
+    served, classification, features = result.served, result.classification, result.features
     if wants == FHIR_JSON:
         resource = risk_assessment(
             served,
