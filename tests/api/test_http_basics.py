@@ -7,6 +7,11 @@ from collections.abc import Iterator
 
 from fastapi.testclient import TestClient
 
+from app.config import Settings
+from app.domain import Scope
+from app.main import create_app
+from tests.conftest import register
+
 PROBLEM = "application/problem+json"
 
 
@@ -152,3 +157,15 @@ def test_access_log_lines_are_json_with_request_id_and_route(client: TestClient,
     assert access
     assert access[0]["route"] == "/livez"
     assert access[0]["status"] == 200
+
+
+def test_metrics_can_require_the_metrics_scope(migrated: Settings) -> None:
+    settings = migrated.model_copy(update={"metrics_require_scope": True})
+    reader = register(settings, Scope.METRICS_READ, client_id="prometheus")
+    other = register(settings, Scope.MODELS_READ, client_id="someone")
+    with TestClient(create_app(settings)) as client:
+        assert client.get("/metrics").status_code == 401
+        assert client.get("/metrics", headers={"Authorization": f"Bearer {other}"}).status_code == 403
+        allowed = client.get("/metrics", headers={"Authorization": f"Bearer {reader}"})
+        assert allowed.status_code == 200
+        assert "medinfer_http_requests_total" in allowed.text

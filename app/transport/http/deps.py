@@ -130,6 +130,23 @@ def request_context(request: Request, principal: Principal | None, input_sha256:
 ModelsReader = Annotated[Principal, Depends(require(Scope.MODELS_READ))]
 ModelsAdmin = Annotated[Principal, Depends(require(Scope.MODELS_ADMIN))]
 Inferrer = Annotated[Principal, Depends(require(Scope.INFER))]
+
+
+async def metrics_access(
+    request: Request,
+    container: ContainerDep,
+    db: DbDep,
+    authorization: Annotated[str | None, Header(include_in_schema=False)] = None,
+) -> None:
+    """``/metrics`` needs ``metrics:read`` when ``MEDINFER_METRICS_REQUIRE_SCOPE`` is on; else it
+    is open (labels carry no identifiers; restrict it with a NetworkPolicy)."""
+    if not container.settings.metrics_require_scope:
+        return
+    principal = await get_principal(request, container, db, authorization)
+    if not principal.has(Scope.METRICS_READ):
+        raise PermissionDeniedError(f"scope {Scope.METRICS_READ.value!r} required")
+
+
 AuditReader = Annotated[Principal, Depends(require(Scope.AUDIT_READ))]
 ClientsAdmin = Annotated[Principal, Depends(require(Scope.CLIENTS_ADMIN))]
 JsonBody = Depends(require_json)

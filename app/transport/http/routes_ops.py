@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import inspect
-from typing import Final
+from typing import Annotated, Final
 
-from fastapi import APIRouter, Path, Response
+from fastapi import APIRouter, Depends, Path, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from app.errors import RouteNotFoundError
-from app.transport.http.deps import ContainerDep
+from app.transport.http.deps import ContainerDep, metrics_access
 from app.transport.http.problems import COMMON_ERRORS, ERRORS_BY_CODE, problem_responses, status_for
 from app.transport.http.schemas import Liveness, ModelVersionStatus, ProblemType, ReadinessReport
 
@@ -80,7 +80,10 @@ async def readyz(container: ContainerDep) -> JSONResponse:
     operation_id="getMetrics",
     tags=[TAG],
     summary="Prometheus metrics",
-    description="Prometheus text exposition format. Labels never carry patient, study or request identifiers.",
+    description=(
+        "Prometheus text exposition format. Labels never carry patient, study or request identifiers. "
+        "Open by default; with `MEDINFER_METRICS_REQUIRE_SCOPE=true` it needs scope `metrics:read`."
+    ),
     response_class=Response,
     responses={
         200: {
@@ -91,10 +94,10 @@ async def readyz(container: ContainerDep) -> JSONResponse:
                 }
             }
         },
-        **problem_responses(*COMMON_ERRORS),
+        **problem_responses(401, 403, *COMMON_ERRORS),
     },
 )
-async def metrics(container: ContainerDep) -> Response:
+async def metrics(container: ContainerDep, _access: Annotated[None, Depends(metrics_access)]) -> Response:
     return Response(generate_latest(container.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
