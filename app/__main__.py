@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -13,6 +14,10 @@ from app.domain import Scope
 from app.errors import MedinferError
 
 
+def _exit_cleanly(_signum: int, _frame: object) -> None:
+    sys.exit(0)
+
+
 def _cmd_serve(settings: Settings, _args: argparse.Namespace) -> int:
     import uvicorn  # noqa: PLC0415 - only this command needs the server
 
@@ -20,6 +25,11 @@ def _cmd_serve(settings: Settings, _args: argparse.Namespace) -> int:
     from app.observability.logging import configure_logging  # noqa: PLC0415
 
     configure_logging(settings.log_level, settings.log_format)
+    # uvicorn drains on SIGTERM/SIGINT, runs the lifespan shutdown (batchers drain, the audit
+    # writer commits), restores the previous handlers and re-raises the signal. These handlers
+    # turn that re-raise into exit status 0: a graceful stop is a success for Kubernetes.
+    for stop_signal in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(stop_signal, _exit_cleanly)
     config: dict[str, object] = {
         "host": settings.host,
         "port": settings.port,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import signal
 from pathlib import Path
 
 import httpx
@@ -33,8 +32,8 @@ def test_serves_on_postgresql_with_json_logs_and_stops_cleanly(tmp_path: Path, m
         assert models.headers["x-request-id"] == "integration-42"
         assert [m["name"] for m in models.json()["models"]] == ["alpha", "beta"]
     finally:
-        # uvicorn drains, runs the lifespan shutdown, then re-raises SIGTERM as its exit status.
-        assert served.stop() in {0, -signal.SIGTERM}
+        # uvicorn drains and runs the lifespan shutdown; `medinfer serve` then exits 0.
+        assert served.stop() == 0
 
     records = [json.loads(line) for line in served.log_lines()]
     assert all({"ts", "level", "logger", "msg"} <= r.keys() for r in records)
