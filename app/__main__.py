@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -39,6 +41,11 @@ def _cmd_serve(settings: Settings, _args: argparse.Namespace) -> int:
         "timeout_graceful_shutdown": 30,
     }
     if settings.workers > 1:
+        # Each worker is its own process: their metrics must meet in files to add up.
+        metrics_dir = Path(os.environ.get("PROMETHEUS_MULTIPROC_DIR") or tempfile.mkdtemp(prefix="medinfer-metrics-"))
+        for stale in metrics_dir.glob("*.db"):
+            stale.unlink()
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
         uvicorn.run("app.main:app_factory", factory=True, workers=settings.workers, **config)  # type: ignore[arg-type]
     else:
         uvicorn.run(create_app(settings), **config)  # type: ignore[arg-type]

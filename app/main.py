@@ -106,8 +106,7 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
 
 def create_app(settings: Settings) -> FastAPI:
     """The application for ``settings``. Building it performs no I/O; the lifespan does."""
-    metrics = Metrics()
-    metrics.build_info.info({"version": service_version()})
+    metrics = Metrics(service_version())
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -118,6 +117,7 @@ def create_app(settings: Settings) -> FastAPI:
             yield
         finally:
             await container.aclose()
+            metrics.mark_process_dead()
 
     app = FastAPI(
         title="medinfer",

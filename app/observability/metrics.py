@@ -7,11 +7,13 @@ carry route templates, model names and versions, outcomes; never patient, study 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
+from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from app.domain import VersionState, VersionStatus
@@ -74,13 +76,31 @@ class _GpuCollector(Collector):
         yield memory
 
 
-class Metrics:
-    """The service's metrics on their own registry."""
+class _BuildInfo(Collector):
+    def __init__(self, version: str) -> None:
+        self._version = version
 
-    def __init__(self) -> None:
+    def collect(self) -> Iterator[Metric]:
+        info = InfoMetricFamily("medinfer_build", "Service version.")
+        info.add_metric([], {"version": self._version})
+        yield info
+
+
+class Metrics:
+    """The service's metrics on their own registry.
+
+    With several uvicorn workers, ``PROMETHEUS_MULTIPROC_DIR`` is set (``medinfer serve`` does
+    it) and counters, histograms and gauges live in files there; :meth:`exposition` then merges
+    every worker's values, so any worker's ``/metrics`` shows the service's totals. Collectors
+    that read this process's state (model versions, GPUs, build) are added as they are.
+    """
+
+    def __init__(self, version: str = "unknown") -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        self._multiproc_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+        self._local: list[Collector] = [_BuildInfo(version)]
         self._model_collector: _ModelStatusCollector | None = None
-        self.build_info = Info("medinfer_build", "Service version.", registry=self.registry)
+        self.registry.register(self._local[0])
         self.http_requests = Counter(
             "medinfer_http_requests_total",
             "HTTP requests by route template, method and status code.",
@@ -126,6 +146,7 @@ class Metrics:
             "Requests waiting in a model version's batch queue.",
             ["model", "version"],
             registry=self.registry,
+            multiprocess_mode="livesum",
         )
         self.audit_write_seconds = Histogram(
             "medinfer_audit_write_seconds",
@@ -164,15 +185,33 @@ class Metrics:
         if collector is None:
             return False
         self.registry.register(collector)
+        self._local.append(collector)
         return True
+
+    def exposition(self) -> bytes:
+        """What ``/metrics`` serves: this process's metrics, or every worker's merged."""
+        if self._multiproc_dir is None:
+            return generate_latest(self.registry)
+        merged = CollectorRegistry()
+        MultiProcessCollector(merged, path=self._multiproc_dir)  # type: ignore[no-untyped-call]
+        for collector in self._local:
+            merged.register(collector)
+        return generate_latest(merged)
+
+    def mark_process_dead(self) -> None:
+        """Drop this worker's live gauges from the merged view (called at shutdown)."""
+        if self._multiproc_dir is not None:
+            multiprocess.mark_process_dead(os.getpid(), self._multiproc_dir)  # type: ignore[no-untyped-call]
 
     def registry_text(self) -> str:
         """The exposition text, as ``/metrics`` serves it."""
-        return generate_latest(self.registry).decode()
+        return self.exposition().decode()
 
     def watch_models(self, source: Callable[[], Iterable[VersionStatus]]) -> None:
         """Export the registry's version states and providers at every scrape."""
         if self._model_collector is not None:
             self.registry.unregister(self._model_collector)
+            self._local.remove(self._model_collector)
         self._model_collector = _ModelStatusCollector(source)
         self.registry.register(self._model_collector)
+        self._local.append(self._model_collector)

@@ -7,7 +7,7 @@ from typing import Annotated, Final
 
 from fastapi import APIRouter, Depends, Path, Response
 from fastapi.responses import JSONResponse
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from app.errors import RouteNotFoundError
 from app.transport.http.deps import ContainerDep, metrics_access
@@ -98,7 +98,7 @@ async def readyz(container: ContainerDep) -> JSONResponse:
     },
 )
 async def metrics(container: ContainerDep, _access: Annotated[None, Depends(metrics_access)]) -> Response:
-    return Response(generate_latest(container.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    return Response(container.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
 
 @router.get(

@@ -1,0 +1,746 @@
+"""Train, evaluate and export the ``cxr-pneumonia`` reference model (synthetic data only).
+
+Run from the repository root (CPU only, about 15-20 min on 2 cores)::
+
+    python -m training.cxr_pneumonia                  # writes models/cxr-pneumonia/... and the checkpoint
+    python -m training.cxr_pneumonia --out DIR --checkpoint-dir DIR2   # scratch copy
+
+No real chest X-ray data can be had offline, so the model learns from procedurally
+generated phantoms (``training.phantoms``). It is a demonstration model for the service's
+imaging path, **not for clinical use**.
+
+Data (disjoint seed ranges, balanced labels, all generated at 224 x 224):
+train 8000, validation 1000 (threshold selection), test 2000 (held out, evaluated at 224),
+plus a DICOM round-trip set (phantoms written at 512 x 512 as CR/DX with mixed bit depths,
+photometric interpretations and transfer syntaxes, read back and preprocessed exactly as
+``[preprocessing]`` in model.toml says).
+
+Model: ResNet-18 layout (BasicBlock x [2, 2, 2, 2]) at base width 32, one input channel,
+per-image standardisation as the first layer, softmax appended for export.
+Training: AdamW + cosine, 6 epochs at 112 x 112 (2x2 mean-pooled phantoms) then 2 epochs
+at 224 x 224. Export: ``torch.onnx.export`` (opset 18, dynamic batch axis).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import io
+import multiprocessing as mp
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import pydicom
+import torch
+from sklearn.metrics import roc_auc_score
+from torch import nn
+from torch.nn import functional as tnf
+from torch.utils.flop_counter import FlopCounterMode
+
+from training import phantoms
+from training.common import (
+    MODELS_DIR,
+    REPO_ROOT,
+    dump_json,
+    environment_info,
+    evaluate_split,
+    run_onnx,
+    save_plots,
+    sha256_file,
+    threshold_for_sensitivity,
+    threshold_youden,
+    toml_table,
+    write_checked_toml,
+)
+from training.dicom_studies import SOP_CLASSES, reference_preprocess, study_bytes
+
+NAME = "cxr-pneumonia"
+VERSION = 1
+CREATED = "2026-11-28"
+SEED = 20261128
+LABELS = ["normal", "pneumonia"]
+SIZE = 224
+LOW_RES = 112
+WIDTH = 32
+THREADS = 2
+OPSET = 18
+TARGET_SENSITIVITY = 0.90
+CHECKPOINT_DIR = REPO_ROOT / "training" / "checkpoints"
+CHECKPOINT_NAME = f"cxr_pneumonia_v{VERSION}.pt"
+
+# disjoint seed ranges per split
+SPLITS = {"train": (1_000_000, 8000), "val": (2_000_000, 1000), "test": (3_000_000, 2000)}
+DICOM_SPLIT = (4_000_000, 160)
+EPOCHS_LOW, EPOCHS_HIGH = 6, 2
+BATCH_LOW, BATCH_HIGH = 64, 32
+LR_LOW, LR_HIGH = 2e-3, 4e-4
+WEIGHT_DECAY = 1e-4
+N_BOOT = 2000
+
+
+# ----------------------------------------------------------------------------- model
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.downsample: nn.Module | None = None
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = tnf.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        identity = x if self.downsample is None else self.downsample(x)
+        return tnf.relu(out + identity)
+
+
+class CXRResNet(nn.Module):
+    """ResNet-18 layout, narrow (base width 32), single-channel input in [0, 1].
+
+    The first operation standardises each image (zero mean, unit variance), so exposure
+    and windowing differences between sources matter less and the preprocessor only has to
+    deliver [0, 1]. ``forward`` returns logits; ``CXRExport`` appends the softmax.
+    """
+
+    def __init__(self, width: int = WIDTH, num_classes: int = 2) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(1, width, 7, 2, 3, bias=False),
+            nn.BatchNorm2d(width),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(3, 2, 1),
+        )
+        layers: list[nn.Module] = []
+        cin = width
+        for stage, mult in enumerate((1, 2, 4, 8)):
+            cout = width * mult
+            for block in range(2):
+                layers.append(BasicBlock(cin, cout, 2 if (block == 0 and stage > 0) else 1))
+                cin = cout
+        self.layers = nn.Sequential(*layers)
+        self.fc = nn.Linear(cin, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        for m in self.modules():  # zero-init the last BN of each block (ResNet "gamma=0" trick)
+            if isinstance(m, BasicBlock):
+                nn.init.zeros_(m.bn2.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mean = x.mean(dim=(2, 3), keepdim=True)
+        var = ((x - mean) ** 2).mean(dim=(2, 3), keepdim=True)
+        x = (x - mean) / torch.sqrt(var + 1e-5)
+        x = self.layers(self.stem(x))
+        x = x.mean(dim=(2, 3))
+        return self.fc(x)
+
+
+class CXRExport(nn.Module):
+    def __init__(self, net: CXRResNet) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.net(image), dim=1)
+
+
+def load_checkpoint(path: Path | str | None = None) -> CXRResNet:
+    """The committed fp32 state_dict in a CXRResNet, in eval mode."""
+    path = Path(path) if path is not None else CHECKPOINT_DIR / CHECKPOINT_NAME
+    net = CXRResNet()
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    net.load_state_dict(state)
+    return net.eval()
+
+
+def count_flops(net: nn.Module, size: int = SIZE) -> int:
+
+    net = net.eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        net(torch.zeros(1, 1, size, size))
+    return int(counter.get_total_flops())
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def split_seeds(split: str) -> tuple[np.ndarray, np.ndarray]:
+    base, n = SPLITS[split]
+    seeds = base + np.arange(n)
+    labels = (np.arange(n) % 2).astype(np.int64)
+    return seeds, labels
+
+
+def generate_split(split: str, pool: Any) -> tuple[np.ndarray, np.ndarray]:
+    seeds, labels = split_seeds(split)
+    chunk = 250
+    jobs = [(seeds[i : i + chunk].tolist(), labels[i : i + chunk].tolist(), SIZE) for i in range(0, len(seeds), chunk)]
+    parts = pool.starmap(phantoms.batch, jobs)
+    return np.concatenate(parts).astype(np.float16), labels
+
+
+def downsample2(x: torch.Tensor) -> torch.Tensor:
+    return tnf.avg_pool2d(x, 2)
+
+
+# ----------------------------------------------------------------------------- train / eval
+
+
+def predict(net: nn.Module, X: np.ndarray, batch: int = 64) -> np.ndarray:
+    net.eval()
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(X), batch):
+            xb = torch.from_numpy(X[i : i + batch].astype(np.float32))
+            out.append(torch.softmax(net(xb), dim=1)[:, 1].numpy())
+    return np.concatenate(out).astype(np.float64)
+
+
+def train(
+    net: CXRResNet, X: np.ndarray, y: np.ndarray, Xv: np.ndarray, yv: np.ndarray, *, log: list[dict[str, Any]]
+) -> dict[str, float]:
+
+    timings: dict[str, float] = {}
+    phases = [("low_res", LOW_RES, EPOCHS_LOW, BATCH_LOW, LR_LOW), ("full_res", SIZE, EPOCHS_HIGH, BATCH_HIGH, LR_HIGH)]
+    for phase, res, epochs, bs, lr in phases:
+        t0 = time.perf_counter()
+        opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=WEIGHT_DECAY)
+        steps = epochs * (len(X) // bs)
+        warm = max(1, steps // 20) if phase == "low_res" else 0
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt,
+            lambda s, warm=warm, steps=steps: (
+                (s + 1) / warm if s < warm else 0.5 * (1 + np.cos(np.pi * (s - warm) / max(1, steps - warm)))
+            ),
+        )
+        for epoch in range(epochs):
+            net.train()
+            order = np.random.default_rng([SEED, res, epoch]).permutation(len(X))
+            losses, correct, seen = [], 0, 0
+            for i in range(0, len(order) - bs + 1, bs):
+                idx = np.sort(order[i : i + bs])
+                xb = torch.from_numpy(X[idx].astype(np.float32))
+                if res != SIZE:
+                    xb = downsample2(xb)
+                yb = torch.from_numpy(y[idx])
+                logits = net(xb)
+                loss = tnf.cross_entropy(logits, yb)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                losses.append(float(loss.detach()))
+                correct += int((logits.detach().argmax(1) == yb).sum())
+                seen += len(idx)
+            Xv_res = Xv if res == SIZE else downsample2(torch.from_numpy(Xv.astype(np.float32))).numpy()
+            pv = predict(net, Xv_res)
+            entry = {
+                "phase": phase,
+                "resolution": res,
+                "epoch": epoch + 1,
+                "train_loss": round(float(np.mean(losses)), 5),
+                "train_acc": round(correct / seen, 5),
+                "val_auroc": round(float(roc_auc_score(yv, pv)), 5),
+                "val_acc": round(float(np.mean((pv >= 0.5) == yv)), 5),
+                "elapsed_s": round(time.perf_counter() - t0, 1),
+            }
+            log.append(entry)
+            print(f"[{NAME}] {entry}", flush=True)
+        timings[f"train_{phase}_seconds"] = round(time.perf_counter() - t0, 1)
+    return timings
+
+
+def export_onnx(net: CXRResNet, path: Path) -> str:
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model = CXRExport(net).eval()
+    dummy = torch.zeros(2, 1, SIZE, SIZE)
+    try:  # torch.export-based exporter (the default since torch 2.9); folds BatchNorm into Conv
+        program = torch.onnx.export(
+            model,
+            (dummy,),
+            None,
+            input_names=["image"],
+            output_names=["probabilities"],
+            dynamic_shapes={"image": {0: torch.export.Dim("batch", min=1, max=4096)}},
+            opset_version=OPSET,
+            dynamo=True,
+            verbose=False,
+        )
+        onx = program.model_proto
+        exporter = "torch.onnx.export(dynamo=True)"
+    except Exception as exc:  # noqa: BLE001 - any exporter failure falls back to the TorchScript exporter
+        print(f"[{NAME}] dynamo export failed ({exc!r}); falling back to the TorchScript exporter")
+        buf = io.BytesIO()
+        torch.onnx.export(
+            model,
+            (dummy,),
+            buf,
+            input_names=["image"],
+            output_names=["probabilities"],
+            dynamic_axes={"image": {0: "batch"}, "probabilities": {0: "batch"}},
+            opset_version=OPSET,
+            dynamo=False,
+            do_constant_folding=True,
+        )
+        onx = onnx.load_from_string(buf.getvalue())
+        exporter = "torch.onnx.export(dynamo=False)"
+    onx.doc_string = (
+        "cxr-pneumonia v1: ResNet-18-layout CNN (width 32) trained on synthetic chest-radiograph "
+        "phantoms. Input image[N,1,224,224] FP32 in [0,1], bright = dense. Output probabilities[N,2] "
+        "for labels normal, pneumonia. Demonstration only, NOT FOR CLINICAL USE."
+    )
+    onx.producer_name = "medinfer-training"
+    del onx.metadata_props[:]
+    for k, v in {
+        "name": NAME,
+        "version": str(VERSION),
+        "labels": ",".join(LABELS),
+        "training_data": "synthetic phantoms (training.phantoms)",
+        "not_for_clinical_use": "true",
+    }.items():
+        p = onx.metadata_props.add()
+        p.key, p.value = k, v
+    onnx.checker.check_model(onx, full_check=True)
+    onnx.save_model(onx, str(path))
+    return exporter
+
+
+DICOM_VARIANTS = [
+    # (modality, photometric, bits_stored, transfer syntax)
+    ("CR", "MONOCHROME1", 12, "JPEG2000Lossless"),
+    ("CR", "MONOCHROME2", 10, "ExplicitVRLittleEndian"),
+    ("DX", "MONOCHROME2", 14, "JPEGLSLossless"),
+    ("DX", "MONOCHROME1", 16, "RLELossless"),
+    ("CR", "MONOCHROME2", 8, "RLELossless"),
+]
+
+
+def dicom_roundtrip_inputs(rows: int = 512) -> tuple[np.ndarray, np.ndarray]:
+    """Phantoms written as DICOM at `rows` x `rows`, read back and preprocessed per model.toml."""
+
+    base, n = DICOM_SPLIT
+    xs, ys = [], []
+    for i in range(n):
+        modality, pi, bits, ts = DICOM_VARIANTS[i % len(DICOM_VARIANTS)]
+        raw = study_bytes(
+            seed=base + i,
+            positive=bool(i % 2),
+            rows=rows,
+            bits_stored=bits,
+            photometric=pi,
+            modality=modality,
+            transfer_syntax=ts,
+            patient_id=f"PH{i:04d}",
+        )
+        ds = pydicom.dcmread(io.BytesIO(raw))
+        xs.append(reference_preprocess(ds, SIZE))
+        ys.append(i % 2)
+    return np.concatenate(xs), np.asarray(ys, dtype=np.int64)
+
+
+# ----------------------------------------------------------------------------- artefacts
+
+
+def render_model_toml(*, sha256: str, threshold: float, op_points: dict[str, dict[str, float]]) -> str:
+
+    parts = [
+        toml_table(
+            None,
+            {
+                "name": NAME,
+                "task": "classification",
+                "description": "Demonstration pneumonia (consolidation) classifier for chest radiographs; "
+                "ResNet-18-style CNN trained only on synthetic phantoms.",
+                "intended_use": "Engineering demonstration of medinfer's DICOM imaging path (decode, windowing, "
+                "inference, DICOM SR) for developers and testers in non-clinical environments. "
+                "Trained on synthetic data; NOT for clinical use and not for any real patient.",
+                "not_for_clinical_use": True,
+                "card": "card.md",
+                "labels": LABELS,
+                "positive_label": "pneumonia",
+            },
+        ),
+        toml_table("inputs", {"name": "image", "datatype": "FP32", "shape": [-1, 1, SIZE, SIZE]}, array=True),
+        toml_table("outputs", {"name": "probabilities", "datatype": "FP32", "shape": [-1, 2]}, array=True),
+        toml_table("thresholds", {"default": threshold}),
+    ]
+    for op_name, op in op_points.items():
+        parts.append(toml_table(f"thresholds.operating_points.{op_name}", op))
+    parts += [
+        toml_table("batching", {"max_batch_size": 32, "max_queue_delay_ms": 5.0, "max_queue_size": 1024}),
+        toml_table(
+            "runtime", {"instance_count": 1, "execution_providers": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
+        ),
+        toml_table("version_policy", {"policy": "latest", "latest_n": 1}),
+        toml_table(
+            "preprocessing",
+            {
+                "kind": "dicom",
+                "modalities": ["CR", "DX"],
+                "sop_classes": [str(SOP_CLASSES["CR"]), str(SOP_CLASSES["DX"])],
+                "body_parts": ["CHEST"],
+                "view_positions": ["PA", "AP"],
+                "photometric": ["MONOCHROME1", "MONOCHROME2"],
+                "frames": 1,
+                "modality_lut": "apply",
+                "windowing": "voi_lut_or_minmax",
+                "window_selection": "first",
+                "voi_lut_functions": ["LINEAR", "LINEAR_EXACT", "SIGMOID"],
+                "invert_monochrome1": True,
+                "resize": SIZE,
+                "resize_method": "bilinear_antialias",
+                "keep_aspect_ratio": False,
+                "normalisation": "unit_range",
+                "input_range": [0.0, 1.0],
+                "channels": 1,
+                "layout": "NCHW",
+                "reference_implementation": "training.dicom_studies.reference_preprocess",
+                "note": "Steps in order: decode stored values; apply the modality LUT (Rescale Slope/Intercept or "
+                "Modality LUT Sequence); map to [0, 1] with the first VOI window (DICOM LINEAR formula "
+                "unless VOILUTFunction says LINEAR_EXACT or SIGMOID), else with the first VOI LUT "
+                "Sequence item (output / (2^bits - 1) of its LUT Descriptor), else with the image's own "
+                "min-max; for MONOCHROME1 use 1 - x, so bright = dense; resize to "
+                "224 x 224 with antialiased bilinear resampling (Pillow Image.resize BILINEAR on a mode "
+                "F image), aspect ratio not kept; clip to [0, 1]. The network standardises each image "
+                "itself (zero mean, unit variance), so no mean/std is applied outside the graph.",
+            },
+        ),
+        toml_table(
+            f"versions.{VERSION}",
+            {
+                "sha256": sha256,
+                "created": CREATED,
+                "notes": "Initial demonstration model: ResNet-18 layout at width 32, trained on synthetic "
+                "chest-radiograph phantoms (training/phantoms.py).",
+            },
+        ),
+    ]
+    header = (
+        "# Generated by `python -m training.cxr_pneumonia`; do not edit by hand.\n"
+        "# Schema: see the medinfer model repository docs (extra top-level keys are rejected).\n"
+    )
+    return header + "\n".join(parts)
+
+
+def fmt_ci(m: dict[str, Any], key: str, pct: bool = False) -> str:
+    lo, hi = m["ci95"][key]
+    v = m[key]
+    if pct:
+        return f"{100 * v:.1f} % ({100 * lo:.1f}-{100 * hi:.1f})"
+    return f"{v:.3f} ({lo:.3f}-{hi:.3f})"
+
+
+def render_card(m: dict[str, Any]) -> str:
+    te, dc, va = m["test"], m["dicom_roundtrip"], m["validation"]
+    t = m["timings"]
+    rows = []
+    for label, key, pct in (
+        ("AUROC", "auroc", False),
+        ("Accuracy", "accuracy", True),
+        ("Recall (sensitivity)", "sensitivity", True),
+        ("Specificity", "specificity", True),
+        ("Precision (PPV)", "precision", True),
+        ("F1", "f1", False),
+        ("Brier score", "brier", False),
+    ):
+        rows.append(f"| {label} | {fmt_ci(te, key, pct)} | {fmt_ci(dc, key, pct)} |")
+    table = "\n".join(rows)
+    hist = "\n".join(
+        f"| {h['phase']} | {h['resolution']} | {h['epoch']} | {h['train_loss']:.4f} | {h['train_acc']:.3f} | "
+        f"{h['val_auroc']:.4f} | {h['elapsed_s']:.0f} |"
+        for h in m["history"]
+    )
+    yj = m["operating_points"]["youden"]
+    size_rows = "\n".join(
+        f"  - {b['area_percent'][0]:.2f}-{b['area_percent'][1]:.2f} % of the image: "
+        f"{b['sensitivity']:.3f} (n = {b['n']})"
+        for b in m["test_sensitivity_by_lesion_size"]
+    )
+    if te["sensitivity"] >= TARGET_SENSITIVITY:
+        sens_note = f"The sensitivity target ({TARGET_SENSITIVITY:.2f}) also holds on the test phantoms."
+    else:
+        lo, hi = te["ci95"]["sensitivity"]
+        sens_note = (
+            f"The sensitivity target ({TARGET_SENSITIVITY:.2f}) is met on validation, where the threshold "
+            f"was set, but not on the test phantoms: {te['sensitivity']:.3f} (95 % CI {lo:.3f}-{hi:.3f}). "
+            f"The misses are mostly the smallest consolidations (see Limits); the `youden` operating "
+            f"point trades a little specificity for sensitivity."
+        )
+    variants = ", ".join(f"{a} {b} {c}-bit {d}" for a, b, c, d in DICOM_VARIANTS)
+    return f"""# Model card: cxr-pneumonia (version {VERSION})
+
+> **Trained on synthetic data. Demonstration only. Not for clinical use.**
+> This network has never seen a real chest radiograph. Its outputs on real images mean
+> nothing clinically. It exists so that medinfer's DICOM imaging path (decode, windowing,
+> MONOCHROME1, resize, batching, inference, DICOM SR) can be built and tested end to end.
+> `model.toml` says `not_for_clinical_use = true`.
+
+## Summary
+
+| | |
+|---|---|
+| Task | Binary classification of a chest radiograph phantom: `normal` vs `pneumonia` (a consolidation present) |
+| Architecture | ResNet-18 layout (BasicBlock x [2, 2, 2, 2], stem 7x7/2 + max-pool), base width {WIDTH} (channels {WIDTH}/{2 * WIDTH}/{4 * WIDTH}/{8 * WIDTH}), 1 input channel, per-image standardisation as the first layer, global average pool, linear head, softmax in the exported graph |
+| Parameters | {m["parameters"]:,} |
+| FLOPs at 224 x 224 | **{m["flops"] / 1e9:.3f} GFLOPs** per image ({m["flops"] / 2e9:.3f} GMACs; counted with `torch.utils.flop_counter`, convolutions and the linear layer, one multiply-add = 2 FLOPs) |
+| Input | `image`, FP32 `[-1, 1, 224, 224]`, values in [0, 1], bright = dense (see `[preprocessing]` in `model.toml`) |
+| Output | `probabilities`, FP32 `[-1, 2]`, labels `["normal", "pneumonia"]` |
+| Default threshold | **{m["threshold"]:.4f}** on P(pneumonia), chosen on validation for sensitivity >= {TARGET_SENSITIVITY:.2f} (validation sensitivity {va["sensitivity"]:.3f}, specificity {va["specificity"]:.3f}) |
+| Format | ONNX opset {m["onnx_opset"]} (`{m["onnx_exporter"]}`, BatchNorm folded into the convolutions), dynamic batch axis; {m["onnx_bytes"] / 1e6:.2f} MB; SHA-256 `{m["sha256"]}` |
+| Checkpoint | `training/checkpoints/{CHECKPOINT_NAME}` (fp32 state_dict, {m["checkpoint_bytes"] / 1e6:.2f} MB) |
+| Training wall time | **{t["total_seconds"] / 60:.1f} min** for the whole script on {THREADS} CPU threads: data {t["data_seconds"]:.0f} s, training {t["train_low_res_seconds"]:.0f} s at {LOW_RES} px + {t["train_full_res_seconds"]:.0f} s at {SIZE} px, evaluation/export {t["eval_seconds"]:.0f} s |
+
+## Data: procedural phantoms
+
+`training/phantoms.py` (numpy only, deterministic from a seed) draws a PA chest radiograph:
+body outline and shoulders, two lung fields cut by the diaphragm domes and the mediastinum,
+heart shadow, aortic knob, trachea, spine, posterior and anterior ribs, clavicles,
+branching vessels from the hila, optional breast shadows, side markers and ECG leads, then
+simulates acquisition (random exposure, detector windowing, gamma, blur, quantum and
+electronic noise) under a random rotation/scale/shift. Positive phantoms add one or two
+consolidations inside the lungs: lobar (sharp fissure edge, air bronchograms) or patchy
+(blob clusters), of varied size and density, sometimes bilateral. `phantom_examples.png`
+shows some.
+
+| Split | Seeds | n | Positives | Resolution |
+|---|---|---|---|---|
+| Train | {SPLITS["train"][0]}+ | {SPLITS["train"][1]} | 50 % | generated at 224, trained at {LOW_RES} then {SIZE} |
+| Validation (threshold only) | {SPLITS["val"][0]}+ | {SPLITS["val"][1]} | 50 % | 224 |
+| Test (held out) | {SPLITS["test"][0]}+ | {te["n"]} | {100 * te["prevalence"]:.0f} % | 224 |
+| DICOM round trip | {DICOM_SPLIT[0]}+ | {dc["n"]} | {100 * dc["prevalence"]:.0f} % | written at 512 x 512, preprocessed to 224 |
+
+DICOM round trip: phantoms written by `training/dicom_studies.py` as {variants}, read back
+with pydicom and turned into model input by `reference_preprocess` (the executable form of
+`[preprocessing]`).
+
+## Performance (synthetic held-out data, ONNX Runtime CPU, 224 x 224)
+
+Threshold {m["threshold"]:.4f}; 95 % CIs from {N_BOOT} bootstrap resamples.
+
+| Metric | Test phantoms (n = {te["n"]}) | DICOM round trip (n = {dc["n"]}) |
+|---|---|---|
+{table}
+
+Confusion matrix (test): TP {te["tp"]}, FN {te["fn"]}, TN {te["tn"]}, FP {te["fp"]}.
+{sens_note}
+Other operating point in `model.toml`: `youden` (threshold {yj["threshold"]:.4f}; validation
+sensitivity {yj["sensitivity"]:.3f}, specificity {yj["specificity"]:.3f}).
+Figures: `roc_curve.png`, `calibration_curve.png`, `confusion_matrix.png`.
+
+ONNX vs PyTorch on all {te["n"]} test phantoms: max |delta p| = {m["onnx_parity_max_abs_diff"]:.1e} (float32
+kernels of the two runtimes sum in different orders; the parity tests on fixed inputs stay
+well under their 1e-5 tolerance).
+
+Training history:
+
+| phase | px | epoch | train loss | train acc | val AUROC | s |
+|---|---|---|---|---|---|---|
+{hist}
+
+## Limits
+
+- **Synthetic only.** These figures measure how well the network finds the generator's
+  consolidations among the generator's anatomy. They say nothing about real pneumonia,
+  real radiographs, other findings (effusion, atelectasis, masses, devices) or real
+  populations. Expect arbitrary outputs on real images.
+- The phantoms mimic a PA view. `model.toml` lets AP studies through (the service's
+  allow-list), but AP, lateral, paediatric and strongly rotated films are not modelled.
+- Calibration is measured on phantoms only.
+- Sensitivity on test phantoms by consolidation size (terciles of the area it covers):
+{size_rows}
+
+## Reproduce
+
+`python -m training.cxr_pneumonia` (about {t["total_seconds"] / 60:.0f} min on 2 cores) regenerates the data,
+retrains, and rewrites `1/model.onnx`, `model.toml` (SHA-256), this card, `metrics.json`,
+the plots and the checkpoint. Seeds, data order and thread count are fixed
+(`torch.use_deterministic_algorithms(True)`, {THREADS} threads); oneDNN kernels can still
+differ between CPU types, so `python -m training.reproduce --model {NAME}` compares metrics
+within a tolerance rather than bytes. Parity tests: `tests/models/`.
+"""  # noqa: E501
+
+
+def save_examples(path: Path) -> None:
+    import matplotlib  # noqa: PLC0415 - only the training run draws figures
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    fig, axes = plt.subplots(2, 6, figsize=(13, 4.8))
+    for i, ax in enumerate(axes.flat):
+        positive = i >= 6
+        ph = phantoms.generate_with_mask(900 + i, positive, SIZE)
+        ax.imshow(ph.image, cmap="gray", vmin=0, vmax=1)
+        if positive:
+            ax.contour(ph.lesion_mask, levels=[0.5], colors="red", linewidths=0.6)
+        ax.set_title(f"seed {900 + i}: {'pneumonia' if positive else 'normal'}", fontsize=8)
+        ax.axis("off")
+    fig.suptitle("Synthetic phantoms (red: consolidation outline, not visible to the model)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90, metadata={"Software": None})
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:  # noqa: PLR0915 - one linear script
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=MODELS_DIR, help="models root (default: repo models/)")
+    parser.add_argument("--checkpoint-dir", type=Path, default=CHECKPOINT_DIR)
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke test: tiny splits, one epoch per phase (use with --out/--checkpoint-dir)",
+    )
+    args = parser.parse_args(argv)
+    if args.quick:
+        global EPOCHS_LOW, EPOCHS_HIGH, DICOM_SPLIT  # noqa: PLW0603 - smoke-test override of the constants
+        EPOCHS_LOW, EPOCHS_HIGH = 1, 1
+        DICOM_SPLIT = (DICOM_SPLIT[0], 10)
+        for k, (base, n) in list(SPLITS.items()):
+            SPLITS[k] = (base, max(128, n // 40))
+
+    t_start = time.perf_counter()
+    torch.set_num_threads(THREADS)
+    torch.manual_seed(SEED)
+    torch.use_deterministic_algorithms(True)
+    out_dir: Path = args.out / NAME
+    out_dir.mkdir(parents=True, exist_ok=True)
+    args.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+
+    # data: generated in 2 worker processes; order-preserving, so deterministic
+    t0 = time.perf_counter()
+    with mp.get_context("spawn").Pool(THREADS) as pool:
+        X, y = generate_split("train", pool)
+        Xv, yv = generate_split("val", pool)
+        Xt, yt = generate_split("test", pool)
+        test_seeds, _ = split_seeds("test")
+        lesion_area = np.zeros(len(yt))
+        lesion_area[yt == 1] = pool.map(phantoms.lesion_area_fraction, test_seeds[yt == 1].tolist(), chunksize=50)
+    data_s = time.perf_counter() - t0
+    print(f"[{NAME}] generated {len(X)}/{len(Xv)}/{len(Xt)} phantoms in {data_s:.0f}s", flush=True)
+
+    net = CXRResNet()
+    history: list[dict[str, Any]] = []
+    timings = train(net, X, y, Xv, yv, log=history)
+    net.eval()
+
+    t_eval = time.perf_counter()
+    ckpt = args.checkpoint_dir / CHECKPOINT_NAME
+    torch.save(net.state_dict(), ckpt)
+    onnx_path = out_dir / str(VERSION) / "model.onnx"
+    exporter = export_onnx(net, onnx_path)
+    sha = sha256_file(onnx_path)
+
+    p_val = predict(net, Xv)
+    threshold = threshold_for_sensitivity(yv, p_val, TARGET_SENSITIVITY)
+    th_youden = threshold_youden(yv, p_val)
+    val_m = evaluate_split(yv, p_val, threshold, seed=SEED, n_boot=200)
+    val_y = evaluate_split(yv, p_val, th_youden, seed=SEED, n_boot=200)
+
+    # test metrics from the ONNX graph that is served; parity against torch on the way
+    p_torch = predict(net, Xt)
+    p_onnx = np.concatenate(
+        [run_onnx(onnx_path, {"image": Xt[i : i + 250].astype(np.float32)})[0][:, 1] for i in range(0, len(Xt), 250)]
+    ).astype(np.float64)
+    max_diff = float(np.max(np.abs(p_onnx - p_torch)))
+    print(f"[{NAME}] onnx vs torch max |diff| = {max_diff:.2e}", flush=True)
+    if max_diff > 1e-4:
+        raise SystemExit(f"ONNX parity failed: {max_diff}")
+    test_m = evaluate_split(yt, p_onnx, threshold, seed=SEED + 1, n_boot=N_BOOT)
+    # sensitivity by lesion size (terciles of the consolidation's area among test positives)
+    pos = yt == 1
+    edges = np.quantile(lesion_area[pos], [0.0, 1 / 3, 2 / 3, 1.0])
+    by_size = []
+    for k in range(3):
+        sel = (
+            pos & (lesion_area >= edges[k]) & ((lesion_area < edges[k + 1]) if k < 2 else (lesion_area <= edges[k + 1]))
+        )
+        by_size.append(
+            {
+                "area_percent": [round(100 * float(edges[k]), 2), round(100 * float(edges[k + 1]), 2)],
+                "n": int(sel.sum()),
+                "sensitivity": round(float(np.mean(p_onnx[sel] >= threshold)), 4),
+            }
+        )
+
+    Xd, yd = dicom_roundtrip_inputs()
+    (pd_onnx,) = run_onnx(onnx_path, {"image": Xd})
+    dicom_m = evaluate_split(yd, pd_onnx[:, 1].astype(np.float64), threshold, seed=SEED + 2, n_boot=N_BOOT)
+
+    op_points = {
+        "high_sensitivity": {
+            "threshold": threshold,
+            "sensitivity": round(val_m["sensitivity"], 4),
+            "specificity": round(val_m["specificity"], 4),
+        },
+        "youden": {
+            "threshold": th_youden,
+            "sensitivity": round(val_y["sensitivity"], 4),
+            "specificity": round(val_y["specificity"], 4),
+        },
+    }
+    write_checked_toml(out_dir / "model.toml", render_model_toml(sha256=sha, threshold=threshold, op_points=op_points))
+    plots = save_plots(
+        out_dir,
+        {"test phantoms": (yt, p_onnx), "DICOM round trip": (yd, pd_onnx[:, 1].astype(np.float64))},
+        threshold,
+        LABELS,
+        NAME,
+        n_bins=10,
+    )
+    save_examples(out_dir / "phantom_examples.png")
+    flops = count_flops(CXRResNet().eval())
+    timings["data_seconds"] = round(data_s, 1)
+    timings["eval_seconds"] = round(time.perf_counter() - t_eval, 1)
+    timings["total_seconds"] = round(time.perf_counter() - t_start, 1)
+    metrics: dict[str, Any] = {
+        "name": NAME,
+        "version": VERSION,
+        "seed": SEED,
+        "not_for_clinical_use": True,
+        "training_data": "synthetic phantoms (training.phantoms), no real images",
+        "architecture": f"ResNet-18 layout, BasicBlock x [2,2,2,2], base width {WIDTH}, 1 input channel",
+        "parameters": int(sum(p.numel() for p in net.parameters())),
+        "flops": flops,
+        "flops_note": "torch.utils.flop_counter at 1x1x224x224; multiply-add = 2 FLOPs",
+        "threshold": threshold,
+        "target_sensitivity": TARGET_SENSITIVITY,
+        "operating_points": op_points,
+        "splits": {k: {"first_seed": v[0], "n": v[1]} for k, v in SPLITS.items()},
+        "validation": val_m,
+        "test": test_m,
+        "dicom_roundtrip": dicom_m,
+        "test_sensitivity_by_lesion_size": by_size,
+        "history": history,
+        "onnx_parity_max_abs_diff": max_diff,
+        "onnx_bytes": onnx_path.stat().st_size,
+        "onnx_exporter": exporter,
+        "onnx_opset": OPSET,
+        "checkpoint_bytes": ckpt.stat().st_size,
+        "sha256": sha,
+        "checkpoint_sha256": sha256_file(ckpt),
+        "plots": [*plots, "phantom_examples.png"],
+        "timings": timings,
+        "threads": THREADS,
+        "generated": _dt.datetime.now(tz=_dt.UTC).date().isoformat(),
+        "environment": environment_info(),
+    }
+    (out_dir / "card.md").write_text(render_card(metrics), encoding="utf-8")
+    dump_json(out_dir / "metrics.json", metrics)
+    print(
+        f"[{NAME}] test AUROC {test_m['auroc']:.4f} acc {test_m['accuracy']:.4f}; "
+        f"DICOM AUROC {dicom_m['auroc']:.4f}; {flops / 1e9:.3f} GFLOPs; total {timings['total_seconds']:.0f}s"
+    )
+    return metrics
+
+
+if __name__ == "__main__":
+    main()
