@@ -13,6 +13,7 @@ from fastapi.routing import APIRoute
 
 from app.config import Settings, load_settings, service_version
 from app.container import Container
+from app.observability.logging import configure_logging
 from app.observability.metrics import Metrics
 from app.transport.http import routes_admin, routes_audit, routes_models, routes_ops, routes_predict, routes_v2
 from app.transport.http.deps import get_principal
@@ -138,5 +139,10 @@ def create_app(settings: Settings) -> FastAPI:
 
 
 def app_factory() -> FastAPI:
-    """For ``uvicorn --factory`` with several workers: settings from the environment."""
-    return create_app(load_settings())
+    """For ``uvicorn --factory`` with several workers: settings from the environment.
+
+    Each worker is a fresh process, so it sets up its own JSON logging here.
+    """
+    settings = load_settings()
+    configure_logging(settings.log_level, settings.log_format)
+    return create_app(settings)
