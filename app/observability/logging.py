@@ -15,6 +15,8 @@ import time
 from typing import Any, Final
 
 request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
+#: W3C Trace Context trace id of the current request (from ``traceparent``), for log correlation.
+trace_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("trace_id", default=None)
 
 #: ``extra`` keys that may appear in a log record. Anything else is dropped.
 ALLOWED_EXTRA: Final = frozenset(
@@ -60,6 +62,9 @@ class JsonFormatter(logging.Formatter):
         request_id = request_id_var.get()
         if request_id is not None:
             payload["request_id"] = request_id
+        trace_id = trace_id_var.get()
+        if trace_id is not None:
+            payload["trace_id"] = trace_id
         for key, value in vars(record).items():
             if key in _RESERVED or key.startswith("_"):
                 continue

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterator
 
+import pytest
 from fastapi.testclient import TestClient
 
 from app.config import Settings
@@ -169,3 +171,21 @@ def test_metrics_can_require_the_metrics_scope(migrated: Settings) -> None:
         allowed = client.get("/metrics", headers={"Authorization": f"Bearer {reader}"})
         assert allowed.status_code == 200
         assert "medinfer_http_requests_total" in allowed.text
+
+
+def test_access_logs_carry_the_w3c_trace_id(client: TestClient, capsys: pytest.CaptureFixture[str]) -> None:
+    from app.observability.logging import configure_logging
+
+    configure_logging("INFO", "json")
+    trace = "4bf92f3577b34da6a3ce929d0e0e4736"
+    try:
+        client.get("/livez", headers={"traceparent": f"00-{trace}-00f067aa0ba902b7-01", "X-Request-ID": "t-1"})
+        client.get("/livez", headers={"traceparent": "garbage", "X-Request-ID": "t-2"})
+        out = capsys.readouterr().out
+    finally:
+        for handler in list(logging.getLogger().handlers):
+            if getattr(handler, "_medinfer", False):
+                logging.getLogger().removeHandler(handler)
+    lines = {r.get("request_id"): r for r in (json.loads(x) for x in out.splitlines() if x.startswith("{"))}
+    assert lines["t-1"]["trace_id"] == trace
+    assert "trace_id" not in lines["t-2"]

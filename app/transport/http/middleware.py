@@ -15,7 +15,7 @@ from typing import Final
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.errors import PayloadTooLargeError
-from app.observability.logging import request_id_var
+from app.observability.logging import request_id_var, trace_id_var
 from app.observability.metrics import Metrics
 from app.transport.http.problems import PROBLEM_MEDIA_TYPE, problem_bytes, status_for
 
@@ -23,6 +23,8 @@ log = logging.getLogger("app.access")
 
 REQUEST_ID_HEADER: Final = b"x-request-id"
 _VALID_REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")
+#: W3C Trace Context: version-traceid-parentid-flags; an all-zero trace id is invalid.
+_TRACEPARENT = re.compile(rb"^[0-9a-f]{2}-(?!0{32})([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}$")
 
 
 def _header(scope: Scope, name: bytes) -> bytes | None:
@@ -49,6 +51,8 @@ class RequestContextMiddleware:
         # so a header can never smuggle PHI or control characters into our logs.
         request_id = presented.decode() if presented and _VALID_REQUEST_ID.match(presented) else str(uuid.uuid4())
         token = request_id_var.set(request_id)
+        traceparent = _TRACEPARENT.match(_header(scope, b"traceparent") or b"")
+        trace_token = trace_id_var.set(traceparent.group(1).decode() if traceparent else None)
         started = time.perf_counter()
         status = 500
 
@@ -84,6 +88,7 @@ class RequestContextMiddleware:
                 },
             )
             request_id_var.reset(token)
+            trace_id_var.reset(trace_token)
 
     def _capped(self, receive: Receive) -> Receive:
         seen = 0
