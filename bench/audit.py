@@ -138,9 +138,11 @@ def server(database_url: str | None, *, audited: bool, workdir: Path) -> Iterato
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            with contextlib.suppress(OSError):
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1):
-                    break
+            with (
+                contextlib.suppress(OSError),
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1),
+            ):
+                break
             time.sleep(0.2)
         else:
             raise RuntimeError("server did not become ready")

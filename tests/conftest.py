@@ -72,7 +72,7 @@ def client(migrated: Settings) -> Iterator[TestClient]:
 
 
 def register(settings: Settings, *scopes: Scope, client_id: str = "test-client") -> str:
-    from app.__main__ import register_api_client  # noqa: PLC0415 - the CLI path
+    from app.__main__ import register_api_client
 
     return register_api_client(settings, client_id, list(scopes))
 
