@@ -346,7 +346,7 @@ def test_oci_labels(runtime: Stage, pyproject: dict[str, Any]) -> None:
     for key in ("title", "description", "licenses", "version", "revision", "base.name"):
         assert labels.get(f"org.opencontainers.image.{key}"), f"missing OCI label {key}"
     assert labels["org.opencontainers.image.title"] == pyproject["project"]["name"]
-    assert labels["org.opencontainers.image.licenses"] == pyproject["project"]["license"]["text"]
+    assert labels["org.opencontainers.image.licenses"] == pyproject["project"]["license"]
 
 
 def test_no_add_and_no_latest(stages: list[Stage]) -> None:
