@@ -91,6 +91,16 @@ def corrupt(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
+def _install(repo: Path, name: str, data: bytes, template: str, **fields: object) -> Path:
+    """Write ``data`` as version 1 of ``name`` with ``template`` rendered and its sha256 pinned."""
+    model_dir = repo / name
+    (model_dir / "1").mkdir(parents=True, exist_ok=True)
+    (model_dir / "1" / "model.onnx").write_bytes(data)
+    text = template.format(name=name, sha=hashlib.sha256(data).hexdigest(), **fields)
+    (model_dir / "model.toml").write_text(text, encoding="utf-8")
+    return model_dir
+
+
 GATHER_TOML = """\
 name = "{name}"
 task = "classification"
@@ -135,14 +145,7 @@ def write_gather_model(repo: Path, name: str = "gather", *, delay_ms: float = 50
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     data = model.SerializeToString()
-    model_dir = repo / name
-    (model_dir / "1").mkdir(parents=True, exist_ok=True)
-    (model_dir / "1" / "model.onnx").write_bytes(data)
-    (model_dir / "model.toml").write_text(
-        GATHER_TOML.format(name=name, delay_ms=delay_ms, queue_size=queue_size, sha=hashlib.sha256(data).hexdigest()),
-        encoding="utf-8",
-    )
-    return model_dir
+    return _install(repo, name, data, GATHER_TOML, delay_ms=delay_ms, queue_size=queue_size)
 
 
 HEAVY_TOML = """\
@@ -197,11 +200,4 @@ def write_heavy_model(repo: Path, name: str = "heavy", *, width: int = 1024, lay
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
-    data = model.SerializeToString()
-    model_dir = repo / name
-    (model_dir / "1").mkdir(parents=True, exist_ok=True)
-    (model_dir / "1" / "model.onnx").write_bytes(data)
-    (model_dir / "model.toml").write_text(
-        HEAVY_TOML.format(name=name, width=width, sha=hashlib.sha256(data).hexdigest()), encoding="utf-8"
-    )
-    return model_dir
+    return _install(repo, name, model.SerializeToString(), HEAVY_TOML, width=width)

@@ -127,6 +127,31 @@ def request_context(request: Request, principal: Principal | None, input_sha256:
     )
 
 
+async def record_action(
+    request: Request,
+    container: Container,
+    principal: Principal | None,
+    action: str,
+    outcome: str,
+    *,
+    model: str | None = None,
+    **detail: object,
+) -> None:
+    """Audit a security-relevant action (model load, audit export...) taken through HTTP."""
+    context = request_context(request, principal)
+    await container.pipeline.record(
+        AuditRecord(
+            action=action,
+            outcome=outcome,
+            request_id=context.request_id,
+            actor=context.actor,
+            source_ip=context.source_ip,
+            model=model,
+            detail=detail,
+        )
+    )
+
+
 ModelsReader = Annotated[Principal, Depends(require(Scope.MODELS_READ))]
 ModelsAdmin = Annotated[Principal, Depends(require(Scope.MODELS_ADMIN))]
 Inferrer = Annotated[Principal, Depends(require(Scope.INFER))]

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Final
+from typing import Final
 
 from fastapi import APIRouter, Request, status
 
-from app.domain import AuditRecord, Principal, VersionStatus
+from app.domain import VersionStatus
 from app.errors import MedinferError
 from app.security.clients import parse_scopes, register_client
-from app.transport.http.deps import ClientsAdmin, ContainerDep, DbDep, JsonBody, ModelsAdmin, request_context
+from app.transport.http.deps import ClientsAdmin, ContainerDep, DbDep, JsonBody, ModelsAdmin, record_action
 from app.transport.http.problems import COMMON_ERRORS, problem_responses
 from app.transport.http.routes_models import ModelName
 from app.transport.http.schemas import ClientCredentials, ClientRegistration, ModelLoadResult, ModelVersionStatus
@@ -19,45 +19,8 @@ router = APIRouter(prefix="/v1/admin")
 TAG: Final = "admin"
 
 
-async def _record(
-    request: Request,
-    container: ContainerDep,
-    principal: Principal,
-    action: str,
-    outcome: str,
-    model: str,
-    **detail: Any,
-) -> None:
-    context = request_context(request, principal)
-    await container.pipeline.record(
-        AuditRecord(
-            action=action,
-            outcome=outcome,
-            request_id=context.request_id,
-            actor=context.actor,
-            source_ip=context.source_ip,
-            model=model,
-            detail=detail,
-        )
-    )
-
-
 def _statuses(name: str, statuses: tuple[VersionStatus, ...]) -> ModelLoadResult:
-    return ModelLoadResult(
-        model=name,
-        versions=[
-            ModelVersionStatus(
-                model=s.model,
-                version=s.version,
-                state=s.state.value,
-                sha256=s.sha256,
-                providers=list(s.providers),
-                error_code=s.error_code,
-                error=s.error,
-            )
-            for s in statuses
-        ],
-    )
+    return ModelLoadResult(model=name, versions=[ModelVersionStatus.of(s) for s in statuses])
 
 
 @router.post(
@@ -79,14 +42,12 @@ async def load_model(
     try:
         statuses = await asyncio.to_thread(container.registry.load, name)
     except MedinferError as exc:
-        await _record(request, container, principal, "model.load", "failure", name, error_code=exc.code)
+        await record_action(request, container, principal, "model.load", "failure", model=name, error_code=exc.code)
         raise
     finally:
         container.pipeline.retire_unserved()
-    await _record(
-        request, container, principal, "model.load", "success", name,
-        versions={s.version: s.sha256 for s in statuses},
-    )  # fmt: skip
+    versions = {s.version: s.sha256 for s in statuses}
+    await record_action(request, container, principal, "model.load", "success", model=name, versions=versions)
     return _statuses(name, statuses)
 
 
@@ -104,7 +65,7 @@ async def load_model(
 async def unload_model(name: ModelName, request: Request, container: ContainerDep, principal: ModelsAdmin) -> None:
     container.registry.unload(name)
     container.pipeline.retire_unserved()
-    await _record(request, container, principal, "model.unload", "success", name)
+    await record_action(request, container, principal, "model.unload", "success", model=name)
 
 
 @router.post(

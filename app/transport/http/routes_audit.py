@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator
 from datetime import datetime
-from typing import Annotated, Any, Final
+from typing import Annotated, Final
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import StreamingResponse
@@ -16,9 +16,8 @@ from fastapi.responses import StreamingResponse
 from app.audit.export import to_ndjson_line
 from app.audit.query import EventFilter, iter_events, list_events
 from app.audit.recorder import verify_chain
-from app.domain import AuditRecord, Principal
 from app.tables import AuditEvent
-from app.transport.http.deps import AuditReader, ContainerDep, request_context
+from app.transport.http.deps import AuditReader, ContainerDep, record_action
 from app.transport.http.problems import COMMON_ERRORS, problem_responses
 from app.transport.http.schemas import AuditEventOut, AuditEventPage, AuditVerification
 
@@ -62,22 +61,6 @@ def _out(row: AuditEvent) -> AuditEventOut:
     )
 
 
-async def _record(
-    container: ContainerDep, request: Request, principal: Principal, action: str, outcome: str, **detail: Any
-) -> None:
-    context = request_context(request, principal)
-    await container.pipeline.record(
-        AuditRecord(
-            action=action,
-            outcome=outcome,
-            request_id=context.request_id,
-            actor=context.actor,
-            source_ip=context.source_ip,
-            detail=detail,
-        )
-    )
-
-
 @router.get(
     "/verify",
     operation_id="verifyAuditChain",
@@ -89,8 +72,8 @@ async def _record(
 async def verify(request: Request, container: ContainerDep, principal: AuditReader) -> AuditVerification:
     key = container.settings.audit_hmac_key.get_secret_value().encode()
     result = await verify_chain(container.engine, key)
-    await _record(
-        container, request, principal, "audit.verify", "success" if result.valid else "failure",
+    await record_action(
+        request, container, principal, "audit.verify", "success" if result.valid else "failure",
         events=result.events, first_broken_seq=result.first_broken_seq,
     )  # fmt: skip
     return AuditVerification(
@@ -142,7 +125,7 @@ async def events(
 async def export(
     request: Request, container: ContainerDep, principal: AuditReader, filters: Filters
 ) -> StreamingResponse:
-    await _record(container, request, principal, "audit.export", "success")
+    await record_action(request, container, principal, "audit.export", "success")
 
     async def lines() -> AsyncIterator[bytes]:
         async for row in iter_events(container.engine, filters):

@@ -59,18 +59,7 @@ async def readyz(container: ContainerDep) -> JSONResponse:
     report = ReadinessReport(
         ready=state.ready,
         checks={"database": state.database, "models": state.models_loaded},
-        models=[
-            ModelVersionStatus(
-                model=s.model,
-                version=s.version,
-                state=s.state.value,
-                sha256=s.sha256,
-                providers=list(s.providers),
-                error_code=s.error_code,
-                error=s.error,
-            )
-            for s in state.models
-        ],
+        models=[ModelVersionStatus.of(s) for s in state.models],
     )
     return JSONResponse(report.model_dump(mode="json"), status_code=200 if state.ready else 503)
 

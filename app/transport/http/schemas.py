@@ -8,6 +8,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from app.domain import VersionStatus
+
 VERSION_STATUS_EXAMPLE: dict[str, Any] = {
     "model": "cxr-pneumonia",
     "version": "1",
@@ -119,6 +121,18 @@ class ModelVersionStatus(_Wire):
     providers: list[str]
     error_code: str | None = None
     error: str | None = None
+
+    @classmethod
+    def of(cls, status: VersionStatus) -> ModelVersionStatus:
+        return cls(
+            model=status.model,
+            version=status.version,
+            state=status.state.value,
+            sha256=status.sha256,
+            providers=list(status.providers),
+            error_code=status.error_code,
+            error=status.error,
+        )
 
 
 class ReadinessReport(_Wire):
