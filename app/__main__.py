@@ -10,10 +10,14 @@ import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from app.config import Settings, load_settings
 from app.domain import Scope
 from app.errors import MedinferError
+
+if TYPE_CHECKING:
+    from app.security.keystore import KeyStore
 
 
 def _exit_cleanly(_signum: int, _frame: object) -> None:
@@ -75,18 +79,28 @@ def _cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_keys(settings: Settings, args: argparse.Namespace) -> int:
-    from app.security.keys import generate_encryption_key, list_keys  # noqa: PLC0415
+def _keystore(settings: Settings) -> KeyStore:
+    from app.security.keystore import KeyStore  # noqa: PLC0415
 
-    keys_dir = settings.resolved_keys_dir
-    if args.keys_command == "generate":
-        info = generate_encryption_key(keys_dir, state=args.state)
-        print(json.dumps({"kid": info.kid, "state": info.state, "kty": info.kty}))
-    elif args.keys_command == "list":
-        for info in list_keys(keys_dir):
-            print(json.dumps({"kid": info.kid, "state": info.state, "kty": info.kty, "created": info.created}))
-    elif args.keys_command == "dev-init":
+    return KeyStore(settings.resolved_keys_dir, settings.key_encryption_key.get_secret_value()).load()
+
+
+def _cmd_keys(settings: Settings, args: argparse.Namespace) -> int:
+    from datetime import timedelta  # noqa: PLC0415
+
+    if args.keys_command == "dev-init":
         return _dev_init(settings)
+    store = _keystore(settings)
+    if args.keys_command == "generate":
+        stored = store.generate(state=args.state, alg=args.alg)
+        print(json.dumps({"kid": stored.kid, "state": stored.state, "alg": stored.alg}))
+    elif args.keys_command == "rotate":
+        stored = store.rotate(timedelta(days=settings.key_retirement_days))
+        print(json.dumps({"active": stored.kid, "retention_days": settings.key_retirement_days}))
+    else:
+        for stored in store.keys:
+            retire = stored.retire_until.isoformat() if stored.retire_until else None
+            print(json.dumps({"kid": stored.kid, "state": stored.state, "alg": stored.alg, "retire_until": retire}))
     return 0
 
 
@@ -106,14 +120,13 @@ def register_api_client(settings: Settings, client_id: str, scopes: Sequence[Sco
 
 def _dev_init(settings: Settings) -> int:
     """Create a dev API client with every scope and a JWE key, once. Dev mode only."""
-    from app.security.keys import generate_encryption_key, list_keys  # noqa: PLC0415
-
     if settings.env != "dev":
         print("keys dev-init runs only with MEDINFER_ENV=dev", file=sys.stderr)
         return 2
     creds = settings.data_dir / "dev-credentials.json"
-    if not list_keys(settings.resolved_keys_dir):
-        generate_encryption_key(settings.resolved_keys_dir)
+    store = _keystore(settings)
+    if not any(k.state == "active" for k in store.keys):
+        store.generate("active")
     if creds.exists():
         print(f"dev credentials already in {creds}")
         return 0
@@ -229,8 +242,10 @@ def build_parser() -> argparse.ArgumentParser:
     migrate.add_argument("--downgrade", action="store_true")
     keys = sub.add_parser("keys", help="manage JWE keys and dev credentials")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
-    generate = keys_sub.add_parser("generate", help="create a new EC P-256 key pair")
-    generate.add_argument("--state", choices=["active", "next"], default="active")
+    generate = keys_sub.add_parser("generate", help="create a key pair (sealed at rest with the KEK)")
+    generate.add_argument("--state", choices=["active", "next"], default="next")
+    generate.add_argument("--alg", choices=["ECDH-ES+A256KW", "RSA-OAEP-256"], default="ECDH-ES+A256KW")
+    keys_sub.add_parser("rotate", help="promote the next key (or a new one); the old one opens payloads a while")
     keys_sub.add_parser("list", help="list keys (no private material)")
     keys_sub.add_parser("dev-init", help="create dev credentials and a key if absent (dev only)")
     clients = sub.add_parser("clients", help="manage API clients")

@@ -58,6 +58,13 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: LogFormat = "json"
 
+    key_encryption_key: SecretStr = Field(
+        default=SecretStr(PLACEHOLDER_SECRET), description="Seals the JWE private keys at rest."
+    )
+    require_encryption: bool | None = Field(
+        default=None, description="Accept only JWE payloads. Unset: on in production, off in dev and test."
+    )
+    key_retirement_days: int = Field(default=30, ge=1, description="How long a rotated-out key still opens payloads.")
     audit_enabled: bool = Field(
         default=True, description="Only for benchmark baselines; production refuses to run without the audit trail."
     )
@@ -72,7 +79,7 @@ class Settings(BaseSettings):
         if self.env == "production":
             weak = [
                 name
-                for name in ("audit_hmac_key", "pseudonym_key")
+                for name in ("audit_hmac_key", "pseudonym_key", "key_encryption_key")
                 if getattr(self, name).get_secret_value() in {PLACEHOLDER_SECRET, ""}
                 or len(getattr(self, name).get_secret_value()) < MIN_SECRET_CHARS
             ]
@@ -98,6 +105,10 @@ class Settings(BaseSettings):
         if url.startswith(("postgresql:", "postgres:")):
             return "postgresql+psycopg:" + url.split(":", 1)[1]
         return url
+
+    @property
+    def encryption_required(self) -> bool:
+        return self.require_encryption if self.require_encryption is not None else self.env == "production"
 
     @property
     def resolved_keys_dir(self) -> Path:

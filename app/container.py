@@ -24,6 +24,7 @@ from app.inference.spec import iter_model_dirs
 from app.observability.metrics import Metrics
 from app.pipeline import Pipeline
 from app.security.keys import load_ed25519_public_key
+from app.security.keystore import KeyStore
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,7 @@ class Container:
     metrics: Metrics
     pipeline: Pipeline
     audit_engine: Engine
+    keys: KeyStore
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
     @classmethod
@@ -72,6 +74,7 @@ class Container:
             metrics=metrics,
             pipeline=pipeline,
             audit_engine=audit_engine,
+            keys=KeyStore(settings.resolved_keys_dir, settings.key_encryption_key.get_secret_value()).load(),
         )
 
     async def start(self) -> None:

@@ -282,6 +282,35 @@ class InferenceFailedError(MedinferError):
     kind = ErrorKind.INTERNAL
 
 
+class DecryptionError(MedinferError):
+    """A JWE body could not be opened: malformed, a disallowed ``alg``/``enc``, ``zip``, a
+    ``crit`` extension, an unknown or retired ``kid``, or a tag that does not verify. The detail
+    is the same for all of them on purpose; ``reason`` feeds the metrics only.
+
+    Recovery: encrypt to a key from ``/.well-known/jwks.json`` with ECDH-ES+A256KW or
+    RSA-OAEP-256 and A256GCM, without compression.
+    """
+
+    code = "decryption-failed"
+    title = "Payload could not be decrypted"
+    kind = ErrorKind.INVALID_INPUT
+
+    def __init__(self, detail: str, *, reason: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+
+
+class EncryptionRequiredError(MedinferError):
+    """This deployment accepts only JWE-encrypted payloads (``MEDINFER_REQUIRE_ENCRYPTION``).
+
+    Recovery: send the body as ``application/jose`` encrypted to the service's JWKS.
+    """
+
+    code = "encryption-required"
+    title = "Encryption required"
+    kind = ErrorKind.UNSUPPORTED_MEDIA_TYPE
+
+
 class AuditUnavailableError(MedinferError):
     """The audit event could not be committed, so the result is withheld (fail closed).
 
@@ -317,4 +346,6 @@ ALL_ERRORS: tuple[type[MedinferError], ...] = (
     DeadlineExceededError,
     InferenceFailedError,
     AuditUnavailableError,
+    DecryptionError,
+    EncryptionRequiredError,
 )

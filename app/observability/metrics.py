@@ -172,6 +172,12 @@ class Metrics:
             ["model", "version", "label"],
             registry=self.registry,
         )
+        self.decryption_failures = Counter(
+            "medinfer_decryption_failures_total",
+            "JWE payloads refused, by reason (malformed, alg, enc, zip, crit, cty, kid, decrypt, size).",
+            ["reason"],
+            registry=self.registry,
+        )
         self.auth_failures = Counter(
             "medinfer_auth_failures_total",
             "Rejected authentications by reason.",

@@ -15,11 +15,11 @@ def test_production_refuses_placeholder_secrets() -> None:
 
 def test_production_refuses_short_secrets() -> None:
     with pytest.raises(ValidationError, match="MEDINFER_PSEUDONYM_KEY"):
-        Settings(env="production", audit_hmac_key="a" * 40, pseudonym_key="short")
+        Settings(env="production", audit_hmac_key="a" * 40, pseudonym_key="short", key_encryption_key="c" * 40)
 
 
 def test_production_accepts_strong_secrets() -> None:
-    settings = Settings(env="production", audit_hmac_key="a" * 40, pseudonym_key="b" * 40)
+    settings = Settings(env="production", audit_hmac_key="a" * 40, pseudonym_key="b" * 40, key_encryption_key="c" * 40)
     assert settings.audit_hmac_key.get_secret_value() != PLACEHOLDER_SECRET
 
 
@@ -46,3 +46,10 @@ def test_environment_variables_use_the_medinfer_prefix(monkeypatch: pytest.Monke
     monkeypatch.setenv("MEDINFER_MAX_BODY_BYTES", "2048")
     settings = Settings()
     assert (settings.port, settings.max_body_bytes) == (9123, 2048)
+
+
+def test_encryption_is_required_in_production_unless_configured_otherwise() -> None:
+    strong = {"audit_hmac_key": "a" * 40, "pseudonym_key": "b" * 40, "key_encryption_key": "c" * 40}
+    assert Settings(env="production", **strong).encryption_required is True
+    assert Settings(env="production", require_encryption=False, **strong).encryption_required is False
+    assert Settings(env="dev").encryption_required is False

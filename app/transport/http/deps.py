@@ -7,6 +7,7 @@ import logging
 import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Header, Request
@@ -20,12 +21,15 @@ from app.errors import (
     AuditUnavailableError,
     AuthenticationError,
     DatabaseUnavailableError,
+    DecryptionError,
+    EncryptionRequiredError,
     InvalidRequestError,
     PermissionDeniedError,
     UnsupportedMediaTypeError,
 )
 from app.observability.logging import request_id_var
 from app.security.clients import authenticate
+from app.security.jwe import is_jose, open_payload
 
 DEADLINE_HEADER = "X-Deadline-Ms"
 log = logging.getLogger(__name__)
@@ -150,6 +154,37 @@ async def record_action(
             detail=detail,
         )
     )
+
+
+@dataclass(frozen=True, slots=True)
+class Payload:
+    """A request body as the pipeline should see it: decrypted if it came as JWE."""
+
+    body: bytes
+    media_type: str
+    encrypted: bool
+
+
+def media_type_of(value: str | None) -> str:
+    return (value or "").split(";", 1)[0].strip().lower()
+
+
+async def read_payload(request: Request, container: Container) -> Payload:
+    """Read the body; open it if it is a JWE, refuse it if plain while encryption is required."""
+    body = await request.body()
+    media = media_type_of(request.headers.get("content-type"))
+    if not is_jose(media):
+        if container.settings.encryption_required:
+            raise EncryptionRequiredError("send the payload encrypted (application/jose) to the service JWKS")
+        return Payload(body=body, media_type=request.headers.get("content-type", ""), encrypted=False)
+    try:
+        opened = open_payload(body, media, container.keys, container.settings.max_body_bytes)
+    except DecryptionError as exc:
+        container.metrics.decryption_failures.labels(reason=exc.reason).inc()
+        with contextlib.suppress(AuditUnavailableError):
+            await record_action(request, container, None, "decryption.failure", "failure", reason=exc.reason)
+        raise
+    return Payload(body=opened.plaintext, media_type=opened.content_type, encrypted=True)
 
 
 ModelsReader = Annotated[Principal, Depends(require(Scope.MODELS_READ))]

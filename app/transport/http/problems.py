@@ -46,6 +46,7 @@ STATUS_BY_KIND: Final[Mapping[e.ErrorKind, int]] = {
 #: Where a kind's default status is not the right one for a specific error.
 STATUS_OVERRIDES: Final[Mapping[type[e.MedinferError], int]] = {
     e.MalformedBodyError: 400,
+    e.DecryptionError: 400,
     e.MethodNotAllowedError: 405,
 }
 

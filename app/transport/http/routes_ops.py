@@ -110,3 +110,41 @@ async def problem_type(
         status=status_for(error),
         description=inspect.cleandoc(error.__doc__ or error.title),
     )
+
+
+@router.get(
+    "/.well-known/jwks.json",
+    operation_id="getJwks",
+    tags=[TAG],
+    summary="The service's public encryption keys",
+    description=(
+        "JSON Web Key Set (RFC 7517) of the keys clients encrypt payloads to: the active key and the one "
+        "published next, each with `kid`, `use: enc` and `alg`. No authentication."
+    ),
+    responses={
+        200: {
+            "content": {
+                "application/jwk-set+json": {
+                    "schema": {"type": "object"},
+                    "example": {
+                        "keys": [
+                            {
+                                "kty": "EC",
+                                "crv": "P-256",
+                                "x": "OD7YzNa5XYrP5FQEFTAQUtsYVXKvGvO310b5nbZm27M",
+                                "y": "i3NECPa1FhfLLlc7kvzkSelE7Ap3QPDkQc60IgSGsQY",
+                                "kid": "medinfer-20261128T124008Z-dacc2685",
+                                "use": "enc",
+                                "alg": "ECDH-ES+A256KW",
+                            }
+                        ]
+                    },
+                }
+            }
+        },
+        **problem_responses(*COMMON_ERRORS),
+    },
+    response_class=Response,
+)
+async def jwks(container: ContainerDep) -> JSONResponse:
+    return JSONResponse(container.keys.jwks(), media_type="application/jwk-set+json")

@@ -15,7 +15,14 @@ from fastapi.responses import JSONResponse
 from app.encoders.fhir import risk_assessment
 from app.encoders.json import prediction
 from app.errors import NotAcceptableError, UnsupportedMediaTypeError
-from app.transport.http.deps import ContainerDep, Inferrer, request_context, request_deadline
+from app.transport.http.deps import (
+    ContainerDep,
+    Inferrer,
+    media_type_of,
+    read_payload,
+    request_context,
+    request_deadline,
+)
 from app.transport.http.problems import COMMON_ERRORS, problem_responses
 from app.transport.http.routes_models import ModelName
 from app.transport.http.schemas import PREDICTION_EXAMPLE, RISK_ASSESSMENT_EXAMPLE
@@ -89,10 +96,6 @@ _OPENAPI: Final = {
 }
 
 
-def _media(content_type: str | None) -> str:
-    return (content_type or "").split(";", 1)[0].strip().lower()
-
-
 @router.post(
     "/{name}/predict",
     operation_id="predict",
@@ -125,15 +128,15 @@ async def predict(
     principal: Inferrer,
     operating_point: Annotated[str | None, Query(max_length=64, examples=["high_sensitivity"])] = None,
     accept: Annotated[str | None, Header(include_in_schema=False)] = None,
-    content_type: Annotated[str | None, Header(include_in_schema=False)] = None,
 ) -> JSONResponse:
-    wants = _media(accept)
+    wants = media_type_of(accept)
     if wants not in {"", "*/*", "application/json", FHIR_JSON, "application/*"}:
         raise NotAcceptableError("answers are application/json or application/fhir+json")
-    media = _media(content_type)
+    payload = await read_payload(request, container)
+    media = media_type_of(payload.media_type)
     if media not in {FHIR_JSON, "application/json"}:
         raise UnsupportedMediaTypeError("send application/fhir+json (a Bundle) or application/json (features)")
-    body = await request.body()
+    body = payload.body
     context = request_context(request, principal, hashlib.sha256(body).hexdigest())
     result = await container.pipeline.predict_record(
         name,

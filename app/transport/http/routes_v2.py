@@ -16,7 +16,14 @@ from app.domain import Principal
 from app.errors import MalformedBodyError, ModelNotFoundError, ModelNotReadyError
 from app.inference.registry import ServedVersion
 from app.inference.spec import ModelSpec
-from app.transport.http.deps import ContainerDep, Inferrer, ModelsReader, request_context, request_deadline
+from app.transport.http.deps import (
+    ContainerDep,
+    Inferrer,
+    ModelsReader,
+    read_payload,
+    request_context,
+    request_deadline,
+)
 from app.transport.http.problems import v2_error_responses
 from app.transport.http.v2_codec import HEADER_LENGTH, deadline_from_parameters, decode_request, encode_response
 
@@ -225,7 +232,7 @@ async def _infer(
         length = int(header_length) if header_length is not None else None
     except ValueError as exc:
         raise MalformedBodyError("Inference-Header-Content-Length must be an integer") from exc
-    body = await request.body()
+    body = (await read_payload(request, container)).body
     decoded = decode_request(body, length, container.settings.max_tensor_bytes)
     timeout_s = deadline_from_parameters(decoded.request.parameters)
     deadline = request_deadline(request, container.settings, timeout_s)
