@@ -222,6 +222,13 @@ def _cmd_audit(settings: Settings, args: argparse.Namespace) -> int:
     return asyncio.run(run())
 
 
+def _cmd_encrypt(_settings: Settings, args: argparse.Namespace) -> int:
+    from app.client import encrypt, load_jwks  # noqa: PLC0415
+
+    sys.stdout.write(encrypt(Path(args.file).read_bytes(), args.cty, load_jwks(args.jwks)) + "\n")
+    return 0
+
+
 def _cmd_openapi(settings: Settings, args: argparse.Namespace) -> int:
     from app.main import create_app  # noqa: PLC0415
 
@@ -267,6 +274,10 @@ def build_parser() -> argparse.ArgumentParser:
     audit_sub.add_parser("verify", help="walk the hash chain; exit 1 and name the first broken link if any")
     export = audit_sub.add_parser("export", help="write FHIR AuditEvent NDJSON")
     export.add_argument("--output", required=True)
+    encrypt = sub.add_parser("encrypt", help="seal a payload as compact JWE to a JWKS (for integration engineers)")
+    encrypt.add_argument("--jwks", required=True, help="file or URL, e.g. https://host/.well-known/jwks.json")
+    encrypt.add_argument("--cty", required=True, help="media type inside, e.g. application/dicom")
+    encrypt.add_argument("file")
     openapi = sub.add_parser("openapi", help="print or write the OpenAPI document")
     openapi.add_argument("--output", default=None)
     return parser
@@ -279,6 +290,7 @@ _COMMANDS = {
     "clients": _cmd_clients,
     "models": _cmd_models,
     "audit": _cmd_audit,
+    "encrypt": _cmd_encrypt,
     "openapi": _cmd_openapi,
 }
 

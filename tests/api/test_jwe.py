@@ -6,6 +6,7 @@ import base64
 import json
 from collections.abc import Iterator
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,6 +19,8 @@ from joserfc.jwk import ECKey, OctKey
 from jwcrypto import jwe as jwcrypto_jwe
 from jwcrypto import jwk as jwcrypto_jwk
 
+from app.__main__ import main as cli
+from app.client import encrypt
 from app.config import Settings
 from app.domain import Scope
 from app.main import create_app
@@ -231,3 +234,22 @@ def test_mutated_jwes_never_succeed_and_never_500(secured: tuple[TestClient, str
     token[index] = value
     response = _post(client, key, bytes(token))
     assert response.status_code in {400, 415}, (response.status_code, response.text)
+
+
+def test_the_encrypt_cli_and_the_client_module_produce_payloads_the_service_opens(
+    secured: tuple[TestClient, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    client, key = secured
+    jwks_file = tmp_path / "jwks.json"
+    jwks_file.write_text(client.get("/.well-known/jwks.json").text)
+    body_file = tmp_path / "body.json"
+    body_file.write_text(json.dumps(BODY))
+    assert cli(["encrypt", "--jwks", str(jwks_file), "--cty", "application/json", str(body_file)]) == 0
+    sealed = capsys.readouterr().out.strip()
+    assert _post(client, key, sealed).status_code == 200
+    assert (
+        _post(
+            client, key, encrypt(json.dumps(BODY).encode(), "application/json", json.loads(jwks_file.read_text()))
+        ).status_code
+        == 200
+    )

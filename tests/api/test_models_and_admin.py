@@ -17,12 +17,14 @@ def test_catalogue_needs_a_key(client: TestClient) -> None:
     assert response.status_code == 401
     assert response.json()["code"] == "unauthenticated"
     assert "missing Authorization" in response.json()["detail"]
+    assert response.headers["www-authenticate"] == 'Bearer realm="medinfer"'
 
 
 def test_unknown_key_is_rejected_without_echoing_it(client: TestClient) -> None:
     response = client.get("/v1/models", headers=_auth("mi_not-a-real-key-0042"))
     assert response.status_code == 401
     assert "mi_not-a-real-key-0042" not in response.text
+    assert response.headers["www-authenticate"] == 'Bearer realm="medinfer", error="invalid_token"'
     assert 'medinfer_auth_failures_total{reason="api_key"} 1.0' in client.get("/metrics").text
 
 

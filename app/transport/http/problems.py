@@ -105,6 +105,10 @@ def _render(
     out_headers = dict(headers or {})
     if error.retry_after_s is not None:
         out_headers["Retry-After"] = str(max(1, math.ceil(error.retry_after_s)))
+    if isinstance(error, e.AuthenticationError):
+        # RFC 6750 section 3: say which scheme to use; "invalid_token" when one was presented.
+        presented = "authorization" in request.headers
+        out_headers["WWW-Authenticate"] = 'Bearer realm="medinfer"' + (', error="invalid_token"' if presented else "")
     if request.url.path == V2_PREFIX or request.url.path.startswith(V2_PREFIX + "/"):
         return JSONResponse({"error": error.detail}, status_code=status, headers=out_headers)
     body = problem_body(error, request.url.path, **extra) | {"status": status}

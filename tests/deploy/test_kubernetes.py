@@ -1,0 +1,811 @@
+"""Static checks of deploy/kubernetes: render the overlays offline, validate, scan, assert.
+
+- The overlays are rendered by ``tests/deploy/kustomize.py`` (a renderer of exactly the
+  kustomize subset we use); where a ``kubectl`` is on PATH its ``kubectl kustomize`` output must
+  be the same, object for object.
+- Built-in kinds are validated with kubernetes-validate (its JSON schemas ship in the wheel) in
+  strict mode, against the oldest and the newest Kubernetes we target. It has no schemas for
+  custom resources, so the CloudNativePG Cluster, ServiceMonitor and PrometheusRule are checked
+  against the hand-written structural schemas below (the fields we use, nothing else allowed).
+- checkov's kubernetes framework scans the rendered manifests offline: no failed check, and
+  every skip is an annotation listed in ``ALLOWED_CHECKOV_SKIPS`` with its reason.
+
+No cluster, no network.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import tomllib
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+from pydantic import SecretStr
+
+from app.config import Settings
+from tests.deploy import kustomize
+from tests.deploy.support import (
+    ADAPTER_VALUES,
+    BASE,
+    OPERATIONS,
+    OVERLAYS,
+    REPO,
+    SECRET_TEMPLATES,
+    app_metric_families,
+    load_yaml,
+    load_yaml_documents,
+    run_checkov,
+)
+
+OVERLAY_NAMES = ("cpu", "gpu")
+#: The oldest and newest Kubernetes minor the manifests are validated against.
+KUBERNETES_VERSIONS = ("1.30", "1.37")
+CUSTOM_KINDS = frozenset({"Cluster", "ServiceMonitor", "PrometheusRule"})
+EXPECTED_OBJECTS = {
+    ("Namespace", "medinfer"),
+    ("ServiceAccount", "medinfer"),
+    ("Cluster", "medinfer-db"),
+    ("NetworkPolicy", "medinfer-db"),
+    ("Job", "medinfer-migrate"),
+    ("Deployment", "medinfer"),
+    ("Service", "medinfer"),
+    ("PodDisruptionBudget", "medinfer"),
+    ("HorizontalPodAutoscaler", "medinfer"),
+    ("NetworkPolicy", "medinfer"),
+    ("ServiceMonitor", "medinfer"),
+    ("PrometheusRule", "medinfer"),
+}
+NAMESPACE = "medinfer"
+RUNTIME_UID = 10001
+HTTP_PORT = 8000
+DICOM_PORT = 11112
+HPA_METRIC = "medinfer_inference_queue_depth"
+#: Apply order (docs/operations.md): each stage only needs what earlier stages (or the operator's
+#: Secrets, created between `prerequisites` and `database`) provide.
+STAGES = ("prerequisites", "database", "migration", "service")
+#: Checkov checks the manifests may skip, each with the reason it is safe. Every
+#: ``checkov.io/skip*`` annotation in the rendered manifests must be listed here, and vice versa.
+ALLOWED_CHECKOV_SKIPS: dict[str, str] = {
+    "CKV_K8S_43": "image by digest: the digest exists only after the release build; pinned then in the overlay",
+    "CKV_K8S_35": "secrets as env: the service reads MEDINFER_* settings (and libpq PGPASSWORD) from the environment",
+}
+PROBE_PATHS = {"startupProbe": "/livez", "livenessProbe": "/livez", "readinessProbe": "/readyz"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Rendering
+
+
+Object = dict[str, Any]
+
+
+@pytest.fixture(scope="module")
+def rendered() -> dict[str, list[Object]]:
+    return {name: kustomize.render(OVERLAYS / name) for name in OVERLAY_NAMES}
+
+
+def find(objects: list[Object], kind: str, name: str) -> Object:
+    matches = [o for o in objects if o["kind"] == kind and o["metadata"]["name"] == name]
+    assert len(matches) == 1, f"expected one {kind}/{name}, found {len(matches)}"
+    return matches[0]
+
+
+def container(obj: Object) -> Object:
+    containers = kustomize.pod_specs(obj)[0]["containers"]
+    assert len(containers) == 1, f"{obj['kind']}/{obj['metadata']['name']}: one container expected"
+    return containers[0]
+
+
+def env_of(obj: Object) -> dict[str, Object]:
+    return {e["name"]: e for e in container(obj)["env"]}
+
+
+def matches(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    return all(labels.get(k) == v for k, v in selector.items())
+
+
+@pytest.mark.parametrize("overlay", OVERLAY_NAMES)
+def test_overlay_renders_the_expected_objects(rendered: dict[str, list[Object]], overlay: str) -> None:
+    objects = rendered[overlay]
+    keys = [(o["kind"], o["metadata"]["name"]) for o in objects]
+    assert len(keys) == len(set(keys)), f"duplicate objects: {keys}"
+    assert set(keys) == EXPECTED_OBJECTS
+    assert not [o for o in objects if o["kind"] == "Secret"], "Secrets are created by the operator, never applied"
+
+
+def test_the_renderer_refuses_what_it_does_not_implement(tmp_path: Path) -> None:
+    (tmp_path / "kustomization.yaml").write_text("resources: []\ncommonLabels: {a: b}\n", encoding="utf-8")
+    with pytest.raises(kustomize.UnsupportedKustomizationError, match="commonLabels"):
+        kustomize.render(tmp_path)
+    (tmp_path / "kustomization.yaml").write_text(
+        "resources: []\npatches:\n  - path: p.yaml\n    target: {kind: Deployment}\n", encoding="utf-8"
+    )
+    with pytest.raises(kustomize.UnsupportedKustomizationError, match="only `patches: - path: FILE`"):
+        kustomize.render(tmp_path)
+
+
+def test_strategic_merge_subset() -> None:
+    original = {
+        "containers": [{"name": "a", "image": "x", "env": [{"name": "A", "value": "1"}]}, {"name": "b"}],
+        "tolerations": [{"key": "k"}],
+        "keep": 1,
+        "drop": 2,
+    }
+    patch = {
+        "containers": [{"name": "a", "env": [{"name": "B", "value": "2"}]}, {"name": "c"}],
+        "tolerations": [{"key": "gpu"}],
+        "drop": None,
+    }
+    assert kustomize.strategic_merge(original, patch) == {
+        "containers": [
+            {"name": "a", "image": "x", "env": [{"name": "A", "value": "1"}, {"name": "B", "value": "2"}]},
+            {"name": "b"},
+            {"name": "c"},
+        ],
+        "tolerations": [{"key": "gpu"}],
+        "keep": 1,
+    }
+
+
+@pytest.mark.parametrize("overlay", OVERLAY_NAMES)
+def test_renderer_matches_kubectl_kustomize(rendered: dict[str, list[Object]], overlay: str) -> None:
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("no kubectl on PATH: the offline renderer is not cross-checked on this machine")
+    done = subprocess.run(
+        [kubectl, "kustomize", str(OVERLAYS / overlay)], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    theirs = [doc for doc in yaml.safe_load_all(done.stdout) if doc]
+
+    def key(obj: Object) -> tuple[str, str, str | None, str]:
+        return obj["apiVersion"], obj["kind"], obj["metadata"].get("namespace"), obj["metadata"]["name"]
+
+    mine = {key(o): o for o in rendered[overlay]}
+    assert mine == {key(o): o for o in theirs}
+
+
+# ---------------------------------------------------------------------------------------------
+# Schemas
+
+
+@pytest.mark.parametrize("overlay", OVERLAY_NAMES)
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+def test_builtin_objects_validate_strictly(rendered: dict[str, list[Object]], overlay: str, version: str) -> None:
+    errors: list[str] = []
+    for obj in rendered[overlay]:
+        name = f"{obj['kind']}/{obj['metadata']['name']}"
+        try:
+            kubernetes_validate.validate(obj, version, strict=True)
+        except kubernetes_validate.SchemaNotFoundError:
+            if obj["kind"] not in CUSTOM_KINDS:
+                errors.append(f"{name}: no schema for {obj['apiVersion']} in Kubernetes {version}")
+        except kubernetes_validate.ValidationError as error:
+            errors.append(f"{name}: {'.'.join(map(str, error.path))}: {error.message}")
+    assert not errors, "\n".join(errors)
+
+
+def test_strict_validation_catches_a_misspelt_field(rendered: dict[str, list[Object]]) -> None:
+    deployment = yaml.safe_load(yaml.safe_dump(find(rendered["cpu"], "Deployment", "medinfer")))
+    container(deployment)["readinesProbe"] = container(deployment).pop("readinessProbe")
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(deployment, KUBERNETES_VERSIONS[0], strict=True)
+
+
+def _object(properties: dict[str, Any], required: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A closed JSON Schema object: only the listed properties, the required ones present."""
+    return {"type": "object", "properties": properties, "required": list(required), "additionalProperties": False}
+
+
+_STRING = {"type": "string"}
+_STRING_MAP = {"type": "object", "additionalProperties": {"type": "string"}}
+_QUANTITY = {"type": ["string", "integer"]}
+_METADATA = _object(
+    {"name": _STRING, "namespace": _STRING, "labels": _STRING_MAP, "annotations": _STRING_MAP}, ("name", "namespace")
+)
+_QUANTITIES = {"type": "object", "additionalProperties": _QUANTITY}
+_RESOURCES = _object({"requests": _QUANTITIES, "limits": _QUANTITIES})
+_RULE = _object(
+    {
+        "alert": _STRING,
+        "record": _STRING,
+        "expr": _STRING,
+        "for": _STRING,
+        "labels": _STRING_MAP,
+        "annotations": _STRING_MAP,
+    },
+    ("expr",),
+)
+#: The fields of the custom resources we use, from the CRDs of CloudNativePG 1.25+
+#: (postgresql.cnpg.io/v1) and the Prometheus Operator (monitoring.coreos.com/v1).
+CUSTOM_RESOURCE_SCHEMAS: dict[str, dict[str, Any]] = {
+    "Cluster": _object(
+        {
+            "apiVersion": {"const": "postgresql.cnpg.io/v1"},
+            "kind": {"const": "Cluster"},
+            "metadata": _METADATA,
+            "spec": _object(
+                {
+                    "instances": {"type": "integer", "minimum": 1},
+                    "imageName": _STRING,
+                    "primaryUpdateStrategy": {"enum": ["unsupervised", "supervised"]},
+                    "enableSuperuserAccess": {"type": "boolean"},
+                    "postgresql": _object(
+                        {
+                            "parameters": _STRING_MAP,
+                            "synchronous": _object(
+                                {"method": {"enum": ["any", "first"]}, "number": {"type": "integer", "minimum": 1}},
+                                ("method", "number"),
+                            ),
+                        }
+                    ),
+                    "bootstrap": _object(
+                        {
+                            "initdb": _object(
+                                {
+                                    "database": _STRING,
+                                    "owner": _STRING,
+                                    "dataChecksums": {"type": "boolean"},
+                                    "encoding": _STRING,
+                                },
+                                ("database", "owner"),
+                            )
+                        },
+                        ("initdb",),
+                    ),
+                    "storage": _object({"size": _STRING, "storageClass": _STRING}, ("size",)),
+                    "walStorage": _object({"size": _STRING, "storageClass": _STRING}, ("size",)),
+                    "affinity": _object(
+                        {
+                            "enablePodAntiAffinity": {"type": "boolean"},
+                            "topologyKey": _STRING,
+                            "podAntiAffinityType": {"enum": ["preferred", "required"]},
+                        }
+                    ),
+                    "resources": _RESOURCES,
+                },
+                ("instances", "storage", "bootstrap"),
+            ),
+        },
+        ("apiVersion", "kind", "metadata", "spec"),
+    ),
+    "ServiceMonitor": _object(
+        {
+            "apiVersion": {"const": "monitoring.coreos.com/v1"},
+            "kind": {"const": "ServiceMonitor"},
+            "metadata": _METADATA,
+            "spec": _object(
+                {
+                    "jobLabel": _STRING,
+                    "selector": _object({"matchLabels": _STRING_MAP}, ("matchLabels",)),
+                    "endpoints": {
+                        "type": "array",
+                        "minItems": 1,
+                        "items": _object(
+                            {
+                                "port": _STRING,
+                                "path": _STRING,
+                                "scheme": {"enum": ["http", "https"]},
+                                "interval": {"type": "string", "pattern": r"^(\d+(ms|s|m|h))+$"},
+                                "scrapeTimeout": {"type": "string", "pattern": r"^(\d+(ms|s|m|h))+$"},
+                            },
+                            ("port",),
+                        ),
+                    },
+                },
+                ("selector", "endpoints"),
+            ),
+        },
+        ("apiVersion", "kind", "metadata", "spec"),
+    ),
+    "PrometheusRule": _object(
+        {
+            "apiVersion": {"const": "monitoring.coreos.com/v1"},
+            "kind": {"const": "PrometheusRule"},
+            "metadata": _METADATA,
+            "spec": _object(
+                {
+                    "groups": {
+                        "type": "array",
+                        "minItems": 1,
+                        "items": _object(
+                            {
+                                "name": _STRING,
+                                "interval": _STRING,
+                                "rules": {"type": "array", "minItems": 1, "items": _RULE},
+                            },
+                            ("name", "rules"),
+                        ),
+                    }
+                },
+                ("groups",),
+            ),
+        },
+        ("apiVersion", "kind", "metadata", "spec"),
+    ),
+}
+
+
+@pytest.mark.parametrize("overlay", OVERLAY_NAMES)
+def test_custom_resources_are_structurally_valid(rendered: dict[str, list[Object]], overlay: str) -> None:
+    custom = [o for o in rendered[overlay] if o["kind"] in CUSTOM_KINDS]
+    assert {o["kind"] for o in custom} == CUSTOM_KINDS
+    for obj in custom:
+        jsonschema.validate(obj, CUSTOM_RESOURCE_SCHEMAS[obj["kind"]])
+
+
+# ---------------------------------------------------------------------------------------------
+# checkov
+
+
+@pytest.fixture(scope="module")
+def checkov_reports(rendered: dict[str, list[Object]], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """One checkov run over both rendered overlays (a file each); results keyed by overlay."""
+    folder = tmp_path_factory.mktemp("rendered")
+    args = ["--framework", "kubernetes"]
+    for name, objects in rendered.items():
+        path = folder / f"{name}.yaml"
+        path.write_text(yaml.safe_dump_all(objects, sort_keys=False), encoding="utf-8")
+        args += ["-f", str(path)]
+    reports = run_checkov(*args)
+    assert len(reports) == 1, [r.get("check_type") for r in reports]
+    report = reports[0]
+    by_overlay: dict[str, Any] = {name: {"passed": [], "failed": [], "skipped": []} for name in rendered}
+    for outcome in ("passed", "failed", "skipped"):
+        for check in report["results"].get(f"{outcome}_checks", []):
+            by_overlay[Path(check["file_abs_path"]).stem][outcome].append(check)
+    return {"summary": report["summary"], **by_overlay}
+
+
+def _skip_annotations(objects: list[Object]) -> list[tuple[str, str, str]]:
+    found = []
+    for obj in objects:
+        for key, value in (obj["metadata"].get("annotations") or {}).items():
+            if key.startswith("checkov.io/skip"):
+                assert value.count("=") == 1, f"{key}: checkov splits on '=', write the reason without one"
+                check_id, reason = value.split("=")
+                found.append((obj["metadata"]["name"], check_id.strip(), reason.strip()))
+    return found
+
+
+@pytest.mark.parametrize("overlay", OVERLAY_NAMES)
+def test_checkov_kubernetes(checkov_reports: dict[str, Any], rendered: dict[str, list[Object]], overlay: str) -> None:
+    assert checkov_reports["summary"]["parsing_errors"] == 0
+    results = checkov_reports[overlay]
+    assert len(results["passed"]) > 50, "checkov evaluated little or nothing"
+    failures = [f"{c['check_id']} {c['check_name']} ({c['resource']})" for c in results["failed"]]
+    assert failures == []
+    skips = _skip_annotations(rendered[overlay])
+    assert {check for _, check, _ in skips} == set(ALLOWED_CHECKOV_SKIPS), "list every checkov skip in this test"
+    assert all(reason for _, _, reason in skips), "every checkov skip needs a reason"
+    assert sorted((c["check_id"]) for c in results["skipped"]) == sorted(check for _, check, _ in skips)
+
+
+# ---------------------------------------------------------------------------------------------
+# Apply order
+
+
+@pytest.mark.parametrize("overlay", OVERLAY_NAMES)
+def test_every_object_has_a_stage_and_the_namespace(rendered: dict[str, list[Object]], overlay: str) -> None:
+    for obj in rendered[overlay]:
+        metadata = obj["metadata"]
+        assert metadata["labels"].get("medinfer.io/stage") in STAGES, f"{obj['kind']}/{metadata['name']}"
+        assert metadata["labels"].get("app.kubernetes.io/part-of") == "medinfer"
+        if obj["kind"] != "Namespace":
+            assert metadata.get("namespace") == NAMESPACE
+
+
+def test_stages_come_in_dependency_order(rendered: dict[str, list[Object]]) -> None:
+    objects = rendered["cpu"]
+    stage = {(o["kind"], o["metadata"]["name"]): o["metadata"]["labels"]["medinfer.io/stage"] for o in objects}
+    assert stage[("Namespace", NAMESPACE)] == "prerequisites"
+    assert stage[("ServiceAccount", "medinfer")] == "prerequisites"
+    assert stage[("Cluster", "medinfer-db")] == "database"
+    assert stage[("Job", "medinfer-migrate")] == "migration"
+    assert stage[("Deployment", "medinfer")] == "service"
+    job = find(objects, "Job", "medinfer-migrate")
+    service_account = kustomize.pod_specs(job)[0]["serviceAccountName"]
+    assert STAGES.index(stage[("ServiceAccount", service_account)]) < STAGES.index("migration")
+    # The documented procedure applies the stages in this order, with a wait after each.
+    docs = OPERATIONS.read_text(encoding="utf-8")
+    positions = [docs.find(f"-l medinfer.io/stage={name}") for name in STAGES[:3]]
+    assert all(p >= 0 for p in positions), "docs/operations.md must show `kubectl apply -k ... -l medinfer.io/stage=`"
+    assert positions == sorted(positions)
+    assert docs.find("kubectl -n medinfer create secret generic medinfer-secrets") < positions[1]
+    assert "wait --for=condition=complete job/medinfer-migrate" in docs
+    assert "delete job medinfer-migrate --ignore-not-found" in docs
+
+
+# ---------------------------------------------------------------------------------------------
+# The Deployment
+
+
+def _graceful_shutdown_s() -> int:
+    source = (REPO / "app" / "__main__.py").read_text(encoding="utf-8")
+    match = re.search(r'"timeout_graceful_shutdown":\s*(\d+)', source)
+    assert match, "app/__main__.py no longer sets uvicorn's timeout_graceful_shutdown"
+    return int(match.group(1))
+
+
+def _dockerfile_env() -> dict[str, str]:
+    text = (REPO / "Dockerfile").read_text(encoding="utf-8")
+    return dict(re.findall(r"\b(MEDINFER_[A-Z_]+)=(\S+?)\s*\\?$", text, re.MULTILINE))
+
+
+@pytest.mark.parametrize("overlay", OVERLAY_NAMES)
+def test_probes_and_graceful_shutdown(rendered: dict[str, list[Object]], overlay: str) -> None:
+    deployment = find(rendered[overlay], "Deployment", "medinfer")
+    main = container(deployment)
+    ports = {p["name"]: p["containerPort"] for p in main["ports"]}
+    for probe, path in PROBE_PATHS.items():
+        check = main[probe]["httpGet"]
+        assert check["path"] == path, probe
+        assert ports.get(check["port"], check["port"]) == HTTP_PORT, probe
+    startup = main["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 300, "models need minutes to load: be generous"
+    assert main["readinessProbe"]["timeoutSeconds"] >= 3, "/readyz runs SELECT 1 with a 2 s timeout"
+    pre_stop = main["lifecycle"]["preStop"]["exec"]["command"]
+    assert pre_stop[0] == "sleep"
+    sleep_s = int(pre_stop[1])
+    assert 5 <= sleep_s <= 15
+    grace = kustomize.pod_specs(deployment)[0]["terminationGracePeriodSeconds"]
+    assert 40 <= grace <= 60
+    assert sleep_s + _graceful_shutdown_s() < grace, "preStop + uvicorn's drain must end before SIGKILL"
+
+
+@pytest.mark.parametrize("overlay", OVERLAY_NAMES)
+@pytest.mark.parametrize("kind_name", [("Deployment", "medinfer"), ("Job", "medinfer-migrate")])
+def test_pods_are_hardened(rendered: dict[str, list[Object]], overlay: str, kind_name: tuple[str, str]) -> None:
+    obj = find(rendered[overlay], *kind_name)
+    pod = kustomize.pod_specs(obj)[0]
+    assert pod["automountServiceAccountToken"] is False
+    assert pod["serviceAccountName"] == "medinfer"
+    assert find(rendered[overlay], "ServiceAccount", "medinfer")["automountServiceAccountToken"] is False
+    # With service links, the Service `medinfer` would inject MEDINFER_PORT=tcp://..., which the
+    # settings would read as the port.
+    assert pod["enableServiceLinks"] is False
+    context = pod["securityContext"]
+    assert context["runAsNonRoot"] is True
+    assert context["runAsUser"] == RUNTIME_UID
+    assert context["runAsGroup"] == RUNTIME_UID
+    assert context["fsGroup"] == RUNTIME_UID
+    assert context["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert not any(pod.get(k) for k in ("hostNetwork", "hostPID", "hostIPC"))
+    main = container(obj)
+    own = main["securityContext"]
+    assert own["runAsNonRoot"] is True
+    assert own["runAsUser"] == RUNTIME_UID
+    assert own["allowPrivilegeEscalation"] is False
+    assert own["privileged"] is False
+    assert own["readOnlyRootFilesystem"] is True
+    assert own["capabilities"] == {"drop": ["ALL"]}
+    assert own["seccompProfile"] == {"type": "RuntimeDefault"}
+    for key in ("requests", "limits"):
+        assert {"cpu", "memory", "ephemeral-storage"} <= set(main["resources"][key]), key
+    # Writable: only /var/lib/medinfer and /tmp, both emptyDir; everything else read-only.
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    writable = {m["mountPath"] for m in main["volumeMounts"] if not m.get("readOnly")}
+    assert writable == {"/var/lib/medinfer", "/tmp"}  # noqa: S108 - the container's own /tmp
+    for mount in main["volumeMounts"]:
+        volume = volumes[mount["name"]]
+        if mount.get("readOnly"):
+            assert "secret" in volume, mount
+        else:
+            assert volume["emptyDir"]["sizeLimit"], mount
+
+
+@pytest.mark.parametrize("overlay", OVERLAY_NAMES)
+def test_service_environment(rendered: dict[str, list[Object]], overlay: str) -> None:
+    deployment = find(rendered[overlay], "Deployment", "medinfer")
+    env = env_of(deployment)
+    image_env = _dockerfile_env()
+    assert env["MEDINFER_ENV"]["value"] == "production"
+    assert env["MEDINFER_HOST"]["value"] == "0.0.0.0"  # noqa: S104 - inside the pod, behind the Service
+    assert env["MEDINFER_PORT"]["value"] == str(HTTP_PORT) == image_env["MEDINFER_PORT"]
+    assert env["MEDINFER_MODEL_REPOSITORY"]["value"] == image_env["MEDINFER_MODEL_REPOSITORY"]
+    assert env["MEDINFER_DATA_DIR"]["value"] == image_env["MEDINFER_DATA_DIR"]
+    assert env["MEDINFER_WORKERS"]["value"] == "1", "one worker per pod: scale with replicas"
+    keys_dir = env["MEDINFER_KEYS_DIR"]["value"]
+    keys_mount = next(m for m in container(deployment)["volumeMounts"] if m["mountPath"] == keys_dir)
+    assert keys_mount["readOnly"] is True
+    volume = next(v for v in kustomize.pod_specs(deployment)[0]["volumes"] if v["name"] == keys_mount["name"])
+    assert volume["secret"]["secretName"] == "medinfer-jwe-keys"
+    ports = {p["name"]: p["containerPort"] for p in container(deployment)["ports"]}
+    assert ports == {"http": HTTP_PORT, "dicom": DICOM_PORT}
+    assert container(deployment)["command"] == ["medinfer", "serve"]
+
+
+def _secret_settings() -> set[str]:
+    """MEDINFER_* variables of every secret setting (SecretStr fields of app.config.Settings)."""
+    return {f"MEDINFER_{name.upper()}" for name, f in Settings.model_fields.items() if f.annotation is SecretStr}
+
+
+@pytest.mark.parametrize("overlay", OVERLAY_NAMES)
+@pytest.mark.parametrize("kind_name", [("Deployment", "medinfer"), ("Job", "medinfer-migrate")])
+def test_secrets_come_from_secrets(rendered: dict[str, list[Object]], overlay: str, kind_name: tuple[str, str]) -> None:
+    obj = find(rendered[overlay], *kind_name)
+    env = env_of(obj)
+    # MEDINFER_ENV=production refuses to start without each of them, the migration Job included.
+    for name in _secret_settings() | {"PGPASSWORD"}:
+        assert name in env, f"{kind_name[0]} lacks {name}"
+        assert "value" not in env[name], f"{name} must not be a literal"
+        assert env[name]["valueFrom"]["secretKeyRef"]["name"] in {"medinfer-secrets", "medinfer-db-app"}
+    for name, entry in env.items():
+        if re.search(r"KEY|SECRET|PASSWORD|TOKEN", name):
+            assert "valueFrom" in entry, f"{name} is a literal"
+
+
+@pytest.mark.parametrize("overlay", OVERLAY_NAMES)
+def test_database_url_points_at_the_cnpg_cluster(rendered: dict[str, list[Object]], overlay: str) -> None:
+    objects = rendered[overlay]
+    cluster = find(objects, "Cluster", "medinfer-db")
+    initdb = cluster["spec"]["bootstrap"]["initdb"]
+    for kind, name in (("Deployment", "medinfer"), ("Job", "medinfer-migrate")):
+        obj = find(objects, kind, name)
+        url = urlsplit(env_of(obj)["MEDINFER_DATABASE_URL"]["value"])
+        assert url.scheme == "postgresql+psycopg", "psycopg 3 is the driver the image installs"
+        assert url.username == initdb["owner"]
+        assert url.password is None, "the password comes from PGPASSWORD (the CNPG app Secret), not the URL"
+        assert url.hostname == f"{cluster['metadata']['name']}-rw", "the read-write Service of the cluster"
+        assert url.port == 5432
+        assert url.path == f"/{initdb['database']}"
+        query = parse_qs(url.query)
+        assert query["sslmode"] == ["verify-full"]
+        ca_dir = str(Path(query["sslrootcert"][0]).parent)
+        mount = next(m for m in container(obj)["volumeMounts"] if m["mountPath"] == ca_dir)
+        volume = next(v for v in kustomize.pod_specs(obj)[0]["volumes"] if v["name"] == mount["name"])
+        assert volume["secret"]["secretName"] == f"{cluster['metadata']['name']}-ca"
+        assert volume["secret"]["items"] == [{"key": "ca.crt", "path": "ca.crt"}], "never the CA's private key"
+        assert env_of(obj)["PGPASSWORD"]["valueFrom"]["secretKeyRef"] == {
+            "name": f"{cluster['metadata']['name']}-app",
+            "key": "password",
+        }
+
+
+def _version() -> str:
+    with (REPO / "pyproject.toml").open("rb") as handle:
+        return str(tomllib.load(handle)["project"]["version"])
+
+
+@pytest.mark.parametrize("overlay", OVERLAY_NAMES)
+def test_image_is_pinned_to_the_release(rendered: dict[str, list[Object]], overlay: str) -> None:
+    images = {container(o)["image"] for o in rendered[overlay] if kustomize.pod_specs(o)}
+    assert images == {f"medinfer:{_version()}"}, "server and migration run the same pinned image"
+    for obj in rendered[overlay]:
+        if kustomize.pod_specs(obj):
+            assert container(obj)["imagePullPolicy"] == "Always"
+
+
+@pytest.mark.parametrize("overlay", OVERLAY_NAMES)
+def test_replicas_rollout_and_spread(rendered: dict[str, list[Object]], overlay: str) -> None:
+    deployment = find(rendered[overlay], "Deployment", "medinfer")
+    spec = deployment["spec"]
+    assert spec["replicas"] == 3
+    assert spec["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    pod_labels = spec["template"]["metadata"]["labels"]
+    assert matches(spec["selector"]["matchLabels"], pod_labels)
+    constraints = kustomize.pod_specs(deployment)[0]["topologySpreadConstraints"]
+    assert {c["topologyKey"] for c in constraints} == {"kubernetes.io/hostname", "topology.kubernetes.io/zone"}
+    for constraint in constraints:
+        assert constraint["labelSelector"]["matchLabels"] == spec["selector"]["matchLabels"]
+        assert constraint["maxSkew"] == 1
+
+
+def test_gpu_resources_only_in_the_gpu_overlay(rendered: dict[str, list[Object]]) -> None:
+    assert "nvidia.com" not in yaml.safe_dump_all(rendered["cpu"])
+    for name in ("cpu", "gpu"):
+        job = find(rendered[name], "Job", "medinfer-migrate")
+        assert "nvidia.com/gpu" not in container(job)["resources"]["limits"], "migrations need no GPU"
+    deployment = find(rendered["gpu"], "Deployment", "medinfer")
+    resources = container(deployment)["resources"]
+    assert resources["limits"]["nvidia.com/gpu"] == 1
+    assert "nvidia.com/gpu" not in resources["requests"], "extended resources are requested through limits"
+    pod = kustomize.pod_specs(deployment)[0]
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+    # Everything else of the base survives the patch.
+    assert {"cpu", "memory", "ephemeral-storage"} <= set(resources["limits"])
+    hpa = find(rendered["gpu"], "HorizontalPodAutoscaler", "medinfer")
+    assert (
+        hpa["spec"]["maxReplicas"] < find(rendered["cpu"], "HorizontalPodAutoscaler", "medinfer")["spec"]["maxReplicas"]
+    )
+
+
+@pytest.mark.parametrize("overlay", OVERLAY_NAMES)
+def test_service_exposes_http_and_dicom(rendered: dict[str, list[Object]], overlay: str) -> None:
+    objects = rendered[overlay]
+    service = find(objects, "Service", "medinfer")
+    deployment = find(objects, "Deployment", "medinfer")
+    job = find(objects, "Job", "medinfer-migrate")
+    ports = {p["name"]: p for p in service["spec"]["ports"]}
+    assert set(ports) == {"http", "dicom"}
+    assert ports["http"]["port"] == HTTP_PORT
+    assert ports["dicom"]["port"] == DICOM_PORT
+    container_ports = {p["name"] for p in container(deployment)["ports"]}
+    assert {p["targetPort"] for p in ports.values()} <= container_ports
+    selector = service["spec"]["selector"]
+    assert matches(selector, deployment["spec"]["template"]["metadata"]["labels"])
+    assert not matches(selector, job["spec"]["template"]["metadata"]["labels"]), "the Job's pod takes no traffic"
+    assert service["spec"]["type"] == "ClusterIP"
+
+
+@pytest.mark.parametrize("overlay", OVERLAY_NAMES)
+def test_pod_disruption_budget(rendered: dict[str, list[Object]], overlay: str) -> None:
+    objects = rendered[overlay]
+    pdb = find(objects, "PodDisruptionBudget", "medinfer")
+    deployment = find(objects, "Deployment", "medinfer")
+    assert pdb["apiVersion"] == "policy/v1"
+    assert pdb["spec"]["selector"]["matchLabels"] == deployment["spec"]["selector"]["matchLabels"]
+    spec = pdb["spec"]
+    assert spec.get("maxUnavailable") == 1 or spec.get("minAvailable") == 2
+    replicas = find(objects, "HorizontalPodAutoscaler", "medinfer")["spec"]["minReplicas"]
+    assert replicas - spec.get("minAvailable", replicas - spec.get("maxUnavailable", 0)) >= 1, "drains must progress"
+
+
+@pytest.mark.parametrize("overlay", OVERLAY_NAMES)
+def test_autoscaler_uses_the_queue_depth_through_prometheus_adapter(
+    rendered: dict[str, list[Object]], overlay: str
+) -> None:
+    objects = rendered[overlay]
+    hpa = find(objects, "HorizontalPodAutoscaler", "medinfer")
+    assert hpa["apiVersion"] == "autoscaling/v2"
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "medinfer"}
+    assert hpa["spec"]["minReplicas"] == find(objects, "Deployment", "medinfer")["spec"]["replicas"]
+    assert hpa["spec"]["maxReplicas"] > hpa["spec"]["minReplicas"]
+    (metric,) = hpa["spec"]["metrics"]
+    assert metric["type"] == "Pods"
+    assert metric["pods"]["metric"]["name"] == HPA_METRIC
+    assert metric["pods"]["target"]["type"] == "AverageValue"
+    assert app_metric_families().get(HPA_METRIC) == "gauge", f"{HPA_METRIC} is not a gauge of the service"
+    # prometheus-adapter publishes the series under the same name, one value per pod.
+    values = load_yaml(ADAPTER_VALUES)
+    assert values["rules"]["default"] is False
+    rules = [r for r in values["rules"]["custom"] if r["name"]["as"] == HPA_METRIC]
+    assert len(rules) == 1
+    rule = rules[0]
+    assert rule["seriesQuery"].startswith(HPA_METRIC + "{")
+    assert re.fullmatch(rule["name"]["matches"], HPA_METRIC)
+    assert rule["resources"]["overrides"] == {"namespace": {"resource": "namespace"}, "pod": {"resource": "pod"}}
+    assert rule["metricsQuery"].replace(" ", "") == "sum(<<.Series>>{<<.LabelMatchers>>})by(<<.GroupBy>>)"
+
+
+Peer = tuple[tuple[tuple[str, str], ...], tuple[tuple[str, str], ...]]
+
+
+def _peer(namespace: dict[str, str] | None = None, pod: dict[str, str] | None = None) -> Peer:
+    """A NetworkPolicy peer; both selectors in one peer means both must match (AND)."""
+    return tuple(sorted((namespace or {}).items())), tuple(sorted((pod or {}).items()))
+
+
+def _rule(entry: Object) -> tuple[frozenset[Peer], frozenset[tuple[str, int]]]:
+    peers = frozenset(
+        _peer(p.get("namespaceSelector", {}).get("matchLabels"), p.get("podSelector", {}).get("matchLabels"))
+        for p in entry.get("from", entry.get("to", []))
+    )
+    return peers, frozenset((p["protocol"], p["port"]) for p in entry["ports"])
+
+
+@pytest.mark.parametrize("overlay", OVERLAY_NAMES)
+def test_network_policy(rendered: dict[str, list[Object]], overlay: str) -> None:
+    objects = rendered[overlay]
+    policy = find(objects, "NetworkPolicy", "medinfer")["spec"]
+    cluster_name = find(objects, "Cluster", "medinfer-db")["metadata"]["name"]
+    for kind, name in (("Deployment", "medinfer"), ("Job", "medinfer-migrate")):
+        labels = find(objects, kind, name)["spec"]["template"]["metadata"]["labels"]
+        assert matches(policy["podSelector"]["matchLabels"], labels), f"the policy must cover the {kind}'s pods"
+    assert sorted(policy["policyTypes"]) == ["Egress", "Ingress"]
+
+    assert {_rule(r) for r in policy["ingress"]} == {
+        (frozenset({_peer(namespace={"medinfer.io/client": "his"})}), frozenset({("TCP", HTTP_PORT)})),
+        (frozenset({_peer(namespace={"medinfer.io/client": "pacs"})}), frozenset({("TCP", DICOM_PORT)})),
+        (
+            frozenset(
+                {
+                    _peer(
+                        namespace={"kubernetes.io/metadata.name": "monitoring"},
+                        pod={"app.kubernetes.io/name": "prometheus"},
+                    )
+                }
+            ),
+            frozenset({("TCP", HTTP_PORT)}),
+        ),
+    }
+    assert {_rule(r) for r in policy["egress"]} == {
+        (frozenset({_peer(pod={"cnpg.io/cluster": cluster_name})}), frozenset({("TCP", 5432)})),
+        (
+            frozenset({_peer(namespace={"kubernetes.io/metadata.name": "kube-system"}, pod={"k8s-app": "kube-dns"})}),
+            frozenset({("TCP", 53), ("UDP", 53)}),
+        ),
+    }
+    database = find(objects, "NetworkPolicy", "medinfer-db")["spec"]
+    assert database["podSelector"]["matchLabels"] == {"cnpg.io/cluster": cluster_name}
+    from_medinfer = (frozenset({_peer(pod={"app.kubernetes.io/name": "medinfer"})}), frozenset({("TCP", 5432)}))
+    assert from_medinfer in {_rule(r) for r in database["ingress"]}
+
+
+@pytest.mark.parametrize("overlay", OVERLAY_NAMES)
+def test_migration_job(rendered: dict[str, list[Object]], overlay: str) -> None:
+    objects = rendered[overlay]
+    job = find(objects, "Job", "medinfer-migrate")
+    deployment = find(objects, "Deployment", "medinfer")
+    spec = job["spec"]
+    assert container(job)["command"] == ["medinfer", "migrate"]
+    assert 1 <= spec["backoffLimit"] <= 5
+    assert spec["ttlSecondsAfterFinished"] > 0
+    assert spec["activeDeadlineSeconds"] > 0
+    assert kustomize.pod_specs(job)[0]["restartPolicy"] == "Never"
+    assert container(job)["image"] == container(deployment)["image"]
+    job_env, server_env = env_of(job), env_of(deployment)
+    for name in ("MEDINFER_ENV", "MEDINFER_DATABASE_URL", "PGPASSWORD", *_secret_settings()):
+        assert job_env[name] == server_env[name], f"{name}: the Job migrates the database the service uses"
+    assert "probe" not in " ".join(container(job)), "a one-shot Job has nothing to probe"
+
+
+def test_secret_templates_hold_no_values(rendered: dict[str, list[Object]]) -> None:
+    templates = [doc for path in sorted(SECRET_TEMPLATES.glob("*.yaml")) for doc in load_yaml_documents(path)]
+    assert templates
+    assert all(t["kind"] == "Secret" for t in templates)
+    for template in templates:
+        values = {**(template.get("stringData") or {}), **(template.get("data") or {})}
+        assert all(v in {"", None} for v in values.values()), f"{template['metadata']['name']} holds a value"
+    provided = {t["metadata"]["name"]: set(t.get("stringData") or {}) for t in templates}
+    cluster_name = find(rendered["cpu"], "Cluster", "medinfer-db")["metadata"]["name"]
+    made_by_cnpg = {f"{cluster_name}-app", f"{cluster_name}-ca"}
+    for overlay in OVERLAY_NAMES:
+        for obj in rendered[overlay]:
+            for pod in kustomize.pod_specs(obj):
+                for entry in pod["containers"][0]["env"]:
+                    ref = entry.get("valueFrom", {}).get("secretKeyRef")
+                    if ref and ref["name"] not in made_by_cnpg:
+                        assert ref["key"] in provided[ref["name"]], f"the template lacks {ref['name']}/{ref['key']}"
+                for volume in pod["volumes"]:
+                    if "secret" in volume:
+                        assert volume["secret"]["secretName"] in set(provided) | made_by_cnpg
+    # No kustomization may pick the templates up.
+    for kustomization in sorted((REPO / "deploy" / "kubernetes").rglob("kustomization.yaml")):
+        assert "secrets" not in kustomization.read_text(encoding="utf-8").split("resources:")[-1]
+
+
+def test_cnpg_cluster(rendered: dict[str, list[Object]]) -> None:
+    cluster = find(rendered["cpu"], "Cluster", "medinfer-db")
+    spec = cluster["spec"]
+    assert cluster["apiVersion"] == "postgresql.cnpg.io/v1"
+    assert spec["instances"] == 3
+    assert spec["bootstrap"]["initdb"]["database"] == "medinfer"
+    assert spec["bootstrap"]["initdb"]["owner"] == "medinfer"
+    assert re.fullmatch(r"\d+(Gi|Ti)", spec["storage"]["size"])
+    assert spec["postgresql"]["synchronous"]["number"] >= 1, "an answered audit event survives a failover"
+    assert spec["affinity"]["podAntiAffinityType"] == "required"
+    assert spec["enableSuperuserAccess"] is False
+    # The same PostgreSQL major as the compose stack.
+    compose = load_yaml(REPO / "docker-compose.yml")
+    compose_major = compose["services"]["postgres"]["image"].split(":")[1].split(".")[0]
+    repository, _, tag = spec["imageName"].rpartition(":")
+    assert repository == "ghcr.io/cloudnative-pg/postgresql"
+    assert re.fullmatch(r"\d+\.\d+", tag), "pin a PostgreSQL minor"
+    assert tag.split(".")[0] == compose_major
+
+
+def test_service_monitor_scrapes_the_service(rendered: dict[str, list[Object]]) -> None:
+    objects = rendered["cpu"]
+    monitor = find(objects, "ServiceMonitor", "medinfer")["spec"]
+    service = find(objects, "Service", "medinfer")
+    assert matches(monitor["selector"]["matchLabels"], service["metadata"]["labels"])
+    (endpoint,) = monitor["endpoints"]
+    assert endpoint["port"] in {p["name"] for p in service["spec"]["ports"]}
+    assert endpoint["path"] == "/metrics"
+    # The alert rules select job="medinfer": the job label comes from this Service label.
+    assert service["metadata"]["labels"][monitor["jobLabel"]] == "medinfer"
+
+
+def test_base_kustomization_is_the_one_the_overlays_use() -> None:
+    for overlay in OVERLAY_NAMES:
+        kustomization = load_yaml(OVERLAYS / overlay / "kustomization.yaml")
+        assert [(OVERLAYS / overlay / r).resolve() for r in kustomization["resources"]] == [BASE.resolve()]
