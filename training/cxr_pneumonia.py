@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import io
+import json
 import multiprocessing as mp
 import time
 from pathlib import Path
@@ -258,6 +259,21 @@ def train(
     return timings
 
 
+def _strip_export_metadata(onx: onnx.ModelProto) -> None:
+    """Drop the exporter's per-node provenance (source paths, line numbers, module names such
+    as ``__main__``), so that the same weights always give the same bytes and SHA-256."""
+    graph = onx.graph
+    del graph.metadata_props[:]
+    for node in graph.node:
+        del node.metadata_props[:]
+        node.doc_string = ""
+    for vi in [*graph.input, *graph.output, *graph.value_info]:
+        del vi.metadata_props[:]
+        vi.doc_string = ""
+    for init in graph.initializer:
+        del init.metadata_props[:]
+
+
 def export_onnx(net: CXRResNet, path: Path) -> str:
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -309,6 +325,7 @@ def export_onnx(net: CXRResNet, path: Path) -> str:
     }.items():
         p = onx.metadata_props.add()
         p.key, p.value = k, v
+    _strip_export_metadata(onx)
     onnx.checker.check_model(onx, full_check=True)
     onnx.save_model(onx, str(path))
     return exporter
@@ -590,6 +607,35 @@ def save_examples(path: Path) -> None:
     plt.close(fig)
 
 
+def reexport(models_root: Path, checkpoint_dir: Path) -> dict[str, Any]:
+    """Export the committed checkpoint again (e.g. after an exporter change) without retraining."""
+    out_dir = models_root / NAME
+    metrics: dict[str, Any] = json.loads((out_dir / "metrics.json").read_text(encoding="utf-8"))
+    ckpt = checkpoint_dir / CHECKPOINT_NAME
+    if sha256_file(ckpt) != metrics["checkpoint_sha256"]:
+        raise SystemExit("checkpoint does not match metrics.json; retrain instead")
+    net = load_checkpoint(ckpt)
+    onnx_path = out_dir / str(VERSION) / "model.onnx"
+    metrics["onnx_exporter"] = export_onnx(net, onnx_path)
+    seeds, labels = split_seeds("test")
+    x = phantoms.batch(seeds[:64].tolist(), labels[:64].tolist(), SIZE)
+    diff = float(np.max(np.abs(run_onnx(onnx_path, {"image": x})[0][:, 1] - predict(net, x))))
+    if diff > 1e-4:
+        raise SystemExit(f"ONNX parity failed: {diff}")
+    metrics["sha256"] = sha256_file(onnx_path)
+    metrics["onnx_bytes"] = onnx_path.stat().st_size
+    write_checked_toml(
+        out_dir / "model.toml",
+        render_model_toml(
+            sha256=metrics["sha256"], threshold=metrics["threshold"], op_points=metrics["operating_points"]
+        ),
+    )
+    (out_dir / "card.md").write_text(render_card(metrics), encoding="utf-8")
+    dump_json(out_dir / "metrics.json", metrics)
+    print(f"[{NAME}] re-exported {onnx_path}: sha256 {metrics['sha256']} (parity on 64 phantoms {diff:.1e})")
+    return metrics
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:  # noqa: PLR0915 - one linear script
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=MODELS_DIR, help="models root (default: repo models/)")
@@ -599,7 +645,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:  # noqa: PLR0915 - on
         action="store_true",
         help="smoke test: tiny splits, one epoch per phase (use with --out/--checkpoint-dir)",
     )
+    parser.add_argument(
+        "--export-only",
+        action="store_true",
+        help="re-export ONNX from the existing checkpoint and refresh sha256 in model.toml, metrics.json and card",
+    )
     args = parser.parse_args(argv)
+    if args.export_only:
+        return reexport(args.out, args.checkpoint_dir)
     if args.quick:
         global EPOCHS_LOW, EPOCHS_HIGH, DICOM_SPLIT  # noqa: PLW0603 - smoke-test override of the constants
         EPOCHS_LOW, EPOCHS_HIGH = 1, 1
