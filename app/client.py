@@ -19,6 +19,7 @@ from joserfc import jwe
 from joserfc.jwk import ECKey, RSAKey
 
 _REGISTRY = jwe.JWERegistry(algorithms=["ECDH-ES+A256KW", "RSA-OAEP-256", "A256GCM"])
+_REGISTRY.max_ciphertext_length = 1 << 31  # studies are large; the server enforces its own cap
 
 
 def load_jwks(source: str, *, timeout_s: float = 10.0) -> dict[str, Any]:

@@ -131,6 +131,7 @@ def server(database_url: str | None, *, audited: bool, workdir: Path) -> Iterato
     if database_url:
         env["MEDINFER_DATABASE_URL"] = database_url
     _medinfer(env, "migrate")
+    _medinfer(env, "keys", "generate", "--state", "active")
     key = json.loads(_medinfer(env, "clients", "register", "--client-id", "bench", "--scope", "infer"))["api_key"]
     process = subprocess.Popen(
         [sys.executable, "-m", "app", "serve"], env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import json
 from dataclasses import dataclass
 from typing import Any, Final, cast
@@ -27,7 +28,16 @@ ALLOWED_ENC: Final = frozenset({"A256GCM"})
 ALLOWED_CTY: Final = frozenset(
     {"application/dicom", "application/fhir+json", "application/json", "multipart/related", "application/octet-stream"}
 )
-_REGISTRY: Final = jwe.JWERegistry(algorithms=[*ALLOWED_ALG, *ALLOWED_ENC])
+
+
+@functools.cache
+def _registry(max_bytes: int) -> jwe.JWERegistry:
+    """The allow-list, with joserfc's 64 KB ciphertext ceiling raised to the body cap (DICOM is big)."""
+    registry = jwe.JWERegistry(algorithms=[*ALLOWED_ALG, *ALLOWED_ENC])
+    registry.max_ciphertext_length = max_bytes * 4 // 3 + 4
+    return registry
+
+
 _MAX_HEADER: Final = 8192
 _GENERIC: Final = "payload could not be decrypted"
 
@@ -108,9 +118,9 @@ def open_payload(body: bytes, media_type: str, keys: KeyStore, max_bytes: int) -
         raise DecryptionError(_GENERIC, reason="kid")
     try:
         if isinstance(serialized, str):
-            plaintext = jwe.decrypt_compact(serialized, stored.key, registry=_REGISTRY).plaintext
+            plaintext = jwe.decrypt_compact(serialized, stored.key, registry=_registry(max_bytes)).plaintext
         else:
-            plaintext = jwe.decrypt_json(cast(Any, serialized), stored.key, registry=_REGISTRY).plaintext
+            plaintext = jwe.decrypt_json(cast(Any, serialized), stored.key, registry=_registry(max_bytes)).plaintext
     except (JoseError, ValueError, TypeError, KeyError) as exc:
         raise DecryptionError(_GENERIC, reason="decrypt") from exc
     return Opened(plaintext=plaintext or b"", content_type=str(header["cty"]), kid=stored.kid)

@@ -253,3 +253,13 @@ def test_the_encrypt_cli_and_the_client_module_produce_payloads_the_service_open
         ).status_code
         == 200
     )
+
+
+def test_payloads_larger_than_64_kb_open(migrated: Settings, keystore: KeyStore) -> None:
+    from app.security.jwe import JOSE, open_payload
+
+    payload = bytes(range(256)) * 4096  # 1 MiB, the size of a small DICOM instance
+    token = encrypt(payload, "application/dicom", keystore.jwks()).encode()
+    opened = open_payload(token, JOSE, keystore, 4 << 20)
+    assert opened.plaintext == payload
+    assert opened.content_type == "application/dicom"

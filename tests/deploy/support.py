@@ -205,7 +205,8 @@ def run_checkov(*args: str) -> list[dict[str, Any]]:
         "BC_SKIP_MAPPING": "TRUE",
         "LOG_LEVEL": "WARNING",
     }
-    argv = [str(checkov_path()), "--skip-download", "--quiet", "--compact", "-o", "json", *args]
+    # Not --quiet: the passed and skipped checks are wanted too, per file.
+    argv = [str(checkov_path()), "--skip-download", "--compact", "-o", "json", *args]
     try:
         done = subprocess.run(
             argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=CHECKOV_TIMEOUT_S, check=False

@@ -538,7 +538,7 @@ def test_secrets_come_from_secrets(rendered: dict[str, list[Object]], overlay: s
         assert "value" not in env[name], f"{name} must not be a literal"
         assert env[name]["valueFrom"]["secretKeyRef"]["name"] in {"medinfer-secrets", "medinfer-db-app"}
     for name, entry in env.items():
-        if re.search(r"KEY|SECRET|PASSWORD|TOKEN", name):
+        if re.search(r"_KEY$|SECRET|PASSWORD|TOKEN", name):
             assert "valueFrom" in entry, f"{name} is a literal"
 
 
