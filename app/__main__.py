@@ -10,7 +10,7 @@ import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from app.config import Settings, load_settings
 from app.domain import Scope
@@ -104,7 +104,10 @@ def _cmd_keys(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-def register_api_client(settings: Settings, client_id: str, scopes: Sequence[Scope]) -> str:
+def register_api_client(
+    settings: Settings, client_id: str, scopes: Sequence[Scope], **public_keys: dict[str, Any] | None
+) -> str:
+    """Register a client (``encryption_jwk`` / ``signing_jwk`` optional) and return its API key."""
     from sqlalchemy.orm import Session  # noqa: PLC0415
 
     from app.db import create_sync_engine  # noqa: PLC0415
@@ -113,7 +116,23 @@ def register_api_client(settings: Settings, client_id: str, scopes: Sequence[Sco
     engine = create_sync_engine(settings)
     try:
         with Session(engine) as db, db.begin():
-            return register_client(db, client_id, scopes)
+            return register_client(db, client_id, scopes, **public_keys)
+    finally:
+        engine.dispose()
+
+
+def _key_registered(settings: Settings, api_key: str) -> bool:
+    from sqlalchemy.orm import Session  # noqa: PLC0415
+
+    from app.db import create_sync_engine  # noqa: PLC0415
+    from app.security.keys import API_KEY_PREFIX  # noqa: PLC0415
+    from app.tables import ApiClient  # noqa: PLC0415
+
+    key_id = api_key.removeprefix(API_KEY_PREFIX).partition(".")[0]
+    engine = create_sync_engine(settings)
+    try:
+        with Session(engine) as db:
+            return db.get(ApiClient, key_id) is not None
     finally:
         engine.dispose()
 
@@ -127,11 +146,12 @@ def _dev_init(settings: Settings) -> int:
     store = _keystore(settings)
     if not any(k.state == "active" for k in store.keys):
         store.generate("active")
-    if creds.exists():
+    if creds.exists() and _key_registered(settings, json.loads(creds.read_text(encoding="utf-8"))["api_key"]):
         print(f"dev credentials already in {creds}")
         return 0
     key = register_api_client(settings, "dev", list(Scope))
     creds.parent.mkdir(parents=True, exist_ok=True)
+    creds.unlink(missing_ok=True)
     creds.write_text(json.dumps({"client_id": "dev", "api_key": key}, indent=2), encoding="utf-8")
     creds.chmod(0o600)
     print(f"dev credentials written to {creds}")
@@ -141,7 +161,11 @@ def _dev_init(settings: Settings) -> int:
 def _cmd_clients(settings: Settings, args: argparse.Namespace) -> int:
     from app.security.clients import parse_scopes  # noqa: PLC0415
 
-    key = register_api_client(settings, args.client_id, sorted(parse_scopes(args.scope), key=lambda s: s.value))
+    keys = {
+        name: json.loads(Path(path).read_text(encoding="utf-8")) if path else None
+        for name, path in (("encryption_jwk", args.encryption_jwk), ("signing_jwk", args.signing_jwk))
+    }
+    key = register_api_client(settings, args.client_id, sorted(parse_scopes(args.scope), key=lambda s: s.value), **keys)
     print(json.dumps({"client_id": args.client_id, "api_key": key}))
     return 0
 
@@ -260,6 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
     register = clients_sub.add_parser("register", help="register a client and print its API key once")
     register.add_argument("--client-id", required=True)
     register.add_argument("--scope", action="append", required=True, choices=[s.value for s in Scope])
+    register.add_argument("--encryption-jwk", help="public JWK file: results are sealed to it on request")
+    register.add_argument("--signing-jwk", help="public JWK file: payloads must then be signed, then encrypted")
     models = sub.add_parser("models", help="inspect the model repository")
     models_sub = models.add_subparsers(dest="models_command", required=True)
     validate = models_sub.add_parser("validate", help="check specs, checksums and loadability offline")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Any
 
 
 class Scope(StrEnum):
@@ -24,6 +25,8 @@ class Principal:
 
     client_id: str
     scopes: frozenset[Scope]
+    encryption_jwk: Mapping[str, Any] | None = None
+    signing_jwk: Mapping[str, Any] | None = None
 
     def has(self, scope: Scope) -> bool:
         return scope in self.scopes

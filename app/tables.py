@@ -22,16 +22,22 @@ class Base(DeclarativeBase):
 
 
 class ApiClient(Base):
-    """A registered caller (HIS, PACS bridge, operator tool) and the scopes it holds.
+    """A registered caller (HIS, PACS bridge, operator tool), its scopes and its public keys.
 
-    Only the SHA-256 of the API key is stored; the key itself is shown once, at registration.
+    API keys read ``mi_<key_id>.<secret>``; only ``HMAC-SHA256(salt, secret)`` is stored, and it
+    is compared in constant time. ``encryption_jwk`` (results are sealed to it on request) and
+    ``signing_jwk`` (when set, payloads must be signed, then encrypted) are public JWKs.
     """
 
     __tablename__ = "api_client"
 
-    key_sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    key_id: Mapped[str] = mapped_column(String(32), primary_key=True)
     client_id: Mapped[str] = mapped_column(String(128), index=True)
+    salt: Mapped[str] = mapped_column(String(32))
+    key_hash: Mapped[str] = mapped_column(String(64))
     scopes: Mapped[str] = mapped_column(Text, doc="Space-separated scope names.")
+    encryption_jwk: Mapped[str | None] = mapped_column(Text, nullable=True)
+    signing_jwk: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 

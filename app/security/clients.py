@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import hashlib
+import hmac
+import json
+import secrets
+from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
+from typing import Any
 
-from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
 from app.domain import Principal, Scope
 from app.errors import AuthenticationError, InvalidRequestError
-from app.security.keys import API_KEY_PREFIX, generate_api_key, hash_api_key
+from app.security.keys import API_KEY_PREFIX
 from app.tables import ApiClient
 
 _MAX_KEY_LEN = 256
@@ -25,18 +29,38 @@ def parse_scopes(raw: Iterable[str]) -> frozenset[Scope]:
         raise InvalidRequestError(f"unknown scope; valid scopes: {valid}") from exc
 
 
-def register_client(db: Session, client_id: str, scopes: Iterable[Scope]) -> str:
+def _hash(salt: str, secret: str) -> str:
+    return hmac.new(salt.encode(), secret.encode(), hashlib.sha256).hexdigest()
+
+
+def register_client(
+    db: Session,
+    client_id: str,
+    scopes: Iterable[Scope],
+    *,
+    encryption_jwk: Mapping[str, Any] | None = None,
+    signing_jwk: Mapping[str, Any] | None = None,
+) -> str:
     """Store a new client and return its API key, which is not kept anywhere in clear."""
-    key = generate_api_key()
+    key_id = secrets.token_hex(8)
+    secret = secrets.token_urlsafe(32)
+    salt = secrets.token_hex(16)
+    for jwk in (encryption_jwk, signing_jwk):
+        if jwk is not None and "d" in jwk:
+            raise InvalidRequestError("register public keys only (the JWK has a private 'd' member)")
     db.add(
         ApiClient(
-            key_sha256=hash_api_key(key),
+            key_id=key_id,
             client_id=client_id,
+            salt=salt,
+            key_hash=_hash(salt, secret),
             scopes=" ".join(sorted(s.value for s in scopes)),
+            encryption_jwk=json.dumps(dict(encryption_jwk)) if encryption_jwk else None,
+            signing_jwk=json.dumps(dict(signing_jwk)) if signing_jwk else None,
             created_at=datetime.now(UTC),
         )
     )
-    return key
+    return f"{API_KEY_PREFIX}{key_id}.{secret}"
 
 
 async def authenticate(db: AsyncSession, authorization: str | None) -> Principal:
@@ -50,9 +74,19 @@ async def authenticate(db: AsyncSession, authorization: str | None) -> Principal
     token = token.strip()
     if scheme.lower() != "bearer" or not token:
         raise AuthenticationError("Authorization must use the Bearer scheme")
-    if len(token) > _MAX_KEY_LEN or not token.startswith(API_KEY_PREFIX):
+    key_id, dot, secret = token.removeprefix(API_KEY_PREFIX).partition(".")
+    if len(token) > _MAX_KEY_LEN or not token.startswith(API_KEY_PREFIX) or not dot or not key_id.isalnum():
         raise AuthenticationError("unknown or revoked API key")
-    row = await db.scalar(select(ApiClient).where(ApiClient.key_sha256 == hash_api_key(token)))
-    if row is None or row.revoked_at is not None:
+    row = await db.get(ApiClient, key_id)
+    # Compare even when the id is unknown, so timing says nothing about which ids exist.
+    expected = row.key_hash if row is not None else _hash("unknown", "unknown")
+    if not hmac.compare_digest(expected, _hash(row.salt if row else "unknown", secret)) or row is None:
         raise AuthenticationError("unknown or revoked API key")
-    return Principal(client_id=row.client_id, scopes=parse_scopes(row.scopes.split()))
+    if row.revoked_at is not None:
+        raise AuthenticationError("unknown or revoked API key")
+    return Principal(
+        client_id=row.client_id,
+        scopes=parse_scopes(row.scopes.split()),
+        encryption_jwk=json.loads(row.encryption_jwk) if row.encryption_jwk else None,
+        signing_jwk=json.loads(row.signing_jwk) if row.signing_jwk else None,
+    )

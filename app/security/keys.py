@@ -5,8 +5,6 @@ The service's JWE key pairs live in :mod:`app.security.keystore`.
 
 from __future__ import annotations
 
-import hashlib
-import secrets
 from pathlib import Path
 from typing import Literal
 
@@ -35,12 +33,3 @@ def sign_file(private_key_path: Path, target: Path) -> Path:
     signature_path = target.with_name(target.name + ".sig")
     signature_path.write_bytes(key.sign(target.read_bytes()))
     return signature_path
-
-
-def generate_api_key() -> str:
-    """A new random API key (256 bits). Shown once; only its hash is stored."""
-    return API_KEY_PREFIX + secrets.token_urlsafe(32)
-
-
-def hash_api_key(key: str) -> str:
-    return hashlib.sha256(key.encode("utf-8")).hexdigest()

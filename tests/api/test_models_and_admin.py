@@ -100,3 +100,22 @@ def test_unknown_scope_is_a_422(client: TestClient, admin_key: str) -> None:
     )
     assert response.status_code == 422
     assert "unknown scope" in response.json()["detail"]
+
+
+def test_api_keys_are_stored_salted_and_revocation_takes_effect(
+    client: TestClient, reader_key: str, migrated: Settings
+) -> None:
+    import sqlite3
+
+    key_id, _, secret = reader_key.removeprefix("mi_").partition(".")
+    with sqlite3.connect(migrated.sqlalchemy_url.removeprefix("sqlite:///")) as db:
+        salt, key_hash = db.execute("SELECT salt, key_hash FROM api_client WHERE key_id = ?", (key_id,)).fetchone()
+        dump = "\n".join(db.iterdump())
+    assert secret not in dump
+    assert len(salt) == 32
+    assert key_hash != __import__("hashlib").sha256(secret.encode()).hexdigest()
+    assert client.get("/v1/models", headers=_auth(reader_key)).status_code == 200
+    assert client.get("/v1/models", headers=_auth(f"mi_{key_id}.wrong-secret")).status_code == 401
+    with sqlite3.connect(migrated.sqlalchemy_url.removeprefix("sqlite:///")) as db:
+        db.execute("UPDATE api_client SET revoked_at = '2026-01-01 00:00:00' WHERE key_id = ?", (key_id,))
+    assert client.get("/v1/models", headers=_auth(reader_key)).status_code == 401

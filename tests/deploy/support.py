@@ -123,12 +123,17 @@ def app_metric_families() -> dict[str, str]:
     return {family.name: family.type for family in metrics.registry.collect()}
 
 
+def app_series_by_family() -> dict[str, frozenset[str]]:
+    """Family name -> the series names a scrape carries for it (``_total``, ``_bucket`` ...)."""
+    return {
+        family: frozenset(family + suffix for suffix in _SAMPLE_SUFFIXES[kind])
+        for family, kind in app_metric_families().items()
+    }
+
+
 def app_series_names() -> frozenset[str]:
-    """Every series name a scrape of the service can carry (``_total``, ``_bucket`` ... included)."""
-    names: set[str] = set()
-    for family, kind in app_metric_families().items():
-        names.update(family + suffix for suffix in _SAMPLE_SUFFIXES[kind])
-    return frozenset(names)
+    """Every series name a scrape of the service can carry."""
+    return frozenset().union(*app_series_by_family().values())
 
 
 def check_known_metrics(names: Iterable[str], where: str) -> None:

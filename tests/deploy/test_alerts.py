@@ -69,7 +69,7 @@ def _alert_rules() -> list[dict[str, Any]]:
 class _BlockDumper(yaml.SafeDumper):
     """Indented lists, and multi-line strings (PromQL) as literal blocks: reads like the source."""
 
-    def increase_indent(self, flow: bool = False, indentless: bool = False) -> None:  # noqa: ARG002
+    def increase_indent(self, flow: bool = False, indentless: bool = False) -> None:
         super().increase_indent(flow, False)
 
 

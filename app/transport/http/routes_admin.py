@@ -83,6 +83,14 @@ async def unload_model(name: ModelName, request: Request, container: ContainerDe
 )
 async def create_client(registration: ClientRegistration, db: DbDep, _principal: ClientsAdmin) -> ClientCredentials:
     scopes = parse_scopes(registration.scopes)
-    key = await db.run_sync(lambda sync_db: register_client(sync_db, registration.client_id, scopes))
+    key = await db.run_sync(
+        lambda sync_db: register_client(
+            sync_db,
+            registration.client_id,
+            scopes,
+            encryption_jwk=registration.encryption_jwk,
+            signing_jwk=registration.signing_jwk,
+        )
+    )
     await db.commit()
     return ClientCredentials(client_id=registration.client_id, scopes=sorted(s.value for s in scopes), api_key=key)

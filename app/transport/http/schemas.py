@@ -223,6 +223,12 @@ class ClientRegistration(_Wire):
 
     client_id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")
     scopes: list[str] = Field(min_length=1, max_length=16)
+    encryption_jwk: dict[str, Any] | None = Field(
+        default=None, description="Public JWK; results are sealed to it when the client sends Accept: application/jose."
+    )
+    signing_jwk: dict[str, Any] | None = Field(
+        default=None, description="Public JWK; when set, this client's payloads must be signed (JWS) then encrypted."
+    )
 
 
 class ClientCredentials(_Wire):
