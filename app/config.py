@@ -64,6 +64,7 @@ class Settings(BaseSettings):
     require_encryption: bool | None = Field(
         default=None, description="Accept only JWE payloads. Unset: on in production, off in dev and test."
     )
+    jwt_audience: str = Field(default="medinfer", description="The `aud` signed payloads and bearer JWTs must name.")
     key_retirement_days: int = Field(default=30, ge=1, description="How long a rotated-out key still opens payloads.")
     audit_enabled: bool = Field(
         default=True, description="Only for benchmark baselines; production refuses to run without the audit trail."

@@ -6,6 +6,7 @@ import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -71,10 +72,12 @@ def client(migrated: Settings) -> Iterator[TestClient]:
         yield test_client
 
 
-def register(settings: Settings, *scopes: Scope, client_id: str = "test-client") -> str:
+def register(
+    settings: Settings, *scopes: Scope, client_id: str = "test-client", **public_keys: dict[str, Any] | None
+) -> str:
     from app.__main__ import register_api_client
 
-    return register_api_client(settings, client_id, list(scopes))
+    return register_api_client(settings, client_id, list(scopes), **public_keys)
 
 
 @pytest.fixture

@@ -12,13 +12,16 @@ import base64
 import binascii
 import functools
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final, cast
 
-from joserfc import jwe
+from joserfc import jwe, jws
 from joserfc.errors import JoseError
+from joserfc.jwk import ECKey, OKPKey, RSAKey
+from joserfc.registry import HeaderParameter
 
-from app.errors import DecryptionError
+from app.errors import AuthenticationError, DecryptionError
 from app.security.keystore import KeyStore
 
 JOSE: Final = "application/jose"
@@ -26,7 +29,15 @@ JOSE_JSON: Final = "application/jose+json"
 ALLOWED_ALG: Final = frozenset({"ECDH-ES+A256KW", "RSA-OAEP-256"})
 ALLOWED_ENC: Final = frozenset({"A256GCM"})
 ALLOWED_CTY: Final = frozenset(
-    {"application/dicom", "application/fhir+json", "application/json", "multipart/related", "application/octet-stream"}
+    {
+        "application/dicom",
+        "application/fhir+json",
+        "application/json",
+        "multipart/related",
+        "application/octet-stream",
+        "jwt",
+        "application/jose",
+    }
 )
 
 
@@ -40,6 +51,17 @@ def _registry(max_bytes: int) -> jwe.JWERegistry:
 
 _MAX_HEADER: Final = 8192
 _GENERIC: Final = "payload could not be decrypted"
+#: RFC 7519 section 5.3: claims replicated as JWS header parameters (the payload is the study).
+CLAIM_HEADERS: Final = {
+    "iss": HeaderParameter("Issuer: the client id", "str"),
+    "aud": HeaderParameter("Audience: this service", "str"),
+    "iat": HeaderParameter("Issued at (seconds)", "int"),
+    "exp": HeaderParameter("Expires at (seconds)", "int"),
+    "jti": HeaderParameter("Unique token id, accepted once", "str"),
+}
+_JWS_REGISTRY: Final = jws.JWSRegistry(
+    header_registry=CLAIM_HEADERS, algorithms=["ES256", "ES384", "RS256", "PS256", "EdDSA"]
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,3 +146,78 @@ def open_payload(body: bytes, media_type: str, keys: KeyStore, max_bytes: int) -
     except (JoseError, ValueError, TypeError, KeyError) as exc:
         raise DecryptionError(_GENERIC, reason="decrypt") from exc
     return Opened(plaintext=plaintext or b"", content_type=str(header["cty"]), kid=stored.kid)
+
+
+SIGNED_CTY: Final = frozenset({"jwt", "application/jose"})  # compared lower-cased
+ALLOWED_JWS_ALG: Final = frozenset({"ES256", "ES384", "RS256", "PS256", "EdDSA"})
+MAX_TOKEN_LIFETIME_S: Final = 300
+CLOCK_SKEW_S: Final = 60
+
+
+@dataclass(frozen=True, slots=True)
+class SignedPayload:
+    payload: bytes
+    content_type: str
+    jti: str
+    expires_at: int
+
+
+def verify_signed(
+    token: bytes, signing_jwk: Mapping[str, Any], *, client_id: str, audience: str, now: float
+) -> SignedPayload:
+    """Check the JWS a registered client put inside its JWE (sign, then encrypt).
+
+    The claims travel in the JWS protected header (the payload is the study or record itself):
+    ``iss`` must be the client, ``aud`` this service, ``iat``/``exp`` current and at most five
+    minutes apart, and ``jti`` present (the caller checks it is new). Raises
+    :class:`AuthenticationError` with a generic message.
+    """
+    try:
+        key = import_public_jwk(signing_jwk)
+        obj = jws.deserialize_compact(token, key, registry=_JWS_REGISTRY)
+        header = obj.protected
+    except (JoseError, ValueError, TypeError, KeyError, UnicodeDecodeError) as exc:
+        raise AuthenticationError("signed payload does not verify") from exc
+    iat, exp = header.get("iat"), header.get("exp")
+    valid = (
+        header.get("iss") == client_id
+        and header.get("aud") == audience
+        and isinstance(iat, int)
+        and isinstance(exp, int)
+        and iat - CLOCK_SKEW_S <= now < exp + CLOCK_SKEW_S
+        and 0 < exp - iat <= MAX_TOKEN_LIFETIME_S
+        and isinstance(header.get("jti"), str)
+        and 0 < len(header["jti"]) <= 256  # noqa: PLR2004
+    )
+    cty = str(header.get("cty", "")).split(";", 1)[0].strip().lower()
+    if not valid or cty not in ALLOWED_CTY:
+        raise AuthenticationError("signed payload claims are not acceptable")
+    return SignedPayload(
+        payload=obj.payload or b"", content_type=str(header["cty"]), jti=header["jti"], expires_at=int(header["exp"])
+    )
+
+
+def import_public_jwk(jwk: Mapping[str, Any]) -> ECKey | RSAKey | OKPKey:
+    data = dict(jwk)
+    if "d" in data:
+        msg = "a private key where a public one belongs"
+        raise ValueError(msg)
+    kty = data.get("kty")
+    if kty == "EC":
+        return ECKey.import_key(data)
+    if kty == "RSA":
+        return RSAKey.import_key(data)
+    if kty == "OKP":
+        return OKPKey.import_key(data)
+    msg = f"unsupported key type {kty!r}"
+    raise ValueError(msg)
+
+
+def seal_for(body: bytes, content_type: str, client_jwk: Mapping[str, Any]) -> str:
+    """Encrypt a response to the client's registered key (compact JWE, A256GCM)."""
+    key = import_public_jwk(client_jwk)
+    alg = "ECDH-ES+A256KW" if isinstance(key, ECKey) else "RSA-OAEP-256"
+    header: dict[str, Any] = {"alg": alg, "enc": "A256GCM", "cty": content_type}
+    if "kid" in client_jwk:
+        header["kid"] = client_jwk["kid"]
+    return jwe.encrypt_compact(header, body, key, registry=_registry(len(body) + 1024))

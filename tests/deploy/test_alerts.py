@@ -20,6 +20,7 @@ from tests.deploy.support import (
     PLANNED_METRICS,
     PROMETHEUS_RULE,
     REPO,
+    app_series_by_family,
     app_series_names,
     check_known_metrics,
     load_yaml,
@@ -200,6 +201,14 @@ def test_prometheus_rule_carries_the_same_groups() -> None:
     assert PROMETHEUS_RULE.read_text(encoding="utf-8") == prometheus_rule_text(), (
         "deploy/kubernetes/base/prometheusrule.yaml is stale: run `python -m tests.deploy.test_alerts`"
     )
+
+
+def test_operations_doc_lists_every_metric() -> None:
+    text = OPERATIONS.read_text(encoding="utf-8")
+    for family, series in app_series_by_family().items():
+        assert any(f"`{name}`" in text for name in {family, *series}), f"docs/operations.md does not list {family}"
+    for name in PLANNED_METRICS:
+        assert re.search(rf"`{name}`.*planned", text), f"docs/operations.md should list {name} as planned"
 
 
 def test_compose_prometheus_scrape_job_is_the_one_the_alerts_select() -> None:

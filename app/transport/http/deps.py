@@ -9,10 +9,12 @@ import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Annotated
 
-from fastapi import Depends, Header, Request
-from sqlalchemy.exc import SQLAlchemyError
+from fastapi import Depends, Header, Request, Response
+from sqlalchemy import delete
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.config import Settings
@@ -25,12 +27,14 @@ from app.errors import (
     DecryptionError,
     EncryptionRequiredError,
     InvalidRequestError,
+    NotAcceptableError,
     PermissionDeniedError,
     UnsupportedMediaTypeError,
 )
 from app.observability.logging import request_id_var
 from app.security.clients import authenticate
-from app.security.jwe import is_jose, open_payload
+from app.security.jwe import SIGNED_CTY, is_jose, open_payload, seal_for, verify_signed
+from app.tables import JweReplay
 
 DEADLINE_HEADER = "X-Deadline-Ms"
 log = logging.getLogger(__name__)
@@ -170,12 +174,13 @@ def media_type_of(value: str | None) -> str:
     return (value or "").split(";", 1)[0].strip().lower()
 
 
-async def read_payload(request: Request, container: Container) -> Payload:
-    """Read the body; open it if it is a JWE, refuse it if plain while encryption is required."""
+async def read_payload(request: Request, container: Container, principal: Principal) -> Payload:
+    """Read the body; open it if it is a JWE (and check the signature inside, for clients that
+    registered a signing key); refuse it if plain while encryption is required."""
     body = await request.body()
     media = media_type_of(request.headers.get("content-type"))
     if not is_jose(media):
-        if container.settings.encryption_required:
+        if container.settings.encryption_required or principal.signing_jwk is not None:
             raise EncryptionRequiredError("send the payload encrypted (application/jose) to the service JWKS")
         return Payload(body=body, media_type=request.headers.get("content-type", ""), encrypted=False)
     try:
@@ -186,7 +191,58 @@ async def read_payload(request: Request, container: Container) -> Payload:
         with contextlib.suppress(AuditUnavailableError):
             await record_action(request, container, None, "decryption.failure", "failure", reason=exc.reason)
         raise
-    return Payload(body=opened.plaintext, media_type=opened.content_type, encrypted=True)
+    nested = media_type_of(opened.content_type) in SIGNED_CTY
+    if principal.signing_jwk is None and not nested:
+        return Payload(body=opened.plaintext, media_type=opened.content_type, encrypted=True)
+    if principal.signing_jwk is None or not nested:
+        container.metrics.auth_failures.labels(reason="signature").inc()
+        raise AuthenticationError("this client must sign its payloads, then encrypt them")
+    try:
+        signed = verify_signed(
+            opened.plaintext,
+            principal.signing_jwk,
+            client_id=principal.client_id,
+            audience=container.settings.jwt_audience,
+            now=time.time(),
+        )
+        await _accept_once(container, principal.client_id, signed.jti, signed.expires_at)
+    except AuthenticationError:
+        container.metrics.auth_failures.labels(reason="signature").inc()
+        raise
+    return Payload(body=signed.payload, media_type=signed.content_type, encrypted=True)
+
+
+async def _accept_once(container: Container, client_id: str, jti: str, expires_at: int) -> None:
+    """Record ``jti`` in the shared replay cache; a second use within its lifetime is refused."""
+    now = datetime.now(UTC)
+    async with container.sessionmaker() as db:
+        try:
+            await db.execute(delete(JweReplay).where(JweReplay.expires_at < now))
+            db.add(
+                JweReplay(
+                    jti=f"{client_id}:{jti}", client_id=client_id, expires_at=datetime.fromtimestamp(expires_at, UTC)
+                )
+            )
+            await db.commit()
+        except IntegrityError as exc:
+            raise AuthenticationError("payload was already used (replay)") from exc
+        except SQLAlchemyError as exc:
+            raise DatabaseUnavailableError("replay cache unavailable", retry_after_s=2) from exc
+
+
+def sealed_response(
+    principal: Principal, body: bytes, media_type: str, headers: dict[str, str] | None = None
+) -> Response:
+    """The response encrypted to the client's registered key (``Accept: application/jose``)."""
+    if principal.encryption_jwk is None:
+        raise NotAcceptableError("register an encryption key for this client to receive encrypted results")
+    return Response(
+        seal_for(body, media_type, principal.encryption_jwk), media_type="application/jose", headers=headers
+    )
+
+
+def wants_sealed(request: Request) -> bool:
+    return "application/jose" in request.headers.get("accept", "")
 
 
 ModelsReader = Annotated[Principal, Depends(require(Scope.MODELS_READ))]

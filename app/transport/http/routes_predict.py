@@ -7,10 +7,11 @@ the imaging path. ``Accept: application/fhir+json`` answers a FHIR RiskAssessmen
 from __future__ import annotations
 
 import hashlib
+import json
 from typing import Annotated, Any, Final
 
 from fastapi import APIRouter, Header, Query, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 from app.encoders.fhir import risk_assessment
 from app.encoders.json import prediction
@@ -22,10 +23,11 @@ from app.transport.http.deps import (
     read_payload,
     request_context,
     request_deadline,
+    sealed_response,
 )
 from app.transport.http.problems import COMMON_ERRORS, problem_responses
 from app.transport.http.routes_models import ModelName
-from app.transport.http.schemas import PREDICTION_EXAMPLE, RISK_ASSESSMENT_EXAMPLE
+from app.transport.http.schemas import PREDICTION_EXAMPLE, RISK_ASSESSMENT_EXAMPLE, SEALED_EXAMPLE
 
 router = APIRouter(prefix="/v1/models")
 TAG: Final = "predict"
@@ -115,11 +117,12 @@ _OPENAPI: Final = {
             "content": {
                 "application/json": {"schema": {"type": "object"}, "example": PREDICTION_EXAMPLE},
                 FHIR_JSON: {"schema": {"type": "object"}, "example": RISK_ASSESSMENT_EXAMPLE},
+                "application/jose": {"schema": {"type": "string"}, "example": SEALED_EXAMPLE},
             },
         },
         **problem_responses(400, 401, 403, 404, 406, 413, 415, 422, 429, 503, 504, *COMMON_ERRORS),
     },
-    response_class=JSONResponse,
+    response_class=Response,
 )
 async def predict(
     name: ModelName,
@@ -128,11 +131,11 @@ async def predict(
     principal: Inferrer,
     operating_point: Annotated[str | None, Query(max_length=64, examples=["high_sensitivity"])] = None,
     accept: Annotated[str | None, Header(include_in_schema=False)] = None,
-) -> JSONResponse:
+) -> Response:
     wants = media_type_of(accept)
-    if wants not in {"", "*/*", "application/json", FHIR_JSON, "application/*"}:
+    if wants not in {"", "*/*", "application/json", FHIR_JSON, "application/*", "application/jose"}:
         raise NotAcceptableError("answers are application/json or application/fhir+json")
-    payload = await read_payload(request, container)
+    payload = await read_payload(request, container, principal)
     media = media_type_of(payload.media_type)
     if media not in {FHIR_JSON, "application/json"}:
         raise UnsupportedMediaTypeError("send application/fhir+json (a Bundle) or application/json (features)")
@@ -162,4 +165,7 @@ async def predict(
         "observations": features.observation_ids,
         "imputed": features.imputed,
     }
-    return JSONResponse(prediction(served, classification, request_id=context.request_id, input_summary=summary))
+    answer = prediction(served, classification, request_id=context.request_id, input_summary=summary)
+    if wants == "application/jose":
+        return sealed_response(principal, json.dumps(answer).encode(), "application/json")
+    return JSONResponse(answer)

@@ -23,8 +23,11 @@ from app.transport.http.deps import (
     read_payload,
     request_context,
     request_deadline,
+    sealed_response,
+    wants_sealed,
 )
 from app.transport.http.problems import v2_error_responses
+from app.transport.http.schemas import SEALED_EXAMPLE
 from app.transport.http.v2_codec import HEADER_LENGTH, deadline_from_parameters, decode_request, encode_response
 
 router = APIRouter(prefix="/v2")
@@ -214,6 +217,7 @@ _INFER_RESPONSES: Final = {
                 "example": _INFER_RESPONSE_EXAMPLE,
             },
             "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+            "application/jose": {"schema": {"type": "string"}, "example": SEALED_EXAMPLE},
         },
     },
     **v2_error_responses(400, 401, 403, 404, 413, 415, 422, 429, 500, 503, 504),
@@ -232,7 +236,7 @@ async def _infer(
         length = int(header_length) if header_length is not None else None
     except ValueError as exc:
         raise MalformedBodyError("Inference-Header-Content-Length must be an integer") from exc
-    body = (await read_payload(request, container)).body
+    body = (await read_payload(request, container, principal)).body
     decoded = decode_request(body, length, container.settings.max_tensor_bytes)
     timeout_s = deadline_from_parameters(decoded.request.parameters)
     deadline = request_deadline(request, container.settings, timeout_s)
@@ -241,11 +245,11 @@ async def _infer(
     payload, json_length = encode_response(
         result.served.spec.name, result.served.version, decoded.request.id, result.outputs, decoded
     )
-    if json_length is None:
-        return Response(payload, media_type="application/json")
-    return Response(
-        payload, media_type="application/octet-stream", headers={"Inference-Header-Content-Length": str(json_length)}
-    )
+    media = "application/json" if json_length is None else "application/octet-stream"
+    headers = {} if json_length is None else {"Inference-Header-Content-Length": str(json_length)}
+    if wants_sealed(request):
+        return sealed_response(principal, payload, media, headers)
+    return Response(payload, media_type=media, headers=headers)
 
 
 @router.post(

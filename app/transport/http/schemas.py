@@ -362,3 +362,6 @@ RISK_ASSESSMENT_EXAMPLE: dict[str, Any] = {
     ],
     "note": [{"text": "Not for clinical use."}],
 }
+
+#: A result sealed to the client's registered key (``Accept: application/jose``), shortened.
+SEALED_EXAMPLE = "eyJhbGciOiJFQ0RILUVTK0EyNTZLVyIsImVuYyI6IkEyNTZHQ00iLCJjdHkiOiJhcHBsaWNhdGlvbi9qc29uIn0.Qx0.bW.Zg.dA"
