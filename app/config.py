@@ -65,6 +65,10 @@ class Settings(BaseSettings):
         default=None, description="Accept only JWE payloads. Unset: on in production, off in dev and test."
     )
     jwt_audience: str = Field(default="medinfer", description="The `aud` signed payloads and bearer JWTs must name.")
+    oauth_jwks_file: Path | None = Field(
+        default=None, description="The identity provider's JWKS (a file; nothing is fetched at run time)."
+    )
+    oauth_issuer: str | None = Field(default=None, description="Required `iss` of bearer JWTs.")
     key_retirement_days: int = Field(default=30, ge=1, description="How long a rotated-out key still opens payloads.")
     audit_enabled: bool = Field(
         default=True, description="Only for benchmark baselines; production refuses to run without the audit trail."

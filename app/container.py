@@ -25,6 +25,7 @@ from app.observability.metrics import Metrics
 from app.pipeline import Pipeline
 from app.security.keys import load_ed25519_public_key
 from app.security.keystore import KeyStore
+from app.security.oauth import OAuthVerifier
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,7 @@ class Container:
     pipeline: Pipeline
     audit_engine: Engine
     keys: KeyStore
+    oauth: OAuthVerifier | None
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
     @classmethod
@@ -75,6 +77,11 @@ class Container:
             pipeline=pipeline,
             audit_engine=audit_engine,
             keys=KeyStore(settings.resolved_keys_dir, settings.key_encryption_key.get_secret_value()).load(),
+            oauth=(
+                OAuthVerifier(settings.oauth_jwks_file, settings.oauth_issuer or "", settings.jwt_audience)
+                if settings.oauth_jwks_file
+                else None
+            ),
         )
 
     async def start(self) -> None:

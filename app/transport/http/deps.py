@@ -34,6 +34,7 @@ from app.errors import (
 from app.observability.logging import request_id_var
 from app.security.clients import authenticate
 from app.security.jwe import SIGNED_CTY, is_jose, open_payload, seal_for, verify_signed
+from app.security.keys import API_KEY_PREFIX
 from app.tables import JweReplay
 
 DEADLINE_HEADER = "X-Deadline-Ms"
@@ -71,6 +72,9 @@ async def get_principal(
     authorization: Annotated[str | None, Header(include_in_schema=False)] = None,
 ) -> Principal:
     try:
+        token = (authorization or "").partition(" ")[2].strip()
+        if container.oauth is not None and token.count(".") == 2 and not token.startswith(API_KEY_PREFIX):  # noqa: PLR2004
+            return container.oauth.principal(token)
         return await authenticate(db, authorization)
     except AuthenticationError as exc:
         container.metrics.auth_failures.labels(reason="api_key").inc()
