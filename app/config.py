@@ -69,6 +69,7 @@ class Settings(BaseSettings):
         default=None, description="The identity provider's JWKS (a file; nothing is fetched at run time)."
     )
     oauth_issuer: str | None = Field(default=None, description="Required `iss` of bearer JWTs.")
+    key_max_age_days: int = Field(default=365, ge=1, description="Rotate the active key before it is this old.")
     key_retirement_days: int = Field(default=30, ge=1, description="How long a rotated-out key still opens payloads.")
     audit_enabled: bool = Field(
         default=True, description="Only for benchmark baselines; production refuses to run without the audit trail."

@@ -8,6 +8,7 @@ import contextlib
 import logging
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import Engine
@@ -68,6 +69,9 @@ class Container:
         )
         metrics.watch_gpus()
         pipeline = Pipeline(registry, BatcherPool(metrics), audit, metrics)
+        keys = KeyStore(settings.resolved_keys_dir, settings.key_encryption_key.get_secret_value()).load()
+        max_age = timedelta(days=settings.key_max_age_days)
+        metrics.watch_keys(lambda: keys.rotation_due(max_age))
         return cls(
             settings=settings,
             engine=engine,
@@ -76,7 +80,7 @@ class Container:
             metrics=metrics,
             pipeline=pipeline,
             audit_engine=audit_engine,
-            keys=KeyStore(settings.resolved_keys_dir, settings.key_encryption_key.get_secret_value()).load(),
+            keys=keys,
             oauth=(
                 OAuthVerifier(settings.oauth_jwks_file, settings.oauth_issuer or "", settings.jwt_audience)
                 if settings.oauth_jwks_file

@@ -76,6 +76,21 @@ class _GpuCollector(Collector):
         yield memory
 
 
+class _KeyExpiryCollector(Collector):
+    def __init__(self, source: Callable[[], Iterable[tuple[str, float]]]) -> None:
+        self._source = source
+
+    def collect(self) -> Iterator[Metric]:
+        gauge = GaugeMetricFamily(
+            "medinfer_key_expiry_timestamp_seconds",
+            "When each published JWE key (active or next) is due for rotation, as a Unix time.",
+            labels=["kid"],
+        )
+        for kid, expires in self._source():
+            gauge.add_metric([kid], expires)
+        yield gauge
+
+
 class _BuildInfo(Collector):
     def __init__(self, version: str) -> None:
         self._version = version
@@ -184,6 +199,12 @@ class Metrics:
             ["reason"],
             registry=self.registry,
         )
+
+    def watch_keys(self, source: Callable[[], Iterable[tuple[str, float]]]) -> None:
+        """Export the rotation due date of each published encryption key."""
+        collector = _KeyExpiryCollector(source)
+        self.registry.register(collector)
+        self._local.append(collector)
 
     def watch_gpus(self) -> bool:
         """Export GPU utilisation and memory through NVML when a GPU is present; absent otherwise."""

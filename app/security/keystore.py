@@ -139,5 +139,9 @@ class KeyStore:
         """Public keys clients may encrypt to: the active one and the one published next."""
         return {"keys": [k.public_jwk() for k in self.keys if k.state in {"active", "next"}]}
 
+    def rotation_due(self, max_age: timedelta) -> list[tuple[str, float]]:
+        """(kid, Unix time) at which each published key should have been rotated out."""
+        return [(k.kid, (k.created + max_age).timestamp()) for k in self.keys if k.state in {"active", "next"}]
+
     def keyset(self) -> KeySet:
         return KeySet([k.key for k in self.decryption_keys().values()])

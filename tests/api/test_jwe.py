@@ -263,3 +263,11 @@ def test_payloads_larger_than_64_kb_open(migrated: Settings, keystore: KeyStore)
     opened = open_payload(token, JOSE, keystore, 4 << 20)
     assert opened.plaintext == payload
     assert opened.content_type == "application/dicom"
+
+
+def test_published_keys_export_their_rotation_due_date(secured: tuple[TestClient, str], keystore: KeyStore) -> None:
+    client, _ = secured
+    (stored,) = keystore.keys
+    due = stored.created.timestamp() + 365 * 86400
+    text = client.get("/metrics").text
+    assert f'medinfer_key_expiry_timestamp_seconds{{kid="{stored.kid}"}} {due:.1f}'[:60] in text

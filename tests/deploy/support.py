@@ -38,9 +38,7 @@ METRICS_SOURCE = REPO / "app" / "observability" / "metrics.py"
 
 #: Metrics the alerts may name before the service exports them, each with why it is awaited.
 #: Keep this list short and visible: an alert on a planned metric can never fire until it lands.
-PLANNED_METRICS: dict[str, str] = {
-    "medinfer_key_expiry_timestamp_seconds": "JWE key expiry (labels: kid); key rotation is not built yet",
-}
+PLANNED_METRICS: dict[str, str] = {}
 #: Series Prometheus makes itself for every target.
 PROMETHEUS_SERIES = frozenset({"up"})
 
@@ -105,12 +103,13 @@ _SAMPLE_SUFFIXES = {
 def app_metric_families() -> dict[str, str]:
     """Family name -> type, for every metric ``app.observability.metrics.Metrics`` can export.
 
-    The model-status collector is fed one ready version, and the GPU collector is registered
-    through ``watch_gpus`` with a stand-in NVML, so their families show too.
+    The model-status collector is fed one ready version, the key-expiry collector one key, and the
+    GPU collector is registered through ``watch_gpus`` with a stand-in NVML, so their families show.
     """
     metrics = Metrics(version="0.0.0-test")
     status = VersionStatus(model="m", version="1", state=VersionState.READY, sha256="0" * 64, providers=("CPU",))
     metrics.watch_models(lambda: [status])
+    metrics.watch_keys(lambda: [("kid-1", 1.9e9)])
     saved = sys.modules.get("pynvml")
     sys.modules["pynvml"] = _FakeNvml()
     try:
