@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import signal
+import ssl
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -44,6 +45,12 @@ def _cmd_serve(settings: Settings, _args: argparse.Namespace) -> int:
         "proxy_headers": False,
         "timeout_graceful_shutdown": 30,
     }
+    if settings.tls_certfile is not None:
+        config |= {"ssl_certfile": str(settings.tls_certfile), "ssl_keyfile": str(settings.tls_keyfile)}
+    if settings.tls_client_ca is not None:
+        # Mutual TLS: the handshake fails without a certificate from this CA. Requests still
+        # authenticate with an API key or bearer JWT (uvicorn does not pass the peer certificate on).
+        config |= {"ssl_ca_certs": str(settings.tls_client_ca), "ssl_cert_reqs": ssl.CERT_REQUIRED}
     if settings.workers > 1:
         # Each worker is its own process: their metrics must meet in files to add up.
         metrics_dir = Path(os.environ.get("PROMETHEUS_MULTIPROC_DIR") or tempfile.mkdtemp(prefix="medinfer-metrics-"))

@@ -48,6 +48,11 @@ class Settings(BaseSettings):
     model_poll_interval_s: float = Field(default=0.0, ge=0.0, description="Repository poll period; 0 turns it off.")
     keys_dir: Path | None = Field(default=None, description="Defaults to <data_dir>/keys.")
 
+    tls_certfile: Path | None = Field(default=None, description="Serve HTTPS with this PEM certificate chain.")
+    tls_keyfile: Path | None = Field(default=None, description="The certificate's private key (PEM).")
+    tls_client_ca: Path | None = Field(
+        default=None, description="Require client certificates issued by this CA bundle (mutual TLS)."
+    )
     max_body_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
     max_tensor_bytes: int = Field(
         default=64 * 1024 * 1024, ge=1024, description="Cap per input tensor, checked before decoding."
@@ -111,6 +116,16 @@ class Settings(BaseSettings):
         if url.startswith(("postgresql:", "postgres:")):
             return "postgresql+psycopg:" + url.split(":", 1)[1]
         return url
+
+    @model_validator(mode="after")
+    def _tls_pairs(self) -> Settings:
+        if (self.tls_certfile is None) != (self.tls_keyfile is None):
+            msg = "MEDINFER_TLS_CERTFILE and MEDINFER_TLS_KEYFILE go together"
+            raise ValueError(msg)
+        if self.tls_client_ca is not None and self.tls_certfile is None:
+            msg = "mutual TLS (MEDINFER_TLS_CLIENT_CA) needs MEDINFER_TLS_CERTFILE and MEDINFER_TLS_KEYFILE"
+            raise ValueError(msg)
+        return self
 
     @property
     def encryption_required(self) -> bool:

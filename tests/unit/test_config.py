@@ -53,3 +53,10 @@ def test_encryption_is_required_in_production_unless_configured_otherwise() -> N
     assert Settings(env="production", **strong).encryption_required is True
     assert Settings(env="production", require_encryption=False, **strong).encryption_required is False
     assert Settings(env="dev").encryption_required is False
+
+
+def test_tls_settings_come_in_pairs(tmp_path: Path) -> None:
+    with pytest.raises(ValidationError, match="go together"):
+        Settings(tls_certfile=tmp_path / "server.crt")
+    with pytest.raises(ValidationError, match="mutual TLS"):
+        Settings(tls_client_ca=tmp_path / "ca.crt")
