@@ -110,3 +110,26 @@ def test_protected_operations_declare_bearer_security(document: dict[str, Any]) 
         if path.startswith("/v1/") or (path.startswith("/v2/models/") and not path.endswith("/ready")):
             assert op["security"] == [{"apiKey": []}], f"{method.upper()} {path}"
             assert "401" in op["responses"], f"{method.upper()} {path}"
+
+
+def test_every_route_requires_exactly_the_scope_the_table_names() -> None:
+    from fastapi.dependencies.models import Dependant
+    from fastapi.routing import APIRoute
+
+    from app.main import ROUTERS
+    from app.transport.http.deps import OPERATION_SCOPES
+
+    def scopes(dependant: Dependant) -> set[object]:
+        found = {getattr(dependant.call, "scope", None)} - {None}
+        for sub in dependant.dependencies:
+            found |= scopes(sub)
+        return found
+
+    seen = {}
+    for router in ROUTERS:
+        for route in router.routes:
+            if isinstance(route, APIRoute):
+                required = scopes(route.dependant)
+                assert len(required) <= 1, route.operation_id
+                seen[route.operation_id] = next(iter(required), None)
+    assert seen == dict(OPERATION_SCOPES)

@@ -7,10 +7,10 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Annotated
+from typing import Annotated, Final
 
 from fastapi import Depends, Header, Request, Response
 from sqlalchemy import delete
@@ -104,7 +104,37 @@ def require(scope: Scope) -> Callable[[Principal], Awaitable[Principal]]:
             raise PermissionDeniedError(f"scope {scope.value!r} required")
         return principal
 
+    check.scope = scope  # type: ignore[attr-defined]  # read by the scope-table test
     return check
+
+
+#: The one table of which scope each operation needs (None: open). Routes declare their scope with
+#: the dependencies below; a contract test fails if a route and this table disagree.
+OPERATION_SCOPES: Final[Mapping[str, Scope | None]] = {
+    "getLiveness": None,
+    "getReadiness": None,
+    "getJwks": None,
+    "getProblemType": None,
+    "getMetrics": None,  # metrics:read when MEDINFER_METRICS_REQUIRE_SCOPE is on
+    "v2GetServerLive": None,
+    "v2GetServerReady": None,
+    "v2GetServerMetadata": None,
+    "v2GetModelReady": None,
+    "v2GetModelVersionReady": None,
+    "listModels": Scope.MODELS_READ,
+    "getModel": Scope.MODELS_READ,
+    "v2GetModelMetadata": Scope.MODELS_READ,
+    "v2GetModelVersionMetadata": Scope.MODELS_READ,
+    "predict": Scope.INFER,
+    "v2ModelInfer": Scope.INFER,
+    "v2ModelVersionInfer": Scope.INFER,
+    "loadModel": Scope.MODELS_ADMIN,
+    "unloadModel": Scope.MODELS_ADMIN,
+    "registerClient": Scope.CLIENTS_ADMIN,
+    "verifyAuditChain": Scope.AUDIT_READ,
+    "listAuditEvents": Scope.AUDIT_READ,
+    "exportAuditEvents": Scope.AUDIT_READ,
+}
 
 
 def require_json(content_type: Annotated[str | None, Header(include_in_schema=False)] = None) -> None:
