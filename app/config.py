@@ -58,6 +58,7 @@ class Settings(BaseSettings):
         default=64 * 1024 * 1024, ge=1024, description="Cap per input tensor, checked before decoding."
     )
     default_deadline_ms: int = Field(default=30_000, ge=1, description="Deadline of a request that names none.")
+    otel_enabled: bool = Field(default=False, description="OpenTelemetry server spans (needs the otel extra).")
     metrics_require_scope: bool = Field(default=False, description="Require scope metrics:read on /metrics.")
     overload_status: Literal[429, 503] = Field(default=429, description="Status of a request refused by a full queue.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

@@ -15,6 +15,7 @@ from app.config import Settings, load_settings, service_version
 from app.container import Container
 from app.observability.logging import configure_logging
 from app.observability.metrics import Metrics
+from app.observability.tracing import instrument
 from app.transport.http import routes_admin, routes_audit, routes_models, routes_ops, routes_predict, routes_v2
 from app.transport.http.deps import get_principal
 from app.transport.http.middleware import RequestContextMiddleware
@@ -135,6 +136,8 @@ def create_app(settings: Settings) -> FastAPI:
     for router in ROUTERS:
         app.include_router(router)
     app.add_middleware(RequestContextMiddleware, metrics=metrics, max_body_bytes=settings.max_body_bytes)
+    if settings.otel_enabled:
+        instrument(app)
     return app
 
 

@@ -17,6 +17,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from app.errors import PayloadTooLargeError
 from app.observability.logging import request_id_var, trace_id_var
 from app.observability.metrics import Metrics
+from app.observability.tracing import scrub_current_span
 from app.transport.http.problems import PROBLEM_MEDIA_TYPE, problem_bytes, status_for
 
 log = logging.getLogger("app.access")
@@ -60,6 +61,8 @@ class RequestContextMiddleware:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                # Routing is done by now and the server span (if tracing is on) is still open.
+                scrub_current_span(getattr(scope.get("route"), "path", None) or "<unmatched>")
                 message.setdefault("headers", [])
                 message["headers"] = [*message["headers"], (REQUEST_ID_HEADER, request_id.encode())]
             await send(message)
