@@ -322,6 +322,16 @@ class AuditUnavailableError(MedinferError):
     kind = ErrorKind.UNAVAILABLE
 
 
+class TracingUnavailableError(MedinferError):
+    """``MEDINFER_OTEL_ENABLED`` is on but the ``otel`` extra is not installed. Raised at start-up.
+
+    Recovery: ``pip install medinfer[otel]``, or switch tracing off.
+    """
+
+    code = "tracing-unavailable"
+    title = "Tracing unavailable"
+
+
 ALL_ERRORS: tuple[type[MedinferError], ...] = (
     MedinferError,
     InvalidRequestError,
@@ -348,4 +358,5 @@ ALL_ERRORS: tuple[type[MedinferError], ...] = (
     AuditUnavailableError,
     DecryptionError,
     EncryptionRequiredError,
+    TracingUnavailableError,
 )

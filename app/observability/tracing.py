@@ -10,17 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from app.errors import MedinferError
-
-
-class TracingUnavailableError(MedinferError):
-    """``MEDINFER_OTEL_ENABLED`` is on but the ``otel`` extra is not installed.
-
-    Recovery: ``pip install medinfer[otel]``, or switch tracing off.
-    """
-
-    code = "tracing-unavailable"
-    title = "Tracing unavailable"
+from app.errors import TracingUnavailableError
 
 
 def instrument(app: Any, tracer_provider: Any = None) -> None:
