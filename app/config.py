@@ -70,6 +70,9 @@ class Settings(BaseSettings):
     require_encryption: bool | None = Field(
         default=None, description="Accept only JWE payloads. Unset: on in production, off in dev and test."
     )
+    auth_cache_s: float = Field(
+        default=5.0, ge=0.0, description="How long an authenticated API key is trusted without a database read."
+    )
     jwt_audience: str = Field(default="medinfer", description="The `aud` signed payloads and bearer JWTs must name.")
     oauth_jwks_file: Path | None = Field(
         default=None, description="The identity provider's JWKS (a file; nothing is fetched at run time)."

@@ -24,6 +24,7 @@ from app.inference.registry import ModelRegistry
 from app.inference.spec import iter_model_dirs
 from app.observability.metrics import Metrics
 from app.pipeline import Pipeline
+from app.security.clients import PrincipalCache
 from app.security.keys import load_ed25519_public_key
 from app.security.keystore import KeyStore
 from app.security.oauth import OAuthVerifier
@@ -42,6 +43,7 @@ class Container:
     audit_engine: Engine
     keys: KeyStore
     oauth: OAuthVerifier | None
+    principals: PrincipalCache
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
     @classmethod
@@ -81,6 +83,7 @@ class Container:
             pipeline=pipeline,
             audit_engine=audit_engine,
             keys=keys,
+            principals=PrincipalCache(settings.auth_cache_s),
             oauth=(
                 OAuthVerifier(settings.oauth_jwks_file, settings.oauth_issuer or "", settings.jwt_audience)
                 if settings.oauth_jwks_file

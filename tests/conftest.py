@@ -36,6 +36,7 @@ def settings(tmp_path: Path, model_repo: Path) -> Settings:
         model_repository=model_repo,
         max_body_bytes=64 * 1024,
         max_tensor_bytes=1 << 20,
+        auth_cache_s=0,  # tests revoke keys and expect it at once; the cache has its own test
     )
 
 

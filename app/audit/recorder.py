@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, insert, select, update
+from sqlalchemy import Connection, Dialect, Engine, create_engine, event, select, update
 from sqlalchemy.engine.interfaces import DBAPIConnection
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
@@ -103,6 +103,7 @@ class AuditWriter:
         self._pseudonym_key = pseudonym_key
         self._metrics = metrics
         self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
+        self._prepared: tuple[Dialect, str, list[tuple[str, Any]]] | None = None
         self._closing = False
         self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
         self._thread.start()
@@ -194,13 +195,28 @@ class AuditWriter:
                 row = self._row(pending, head_seq, head_hash)
                 head_hash = row["hash"]
                 rows.append(row)
-            conn.execute(insert(AuditEvent), rows)
+            self._insert(conn, rows)
             conn.execute(
                 update(AuditHead)
                 .where(AuditHead.id == 1)
                 .values(seq=head_seq, hash=head_hash, mac=head_mac(self._hmac_key, head_seq, head_hash))
             )
         return [row["seq"] for row in rows]
+
+    def _insert(self, conn: Connection, rows: list[dict[str, Any]]) -> None:
+        """One driver-level executemany: SQLAlchemy's per-row statement processing cost more CPU
+        than the hashing, and this thread shares the interpreter with the event loop."""
+        dialect = conn.dialect
+        if self._prepared is None or self._prepared[0] is not dialect:
+            table = AuditEvent.__table__
+            marker = "?" if dialect.paramstyle == "qmark" else "%s"
+            columns = [column.name for column in table.columns]
+            sql = f"INSERT INTO audit_event ({', '.join(columns)}) VALUES ({', '.join([marker] * len(columns))})"  # noqa: S608
+            processors = [column.type.bind_processor(dialect) for column in table.columns]
+            self._prepared = (dialect, sql, list(zip(columns, processors, strict=True)))
+        _, sql, plan = self._prepared
+        params = [tuple(process(row[name]) if process else row[name] for name, process in plan) for row in rows]
+        conn.exec_driver_sql(sql, params)
 
     async def aclose(self) -> None:
         """Commit what is queued, then stop the thread."""

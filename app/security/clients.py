@@ -6,6 +6,7 @@ import hashlib
 import hmac
 import json
 import secrets
+import time
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any
@@ -90,3 +91,35 @@ async def authenticate(db: AsyncSession, authorization: str | None) -> Principal
         encryption_jwk=json.loads(row.encryption_jwk) if row.encryption_jwk else None,
         signing_jwk=json.loads(row.signing_jwk) if row.signing_jwk else None,
     )
+
+
+class PrincipalCache:
+    """Authenticated API keys for a few seconds, so a busy client costs no database read per call.
+
+    Revoking a key takes effect within ``ttl_s``. Keyed by a hash of the presented credential;
+    failures are never cached.
+    """
+
+    def __init__(self, ttl_s: float, max_entries: int = 10_000) -> None:
+        self._ttl_s = ttl_s
+        self._max = max_entries
+        self._entries: dict[bytes, tuple[float, Principal]] = {}
+
+    @staticmethod
+    def _key(credential: str) -> bytes:
+        return hashlib.sha256(credential.encode()).digest()
+
+    def get(self, credential: str) -> Principal | None:
+        if self._ttl_s <= 0:
+            return None
+        entry = self._entries.get(self._key(credential))
+        if entry is None or entry[0] < time.monotonic():
+            return None
+        return entry[1]
+
+    def put(self, credential: str, principal: Principal) -> None:
+        if self._ttl_s <= 0:
+            return
+        if len(self._entries) >= self._max:
+            self._entries.clear()
+        self._entries[self._key(credential)] = (time.monotonic() + self._ttl_s, principal)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi.testclient import TestClient
 
 from app.config import Settings
+from app.domain import Scope
 from tests.support.models import corrupt, write_model
 
 
@@ -119,3 +120,22 @@ def test_api_keys_are_stored_salted_and_revocation_takes_effect(
     with sqlite3.connect(migrated.sqlalchemy_url.removeprefix("sqlite:///")) as db:
         db.execute("UPDATE api_client SET revoked_at = '2026-01-01 00:00:00' WHERE key_id = ?", (key_id,))
     assert client.get("/v1/models", headers=_auth(reader_key)).status_code == 401
+
+
+def test_authenticated_keys_are_cached_briefly_then_revocation_applies(migrated: Settings) -> None:
+    import sqlite3
+    import time
+
+    from app.main import create_app
+    from tests.conftest import register, wait_ready
+
+    settings = migrated.model_copy(update={"auth_cache_s": 0.5})
+    key = register(settings, Scope.MODELS_READ, client_id="cached")
+    with TestClient(create_app(settings)) as client:
+        wait_ready(client)
+        assert client.get("/v1/models", headers=_auth(key)).status_code == 200
+        with sqlite3.connect(settings.sqlalchemy_url.removeprefix("sqlite:///")) as db:
+            db.execute("UPDATE api_client SET revoked_at = '2026-01-01 00:00:00'")
+        assert client.get("/v1/models", headers=_auth(key)).status_code == 200  # within the cache window
+        time.sleep(0.6)
+        assert client.get("/v1/models", headers=_auth(key)).status_code == 401

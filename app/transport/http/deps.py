@@ -68,14 +68,17 @@ DbDep = Annotated[AsyncSession, Depends(get_db)]
 async def get_principal(
     request: Request,
     container: ContainerDep,
-    db: DbDep,
     authorization: Annotated[str | None, Header(include_in_schema=False)] = None,
 ) -> Principal:
     try:
         token = (authorization or "").partition(" ")[2].strip()
         if container.oauth is not None and token.count(".") == 2 and not token.startswith(API_KEY_PREFIX):  # noqa: PLR2004
             return container.oauth.principal(token)
-        return await authenticate(db, authorization)
+        cached = container.principals.get(token) if token else None
+        if cached is not None:
+            return cached
+        async with container.sessionmaker() as db:
+            principal = await authenticate(db, authorization)
     except AuthenticationError as exc:
         container.metrics.auth_failures.labels(reason="api_key").inc()
         context = request_context(request, None)
@@ -91,6 +94,8 @@ async def get_principal(
         raise
     except SQLAlchemyError as exc:
         raise DatabaseUnavailableError("credential store unavailable", retry_after_s=2) from exc
+    container.principals.put(token, principal)
+    return principal
 
 
 PrincipalDep = Annotated[Principal, Depends(get_principal)]
@@ -287,14 +292,13 @@ Inferrer = Annotated[Principal, Depends(require(Scope.INFER))]
 async def metrics_access(
     request: Request,
     container: ContainerDep,
-    db: DbDep,
     authorization: Annotated[str | None, Header(include_in_schema=False)] = None,
 ) -> None:
     """``/metrics`` needs ``metrics:read`` when ``MEDINFER_METRICS_REQUIRE_SCOPE`` is on; else it
     is open (labels carry no identifiers; restrict it with a NetworkPolicy)."""
     if not container.settings.metrics_require_scope:
         return
-    principal = await get_principal(request, container, db, authorization)
+    principal = await get_principal(request, container, authorization)
     if not principal.has(Scope.METRICS_READ):
         raise PermissionDeniedError(f"scope {Scope.METRICS_READ.value!r} required")
 
