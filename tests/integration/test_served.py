@@ -54,7 +54,11 @@ def test_not_ready_while_the_database_is_unreachable(tmp_path: Path, model_repo:
         assert response.status_code == 503
         assert response.json()["checks"]["database"] is False
         assert httpx.get(f"{served.base_url}/livez").status_code == 200
-        problem = httpx.get(f"{served.base_url}/v1/models", headers={"Authorization": "Bearer mi_x"}, timeout=10)
+        problem = httpx.get(
+            f"{served.base_url}/v1/models",
+            headers={"Authorization": "Bearer mi_0123456789abcdef.not-a-real-secret"},
+            timeout=10,
+        )
         assert problem.status_code == 503
         assert problem.headers["content-type"] == "application/problem+json"
         assert problem.json()["code"] == "database-unavailable"
