@@ -9,8 +9,9 @@ import pytest
 from fastapi.testclient import TestClient
 
 from app.config import Settings
+from app.domain import Scope
 from app.main import create_app
-from tests.conftest import wait_ready
+from tests.conftest import register, wait_ready
 from tests.support.models import corrupt, write_model
 
 
@@ -20,6 +21,10 @@ def polling_client(migrated: Settings) -> Iterator[TestClient]:
     with TestClient(create_app(settings)) as client:
         wait_ready(client)
         yield client
+
+
+def _reader(settings: Settings) -> dict[str, str]:
+    return {"Authorization": f"Bearer {register(settings, Scope.MODELS_READ, client_id='poll-reader')}"}
 
 
 def _ready_versions(client: TestClient, model: str) -> list[tuple[str, str]]:
@@ -44,7 +49,7 @@ def test_a_new_version_dropped_in_is_served_and_a_tampered_one_is_refused(
     model_dir = write_model(migrated.model_repository, "alpha", {"1": 1, "2": 4, "3": 6})
     corrupt(model_dir / "3" / "model.onnx")
     _wait_for(polling_client, "alpha", [("2", "ready"), ("3", "failed")])
-    assert polling_client.get("/v2/models/alpha/ready").status_code == 200
+    assert polling_client.get("/v2/models/alpha/ready", headers=_reader(migrated)).status_code == 200
 
 
 def test_a_new_model_is_loaded_and_a_removed_one_unloaded(polling_client: TestClient, migrated: Settings) -> None:
@@ -52,4 +57,4 @@ def test_a_new_model_is_loaded_and_a_removed_one_unloaded(polling_client: TestCl
     _wait_for(polling_client, "gamma", [("1", "ready")])
     (migrated.model_repository / "beta" / "model.toml").unlink()
     _wait_for(polling_client, "beta", [])
-    assert polling_client.get("/v2/models/beta/ready").status_code == 404
+    assert polling_client.get("/v2/models/beta/ready", headers=_reader(migrated)).status_code == 404

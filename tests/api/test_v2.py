@@ -22,14 +22,18 @@ def _auth(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
 
 
-def test_server_metadata_and_health(client: TestClient) -> None:
-    meta = client.get("/v2").json()
+def test_server_metadata_and_health(client: TestClient, infer_key: str) -> None:
+    assert client.get("/v2").status_code == 401
+    meta = client.get("/v2", headers=_auth(infer_key)).json()
     assert meta["name"] == "medinfer"
     assert "binary_tensor_data" in meta["extensions"]
+    # Health probes stay open, like /livez and /readyz.
     assert client.get("/v2/health/live").status_code == 200
     assert client.get("/v2/health/ready").status_code == 200
-    assert client.get("/v2/models/alpha/ready").status_code == 200
-    assert client.get("/v2/models/beta/versions/1/ready").status_code == 400  # policy serves v2 only
+    assert client.get("/v2/models/alpha/ready").status_code == 401
+    assert client.get("/v2/models/alpha/ready", headers=_auth(infer_key)).status_code == 200
+    not_served = client.get("/v2/models/beta/versions/1/ready", headers=_auth(infer_key))
+    assert not_served.status_code == 400  # policy serves v2 only
 
 
 def test_model_metadata(client: TestClient, infer_key: str) -> None:

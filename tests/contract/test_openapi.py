@@ -107,7 +107,7 @@ def test_request_bodies_have_examples(document: dict[str, Any]) -> None:
 def test_protected_operations_declare_bearer_security(document: dict[str, Any]) -> None:
     assert document["components"]["securitySchemes"]["apiKey"]["scheme"] == "bearer"
     for path, method, op in _operations(document):
-        if path.startswith("/v1/") or (path.startswith("/v2/models/") and not path.endswith("/ready")):
+        if path.startswith(("/v1/", "/v2/models/")) or path == "/v2":
             assert op["security"] == [{"apiKey": []}], f"{method.upper()} {path}"
             assert "401" in op["responses"], f"{method.upper()} {path}"
 

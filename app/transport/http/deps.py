@@ -123,9 +123,9 @@ OPERATION_SCOPES: Final[Mapping[str, Scope | None]] = {
     "getMetrics": None,  # metrics:read when MEDINFER_METRICS_REQUIRE_SCOPE is on
     "v2GetServerLive": None,
     "v2GetServerReady": None,
-    "v2GetServerMetadata": None,
-    "v2GetModelReady": None,
-    "v2GetModelVersionReady": None,
+    "v2GetServerMetadata": Scope.MODELS_READ,
+    "v2GetModelReady": Scope.MODELS_READ,
+    "v2GetModelVersionReady": Scope.MODELS_READ,
     "listModels": Scope.MODELS_READ,
     "getModel": Scope.MODELS_READ,
     "v2GetModelMetadata": Scope.MODELS_READ,

@@ -101,10 +101,10 @@ def _model_metadata(served: list[ServedVersion], spec: ModelSpec) -> dict[str, A
                 }
             },
         },
-        **v2_error_responses(500),
+        **v2_error_responses(401, 403, 500),
     },
 )
-async def server_metadata() -> dict[str, Any]:
+async def server_metadata(_principal: ModelsReader) -> dict[str, Any]:
     return {"name": "medinfer", "version": service_version(), "extensions": ["binary_tensor_data"]}
 
 
@@ -176,9 +176,13 @@ async def _ready(container: ContainerDep, name: str, version: str | None) -> Res
     tags=[TAG],
     summary="Model readiness",
     response_class=Response,
-    responses={200: {"description": "Ready"}, 400: {"description": "Not ready"}, **v2_error_responses(404, 422, 500)},
+    responses={
+        200: {"description": "Ready"},
+        400: {"description": "Not ready"},
+        **v2_error_responses(401, 403, 404, 422, 500),
+    },
 )
-async def model_ready(name: ModelName, container: ContainerDep) -> Response:
+async def model_ready(name: ModelName, container: ContainerDep, _principal: ModelsReader) -> Response:
     return await _ready(container, name, None)
 
 
@@ -188,9 +192,15 @@ async def model_ready(name: ModelName, container: ContainerDep) -> Response:
     tags=[TAG],
     summary="Model version readiness",
     response_class=Response,
-    responses={200: {"description": "Ready"}, 400: {"description": "Not ready"}, **v2_error_responses(404, 422, 500)},
+    responses={
+        200: {"description": "Ready"},
+        400: {"description": "Not ready"},
+        **v2_error_responses(401, 403, 404, 422, 500),
+    },
 )
-async def model_version_ready(name: ModelName, version: Version, container: ContainerDep) -> Response:
+async def model_version_ready(
+    name: ModelName, version: Version, container: ContainerDep, _principal: ModelsReader
+) -> Response:
     return await _ready(container, name, version)
 
 
