@@ -32,9 +32,6 @@ def _cmd_serve(settings: Settings, _args: argparse.Namespace) -> int:
     from app.observability.logging import configure_logging  # noqa: PLC0415
 
     configure_logging(settings.log_level, settings.log_format)
-    # The audit writer and ONNX Runtime's worker threads hand the GIL back and forth with the event
-    # loop; the default 5 ms switch interval stretches every audit transaction's round trips.
-    sys.setswitchinterval(0.0005)
     # uvicorn drains on SIGTERM/SIGINT, runs the lifespan shutdown (batchers drain, the audit
     # writer commits), restores the previous handlers and re-raises the signal. These handlers
     # turn that re-raise into exit status 0: a graceful stop is a success for Kubernetes.

@@ -18,7 +18,7 @@ import numpy.typing as npt
 
 from app.audit.recorder import AuditWriter
 from app.domain import AuditRecord, RequestContext
-from app.errors import AuditUnavailableError, MedinferError
+from app.errors import AuditUnavailableError, ErrorKind, MedinferError
 from app.inference.batcher import BatcherPool, Tensors
 from app.inference.registry import ModelRegistry, ServedVersion
 from app.inference.tensors import check_inputs
@@ -156,7 +156,7 @@ class Pipeline:
     ) -> None:
         record = AuditRecord(
             action="inference",
-            outcome="error" if error.kind.value in {"internal", "unavailable"} else "failure",
+            outcome="error" if error.kind in {ErrorKind.INTERNAL, ErrorKind.UNAVAILABLE} else "failure",
             request_id=context.request_id,
             actor=context.actor,
             source_ip=context.source_ip,

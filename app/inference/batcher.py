@@ -83,7 +83,6 @@ class DynamicBatcher:
         self._metrics = metrics
         self._labels = {"model": served.spec.name, "version": served.version}
         self._queue: deque[_Pending] = deque()
-        self._queued_rows = 0
         self._wakeup = asyncio.Event()
         self._slots = asyncio.Semaphore(policy.instance_count)
         self._executor = ThreadPoolExecutor(

@@ -8,6 +8,7 @@ OpenTelemetry way (``OTEL_EXPORTER_OTLP_ENDPOINT`` etc.) by the tracer provider 
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from app.errors import TracingUnavailableError
@@ -28,15 +29,24 @@ def instrument(app: Any, tracer_provider: Any = None) -> None:
     )
 
 
+@functools.cache
+def _trace_api() -> Any:
+    """OpenTelemetry's trace API, or None without the extra (looked up once, not per request)."""
+    try:
+        from opentelemetry import trace  # noqa: PLC0415
+    except ImportError:
+        return None
+    return trace
+
+
 def scrub_current_span(route_template: str) -> None:
     """Replace the raw path and URL on the current server span with the route template.
 
     Raw paths and query strings can carry identifiers (a StudyInstanceUID in a DICOMweb path, a
     patient id in a query); the template cannot. A no-op without the ``otel`` extra.
     """
-    try:
-        from opentelemetry import trace  # noqa: PLC0415
-    except ImportError:
+    trace = _trace_api()
+    if trace is None:
         return
     span = trace.get_current_span()
     if span.is_recording():

@@ -25,7 +25,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from app.errors import InvalidRequestError, MalformedBodyError, MissingFeaturesError
 
 LOINC = "http://loinc.org"
-UCUM = "http://unitsofmeasure.org"
 _USABLE_STATUS = frozenset({"final", "amended", "corrected", "preliminary"})
 _BUNDLE_TYPES = frozenset({"collection", "transaction", "batch"})
 

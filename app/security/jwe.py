@@ -59,16 +59,14 @@ CLAIM_HEADERS: Final = {
     "exp": HeaderParameter("Expires at (seconds)", "int"),
     "jti": HeaderParameter("Unique token id, accepted once", "str"),
 }
-_JWS_REGISTRY: Final = jws.JWSRegistry(
-    header_registry=CLAIM_HEADERS, algorithms=["ES256", "ES384", "RS256", "PS256", "EdDSA"]
-)
+ALLOWED_JWS_ALG: Final = ("ES256", "ES384", "RS256", "PS256", "EdDSA")
+_JWS_REGISTRY: Final = jws.JWSRegistry(header_registry=CLAIM_HEADERS, algorithms=list(ALLOWED_JWS_ALG))
 
 
 @dataclass(frozen=True, slots=True)
 class Opened:
     plaintext: bytes
     content_type: str
-    kid: str
 
 
 def is_jose(media_type: str) -> bool:
@@ -145,11 +143,10 @@ def open_payload(body: bytes, media_type: str, keys: KeyStore, max_bytes: int) -
             plaintext = jwe.decrypt_json(cast(Any, serialized), stored.key, registry=_registry(max_bytes)).plaintext
     except (JoseError, ValueError, TypeError, KeyError) as exc:
         raise DecryptionError(_GENERIC, reason="decrypt") from exc
-    return Opened(plaintext=plaintext or b"", content_type=str(header["cty"]), kid=stored.kid)
+    return Opened(plaintext=plaintext or b"", content_type=str(header["cty"]))
 
 
 SIGNED_CTY: Final = frozenset({"jwt", "application/jose"})  # compared lower-cased
-ALLOWED_JWS_ALG: Final = frozenset({"ES256", "ES384", "RS256", "PS256", "EdDSA"})
 MAX_TOKEN_LIFETIME_S: Final = 300
 CLOCK_SKEW_S: Final = 60
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from joserfc import jwe
-from joserfc.jwk import ECKey, KeySet, OctKey, RSAKey
+from joserfc.jwk import ECKey, OctKey, RSAKey
 
 KeyState = Literal["active", "next", "retired"]
 KeyAlg = Literal["ECDH-ES+A256KW", "RSA-OAEP-256"]
@@ -142,6 +142,3 @@ class KeyStore:
     def rotation_due(self, max_age: timedelta) -> list[tuple[str, float]]:
         """(kid, Unix time) at which each published key should have been rotated out."""
         return [(k.kid, (k.created + max_age).timestamp()) for k in self.keys if k.state in {"active", "next"}]
-
-    def keyset(self) -> KeySet:
-        return KeySet([k.key for k in self.decryption_keys().values()])

@@ -5,7 +5,6 @@ Nothing here needs the network, a cluster or a Docker engine.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -46,8 +45,6 @@ PROMTOOL_HINT = (
     "promtool is missing: install Debian's `prometheus` package (`apt-get install -y prometheus`, "
     "which `make test` does) or set MEDINFER_PROMTOOL"
 )
-CHECKOV_TIMEOUT_S = 240  # below pytest-timeout's 300 s, so a hang fails with checkov's own output
-CHECKOV_HINT = "run `make test` (it creates .venv-checkov with checkov) or set MEDINFER_CHECKOV"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,37 +188,6 @@ def run_promtool(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=60, check=False)
     except subprocess.TimeoutExpired:
         pytest.fail(f"promtool ran past 60 s: {' '.join(argv)}")
-
-
-def checkov_path() -> Path:
-    configured = os.environ.get("MEDINFER_CHECKOV", ".venv-checkov/bin/checkov")
-    path = Path(configured) if Path(configured).is_absolute() else REPO / configured
-    if not (path.is_file() and os.access(path, os.X_OK)):
-        pytest.fail(f"checkov not found at {path}: {CHECKOV_HINT}")
-    return path
-
-
-def run_checkov(*args: str) -> list[dict[str, Any]]:
-    """Run checkov offline (no update check, no platform mapping, no downloads); one report per framework."""
-    env = {
-        **os.environ,
-        "CKV_SKIP_PACKAGE_UPDATE_CHECK": "true",
-        "BC_SKIP_MAPPING": "TRUE",
-        "LOG_LEVEL": "WARNING",
-    }
-    # Not --quiet: the passed and skipped checks are wanted too, per file.
-    argv = [str(checkov_path()), "--skip-download", "--compact", "-o", "json", *args]
-    try:
-        done = subprocess.run(
-            argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=CHECKOV_TIMEOUT_S, check=False
-        )
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"checkov ran past {CHECKOV_TIMEOUT_S}s: {' '.join(argv)}")
-    # 0: no failed check; 1: failed checks (reported by the caller); anything else: checkov failed.
-    assert done.returncode in {0, 1}, f"checkov exited {done.returncode}:\n{done.stderr[-4000:]}"
-    output = json.loads(done.stdout)
-    reports = output if isinstance(output, list) else [output]
-    return [r if "summary" in r else {"summary": r, "results": {"failed_checks": []}} for r in reports]
 
 
 # ---------------------------------------------------------------------------------------------

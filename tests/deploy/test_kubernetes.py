@@ -42,8 +42,8 @@ from tests.deploy.support import (
     app_metric_families,
     load_yaml,
     load_yaml_documents,
-    run_checkov,
 )
+from tests.support.checkov import run_checkov
 
 OVERLAY_NAMES = ("cpu", "gpu")
 #: The oldest and newest Kubernetes minor the manifests are validated against.

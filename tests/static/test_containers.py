@@ -10,10 +10,8 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
-import os
 import re
 import shlex
-import subprocess
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +21,8 @@ import pytest
 import yaml
 from packaging.requirements import Requirement
 from packaging.version import Version
+
+from tests.support.checkov import checkov_path, run_checkov
 
 REPO = Path(__file__).resolve().parents[2]
 DOCKERFILE = REPO / "Dockerfile"
@@ -44,8 +44,6 @@ ORT_CUDA13_FLOOR = Version("1.27")
 #: Checkov checks the Dockerfile may skip, each with the reason it is safe. Every
 #: ``# checkov:skip=`` comment in the Dockerfile must be listed here, and vice versa.
 ALLOWED_CHECKOV_SKIPS: dict[str, str] = {}
-CHECKOV_TIMEOUT_S = 240  # below pytest-timeout's 300 s, so a hang fails with checkov's own output
-CHECKOV_HINT = "run `make test` (it creates .venv-checkov with checkov) or set MEDINFER_CHECKOV"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -711,34 +709,7 @@ def test_gpu_override_reserves_an_nvidia_gpu_for_medinfer_only() -> None:
 
 @pytest.fixture(scope="module")
 def checkov() -> Path:
-    configured = os.environ.get("MEDINFER_CHECKOV", ".venv-checkov/bin/checkov")
-    path = Path(configured) if Path(configured).is_absolute() else REPO / configured
-    if not (path.is_file() and os.access(path, os.X_OK)):
-        pytest.fail(f"checkov not found at {path}: {CHECKOV_HINT}")
-    return path
-
-
-def run_checkov(checkov: Path, *args: str) -> list[dict[str, Any]]:
-    """Run checkov offline and return its reports (one per framework)."""
-    env = {
-        **os.environ,
-        "CKV_SKIP_PACKAGE_UPDATE_CHECK": "true",  # no PyPI version check at start-up
-        "BC_SKIP_MAPPING": "TRUE",  # no platform metadata download
-        "LOG_LEVEL": "WARNING",
-    }
-    argv = [str(checkov), "--skip-download", "--quiet", "--compact", "-o", "json", *args]
-    try:
-        done = subprocess.run(
-            argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=CHECKOV_TIMEOUT_S, check=False
-        )
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"checkov ran past {CHECKOV_TIMEOUT_S}s: {' '.join(argv)}")
-    # 0: no failed check; 1: failed checks (reported below); anything else: checkov itself failed.
-    assert done.returncode in {0, 1}, f"checkov exited {done.returncode}:\n{done.stderr[-4000:]}"
-    output = json.loads(done.stdout)
-    reports = output if isinstance(output, list) else [output]
-    # With nothing to report checkov prints the bare summary.
-    return [r if "summary" in r else {"summary": r, "results": {"failed_checks": []}} for r in reports]
+    return checkov_path()
 
 
 def _failures(reports: list[dict[str, Any]]) -> list[str]:
@@ -750,7 +721,7 @@ def _failures(reports: list[dict[str, Any]]) -> list[str]:
 
 
 def test_checkov_dockerfile(checkov: Path, dockerfile_text: str) -> None:
-    reports = run_checkov(checkov, "--framework", "dockerfile", "-f", str(DOCKERFILE))
+    reports = run_checkov("--framework", "dockerfile", "-f", str(DOCKERFILE), quiet=True)
     assert len(reports) == 1
     summary = reports[0]["summary"]
     assert summary["parsing_errors"] == 0
@@ -774,7 +745,7 @@ def test_checkov_finds_no_secrets_in_container_files(checkov: Path, tmp_path: Pa
     args = ["--framework", "secrets"]
     for path in [*scanned, canary]:
         args += ["-f", str(path)]
-    reports = run_checkov(checkov, *args)
+    reports = run_checkov(*args, quiet=True)
     flagged = {Path(c["file_abs_path"]).resolve() for r in reports for c in r["results"].get("failed_checks", [])}
     assert canary.resolve() in flagged, "checkov's secrets scan did not flag the canary: it is not scanning"
     assert flagged == {canary.resolve()}, _failures(reports)

@@ -206,7 +206,6 @@ class Payload:
 
     body: bytes
     media_type: str
-    encrypted: bool
 
 
 def media_type_of(value: str | None) -> str:
@@ -221,7 +220,7 @@ async def read_payload(request: Request, container: Container, principal: Princi
     if not is_jose(media):
         if container.settings.encryption_required or principal.signing_jwk is not None:
             raise EncryptionRequiredError("send the payload encrypted (application/jose) to the service JWKS")
-        return Payload(body=body, media_type=request.headers.get("content-type", ""), encrypted=False)
+        return Payload(body=body, media_type=request.headers.get("content-type", ""))
     try:
         # Opening a study-sized JWE takes milliseconds per megabyte: keep it off the event loop.
         opened = await asyncio.to_thread(open_payload, body, media, container.keys, container.settings.max_body_bytes)
@@ -232,7 +231,7 @@ async def read_payload(request: Request, container: Container, principal: Princi
         raise
     nested = media_type_of(opened.content_type) in SIGNED_CTY
     if principal.signing_jwk is None and not nested:
-        return Payload(body=opened.plaintext, media_type=opened.content_type, encrypted=True)
+        return Payload(body=opened.plaintext, media_type=opened.content_type)
     if principal.signing_jwk is None or not nested:
         container.metrics.auth_failures.labels(reason="signature").inc()
         raise AuthenticationError("this client must sign its payloads, then encrypt them")
@@ -248,7 +247,7 @@ async def read_payload(request: Request, container: Container, principal: Princi
     except AuthenticationError:
         container.metrics.auth_failures.labels(reason="signature").inc()
         raise
-    return Payload(body=signed.payload, media_type=signed.content_type, encrypted=True)
+    return Payload(body=signed.payload, media_type=signed.content_type)
 
 
 async def _accept_once(container: Container, client_id: str, jti: str, expires_at: int) -> None:
