@@ -83,6 +83,49 @@ class Settings(BaseSettings):
     audit_enabled: bool = Field(
         default=True, description="Only for benchmark baselines; production refuses to run without the audit trail."
     )
+
+    # Imaging (DICOM) ---------------------------------------------------------------------
+    dicom_max_instance_bytes: int = Field(
+        default=256 * 1024 * 1024, ge=1024, description="Cap on one DICOM instance's encoded bytes."
+    )
+    dicom_max_pixel_bytes: int = Field(
+        default=512 * 1024 * 1024,
+        ge=1024,
+        description="Cap on the decoded pixel buffer a header declares (Rows x Columns x Frames x Bits x Samples).",
+    )
+    dicom_max_frames: int = Field(default=1024, ge=1, description="Cap on NumberOfFrames.")
+    dicom_max_parts: int = Field(default=2000, ge=1, description="Cap on instances in one multipart body.")
+    dicom_spool_dir: Path | None = Field(
+        default=None,
+        description="Where received instances wait for their study to settle. Defaults to <data_dir>/spool.",
+    )
+    dicom_spool_min_free_bytes: int = Field(
+        default=64 * 1024 * 1024, ge=0, description="C-STORE answers out-of-resources below this much free disk."
+    )
+    imaging_routes: str | None = Field(
+        default=None,
+        description='JSON list of {"modality": [...], "body_part": [...], "model": name}; first match wins. '
+        "Unset: each DICOM model's own allow-lists in model.toml.",
+    )
+    study_settle_s: float = Field(
+        default=5.0, gt=0, description="A study is inferred once no instance of it arrived for this long."
+    )
+    dimse_enabled: bool = Field(default=False, description="Run the C-STORE/C-ECHO SCP in the service process.")
+    dimse_host: str = "127.0.0.1"
+    dimse_port: int = Field(default=11112, ge=0, le=65535, description="0 picks a free port (tests).")
+    dimse_ae_title: str = Field(default="MEDINFER", min_length=1, max_length=16)
+    dimse_allowed_calling_aes: list[str] = Field(
+        default_factory=list, description="Calling AE titles allowed to associate; empty allows any."
+    )
+    dimse_max_associations: int = Field(default=8, ge=1)
+    pacs_destination: str | None = Field(
+        default=None,
+        description="Where DICOM SR results go: dimse://CALLED_AE@host:port or a DICOMweb base URL "
+        "(http[s]://.../dicom-web) for STOW-RS. Unset: results stay in the database outbox only.",
+    )
+    pacs_retry_base_s: float = Field(default=1.0, gt=0, description="First retry delay; doubles up to 5 minutes.")
+    pacs_max_attempts: int = Field(default=20, ge=1, description="Attempts before a result is marked failed.")
+
     audit_hmac_key: SecretStr = SecretStr(PLACEHOLDER_SECRET)
     pseudonym_key: SecretStr = SecretStr(PLACEHOLDER_SECRET)
 
@@ -138,6 +181,10 @@ class Settings(BaseSettings):
     @property
     def resolved_keys_dir(self) -> Path:
         return self.keys_dir if self.keys_dir is not None else self.data_dir / "keys"
+
+    @property
+    def resolved_spool_dir(self) -> Path:
+        return self.dicom_spool_dir if self.dicom_spool_dir is not None else self.data_dir / "spool"
 
 
 def service_version() -> str:

@@ -332,6 +332,103 @@ class TracingUnavailableError(MedinferError):
     title = "Tracing unavailable"
 
 
+class DicomMalformedError(MedinferError):
+    """The bytes are not a readable DICOM Part 10 instance: not DICOM at all, truncated, a
+    malformed element or sequence, or missing a required attribute (named in the detail).
+
+    Recovery: send a complete, well-formed instance (preamble, ``DICM``, File Meta Information).
+    """
+
+    code = "dicom-malformed"
+    title = "Malformed DICOM"
+    kind = ErrorKind.INVALID_INPUT
+
+
+class DicomUnsupportedError(MedinferError):
+    """The instance is well formed but cannot be decoded here: an unsupported transfer syntax,
+    bit depth or pixel layout. The detail names the transfer syntax or attribute.
+
+    Recovery: send it in a supported transfer syntax (see ``docs/imaging.md``).
+    """
+
+    code = "dicom-unsupported"
+    title = "Unsupported DICOM encoding"
+    kind = ErrorKind.UNSUPPORTED_MEDIA_TYPE
+
+
+class DicomNotAcceptedError(MedinferError):
+    """The instance does not fit the model's allow-lists in ``model.toml`` (SOP Class, Modality,
+    BodyPartExamined, ViewPosition, PhotometricInterpretation, frames). The detail names the
+    attribute and the accepted values, never the patient's data.
+
+    Recovery: send a study the model is intended for, or route it to another model.
+    """
+
+    code = "dicom-not-accepted"
+    title = "DICOM instance not accepted by the model"
+    kind = ErrorKind.INVALID_INPUT
+
+
+class DicomTooLargeError(MedinferError):
+    """The instance's bytes, or the pixel buffer its header declares (Rows x Columns x Frames x
+    BitsAllocated x SamplesPerPixel), exceed the caps. Checked before any pixel is decoded.
+
+    Recovery: send a smaller image, or raise ``MEDINFER_DICOM_MAX_PIXEL_BYTES``.
+    """
+
+    code = "dicom-too-large"
+    title = "DICOM instance too large"
+    kind = ErrorKind.TOO_LARGE
+
+
+class StudyMismatchError(MedinferError):
+    """An instance belongs to another study or patient than the request names: a STOW-RS to
+    ``/studies/{study}`` with a different StudyInstanceUID, or a series that mixes studies.
+
+    Recovery: send each study's instances separately, to its own StudyInstanceUID.
+    """
+
+    code = "study-mismatch"
+    title = "Study mismatch"
+    kind = ErrorKind.CONFLICT
+
+
+class NoRouteError(MedinferError):
+    """No imaging routing rule (``MEDINFER_IMAGING_ROUTES``, or the models' own allow-lists)
+    names a model for this instance's Modality and BodyPartExamined, so it is not accepted.
+
+    Recovery: add a routing rule, or send only images a served model is intended for.
+    """
+
+    code = "no-route"
+    title = "No model for this image"
+    kind = ErrorKind.INVALID_INPUT
+
+
+class OutOfResourcesError(MedinferError):
+    """The service cannot take the instance now: the DICOM spool's disk is full or unwritable,
+    or the ingest queue is at its cap. Nothing was accepted.
+
+    Recovery: retry later; operators free spool space (``MEDINFER_DICOM_SPOOL_DIR``).
+    """
+
+    code = "out-of-resources"
+    title = "Out of resources"
+    kind = ErrorKind.UNAVAILABLE
+
+
+class DeliveryError(MedinferError):
+    """A result could not be delivered to the PACS destination (association refused, a failure
+    status, a timeout). The outbox keeps it and retries with backoff.
+
+    Recovery: none needed by the caller; operators check the destination.
+    """
+
+    code = "delivery-failed"
+    title = "Delivery to PACS failed"
+    kind = ErrorKind.UNAVAILABLE
+
+
 ALL_ERRORS: tuple[type[MedinferError], ...] = (
     MedinferError,
     InvalidRequestError,
@@ -359,4 +456,12 @@ ALL_ERRORS: tuple[type[MedinferError], ...] = (
     DecryptionError,
     EncryptionRequiredError,
     TracingUnavailableError,
+    DicomMalformedError,
+    DicomUnsupportedError,
+    DicomNotAcceptedError,
+    DicomTooLargeError,
+    StudyMismatchError,
+    NoRouteError,
+    OutOfResourcesError,
+    DeliveryError,
 )

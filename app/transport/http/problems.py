@@ -47,6 +47,7 @@ STATUS_BY_KIND: Final[Mapping[e.ErrorKind, int]] = {
 STATUS_OVERRIDES: Final[Mapping[type[e.MedinferError], int]] = {
     e.MalformedBodyError: 400,
     e.DecryptionError: 400,
+    e.DicomMalformedError: 400,
     e.MethodNotAllowedError: 405,
 }
 

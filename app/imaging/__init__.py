@@ -1,0 +1,1 @@
+"""Imaging: routing DICOM instances to models, assembling studies, and the PACS outbox."""

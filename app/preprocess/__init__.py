@@ -1,0 +1,1 @@
+"""Preprocessing: pure functions from decoded DICOM pixels to model tensors."""
