@@ -165,6 +165,14 @@ class Settings(BaseSettings):
         return url
 
     @model_validator(mode="after")
+    def _pacs_destination(self) -> Settings:
+        url = self.pacs_destination
+        if url and not url.startswith(("dimse://", "http://", "https://")):
+            msg = "MEDINFER_PACS_DESTINATION is dimse://CALLED_AE@host:port or a DICOMweb http(s):// base URL"
+            raise ValueError(msg)
+        return self
+
+    @model_validator(mode="after")
     def _tls_pairs(self) -> Settings:
         if (self.tls_certfile is None) != (self.tls_keyfile is None):
             msg = "MEDINFER_TLS_CERTFILE and MEDINFER_TLS_KEYFILE go together"

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
+import pydicom.config
 from sqlalchemy import Engine
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
@@ -52,6 +53,9 @@ class Container:
 
         No connection is opened and no model is read yet.
         """
+        # pydicom warns and logs about invalid element values by quoting them, which would put
+        # patient data in logs; app.parsing.dicom validates what matters and names attributes only.
+        pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
         engine, sessionmaker = create_async_db(settings)
         trusted = (
             load_ed25519_public_key(settings.model_signing_public_key) if settings.model_signing_public_key else None

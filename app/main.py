@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -13,20 +15,40 @@ from fastapi.routing import APIRoute
 
 from app.config import Settings, load_settings, service_version
 from app.container import Container
+from app.imaging.service import build_imaging
 from app.observability.logging import configure_logging
 from app.observability.metrics import Metrics
 from app.observability.tracing import instrument
-from app.transport.http import routes_admin, routes_audit, routes_models, routes_ops, routes_predict, routes_v2
+from app.transport.dimse.node import dimse_scp, pacs_sender
+from app.transport.http import (
+    routes_admin,
+    routes_audit,
+    routes_dicomweb,
+    routes_models,
+    routes_ops,
+    routes_predict,
+    routes_v2,
+)
 from app.transport.http.deps import get_principal
 from app.transport.http.middleware import RequestContextMiddleware
 from app.transport.http.problems import install_problem_handlers, normalise_openapi_errors
 from app.transport.http.schemas import Problem
 from app.transport.http.v2_codec import V2InferRequest, V2InferResponse
 
+log = logging.getLogger(__name__)
+
 TAGS = [
     {"name": "operations", "description": "Health probes, metrics and problem-type documentation."},
     {"name": "models", "description": "The model catalogue and its provenance."},
-    {"name": "predict", "description": "Patient records in, decisions with provenance out (JSON or FHIR)."},
+    {
+        "name": "predict",
+        "description": "Patient records and DICOM studies in, decisions with provenance out (JSON, FHIR or DICOM SR).",
+    },
+    {
+        "name": "dicomweb",
+        "description": "DICOMweb STOW-RS for PACS: studies are stored, inferred asynchronously, and their DICOM SR "
+        "sent back to the configured PACS. Responses are application/dicom+json.",
+    },
     {"name": "admin", "description": "Live model management and client registration."},
     {"name": "audit", "description": "The tamper-evident audit trail: verify, list, export (FHIR AuditEvent)."},
     {
@@ -55,6 +77,7 @@ ROUTERS = (
     routes_admin.router,
     routes_audit.router,
     routes_v2.router,
+    routes_dicomweb.router,
 )
 
 
@@ -113,11 +136,22 @@ def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         container = Container.build(settings, metrics)
+        imaging = build_imaging(container, pacs_sender(settings))
         app.state.container = container
+        app.state.imaging = imaging
         await container.start()
+        await imaging.start()
+        scp = dimse_scp(settings, imaging)
         try:
+            if scp is not None:
+                await asyncio.to_thread(scp.start)
+                app.state.dimse_port = scp.port
+                log.info("DIMSE SCP listening", extra={"event": "dimse.listening", "port": scp.port})
             yield
         finally:
+            if scp is not None:
+                await asyncio.to_thread(scp.stop)
+            await imaging.aclose()
             await container.aclose()
             metrics.mark_process_dead()
 

@@ -6,10 +6,12 @@ It knows no transport and does no I/O of its own; the transports decode payloads
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
+import os
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -18,13 +20,15 @@ import numpy.typing as npt
 
 from app.audit.recorder import AuditWriter
 from app.domain import AuditRecord, RequestContext
-from app.errors import AuditUnavailableError, ErrorKind, MedinferError
-from app.inference.batcher import BatcherPool, Tensors
+from app.errors import AuditUnavailableError, ErrorKind, InvalidRequestError, MedinferError, StudyMismatchError
+from app.inference.batcher import BatcherPool, BatchTiming, Tensors
 from app.inference.registry import ModelRegistry, ServedVersion
 from app.inference.tensors import check_inputs
 from app.observability.metrics import Metrics
+from app.parsing.dicom import AcceptPolicy, DicomInstance, check_policy
 from app.parsing.fhir import ExtractedFeatures, feature_map, from_bundle, from_features, parse_features_json
 from app.postprocess.classification import Classification, classify
+from app.preprocess.pixels import PixelRecipe, to_tensor
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +60,50 @@ class RecordPrediction:
     features: ExtractedFeatures
 
 
+@dataclass(frozen=True, slots=True)
+class InstanceResult:
+    sop_instance_uid: str
+    series_uid: str
+    classification: Classification
+
+
+@dataclass(frozen=True, slots=True)
+class StudyPrediction:
+    """One study's images through one model version.
+
+    The study's decision is that of its most suspicious image: the highest probability of the
+    positive label (or, for models without one, the most confident image).
+    """
+
+    served: ServedVersion
+    classification: Classification
+    instances: tuple[InstanceResult, ...]
+    study_uid: str
+    preprocess_ms: float
+    queue_ms: float
+    inference_ms: float
+
+
+@dataclass(frozen=True, slots=True)
+class ImagingRecipe:
+    policy: AcceptPolicy
+    pixels: PixelRecipe
+
+
+def _stack(instances: Sequence[DicomInstance], recipe: PixelRecipe) -> npt.NDArray[np.float32]:
+    return np.stack([to_tensor(instance.dataset, recipe) for instance in instances]).astype(np.float32, copy=False)
+
+
+def _most_suspicious(results: Sequence[InstanceResult]) -> InstanceResult:
+    def score(result: InstanceResult) -> float:
+        c = result.classification
+        if c.positive_label is not None:
+            return c.probabilities[c.positive_label]
+        return max(c.probabilities.values())
+
+    return max(results, key=score)
+
+
 class Pipeline:
     def __init__(
         self, registry: ModelRegistry, batchers: BatcherPool, audit: AuditWriter | None, metrics: Metrics
@@ -65,6 +113,85 @@ class Pipeline:
         self.batchers = batchers
         self.audit = audit
         self.metrics = metrics
+        self._recipes: dict[tuple[str, str, str], ImagingRecipe] = {}
+        # Decoded images are large; at most one per core is decoded at a time, off the event loop.
+        self._decode_slots = asyncio.Semaphore(max(1, os.cpu_count() or 1))
+
+    def imaging_recipe(self, served: ServedVersion) -> ImagingRecipe:
+        """The allow-lists and pixel recipe of a DICOM model (cached per version)."""
+        key = (served.spec.name, served.version, served.sha256)
+        recipe = self._recipes.get(key)
+        if recipe is None:
+            if served.spec.preprocessing.get("kind") != "dicom":
+                raise InvalidRequestError(f"model {served.spec.name} does not read DICOM images")
+            recipe = ImagingRecipe(
+                AcceptPolicy.from_preprocessing(served.spec.preprocessing),
+                PixelRecipe.from_preprocessing(served.spec.preprocessing, served.spec.inputs[0].shape),
+            )
+            self._recipes[key] = recipe
+        return recipe
+
+    async def predict_study(
+        self,
+        model: str,
+        instances: Sequence[DicomInstance],
+        *,
+        deadline: float | None,
+        context: RequestContext,
+        operating_point: str | None = None,
+    ) -> StudyPrediction:
+        """DICOM instances of one study -> allow-lists -> pixels -> probabilities -> decision.
+
+        Refusals before the model runs are audited as failures too. Studies larger than the
+        model's batch run as several audited inferences, each naming its own instances.
+        """
+        served: ServedVersion | None = None
+        try:
+            served = self.registry.get(model)
+            recipe = self.imaging_recipe(served)
+            study_uid = _one_study(instances)
+            for instance in instances:
+                check_policy(instance, recipe.policy)
+            if operating_point is not None:
+                classify(served.spec, [0.0] * len(served.spec.labels), operating_point)
+            started = time.perf_counter()
+            async with self._decode_slots:
+                batch = await asyncio.to_thread(_stack, instances, recipe.pixels)
+            preprocess_s = time.perf_counter() - started
+        except MedinferError as exc:
+            await self._record_failure(_study_context(context, instances), model, served, exc)
+            raise
+        self.metrics.preprocess_seconds.labels(model=model, version=served.version).observe(preprocess_s)
+        (tensor,) = served.spec.inputs
+        step = served.spec.batching.max_batch_size
+        results: list[InstanceResult] = []
+        timing = BatchTiming()
+        for start in range(0, len(instances), step):
+            chunk = instances[start : start + step]
+            result = await self.infer_tensors(
+                model,
+                served.version,
+                {tensor.name: batch[start : start + step]},
+                deadline,
+                _study_context(context, chunk),
+                timing=timing,
+            )
+            served = result.served
+            rows = result.outputs[served.spec.outputs[0].name]
+            for instance, row in zip(chunk, rows, strict=True):
+                decision = classify(served.spec, row.tolist(), operating_point)
+                results.append(InstanceResult(instance.sop_instance_uid, instance.series_uid, decision))
+        study = _most_suspicious(results).classification
+        self.metrics.predictions.labels(model=model, version=served.version, label=study.label).inc()
+        return StudyPrediction(
+            served=served,
+            classification=study,
+            instances=tuple(results),
+            study_uid=study_uid,
+            preprocess_ms=preprocess_s * 1000,
+            queue_ms=timing.queue_s * 1000,
+            inference_ms=timing.compute_s * 1000,
+        )
 
     async def infer_tensors(
         self,
@@ -73,6 +200,8 @@ class Pipeline:
         inputs: Mapping[str, npt.NDArray[np.generic]],
         deadline: float | None,
         context: RequestContext,
+        *,
+        timing: BatchTiming | None = None,
     ) -> TensorResult:
         """Run raw tensors through the batcher of the version serving now, then audit.
 
@@ -83,7 +212,7 @@ class Pipeline:
         try:
             served = self.registry.get(model, version)
             tensors = check_inputs(served.spec, inputs)
-            outputs = await self.batchers.get(served).infer(tensors, deadline)
+            outputs = await self.batchers.get(served).infer(tensors, deadline, timing)
         except MedinferError as exc:
             await self._record_failure(context, model, served, exc)
             raise
@@ -176,4 +305,30 @@ class Pipeline:
 
     def retire_unserved(self) -> None:
         """After a reload or unload: drain and stop the batchers of versions that left service."""
-        self.batchers.retire_unserved(self.registry.all_served())
+        served = self.registry.all_served()
+        serving = {(s.spec.name, s.version, s.sha256) for s in served}
+        self._recipes = {k: v for k, v in self._recipes.items() if k in serving}
+        self.batchers.retire_unserved(served)
+
+
+def _one_study(instances: Sequence[DicomInstance]) -> str:
+    if not instances:
+        raise InvalidRequestError("no DICOM instance in the request")
+    studies = {i.study_uid for i in instances}
+    patients = {i.patient_id or "" for i in instances}
+    if len(studies) > 1 or len(patients) > 1:
+        raise StudyMismatchError("the instances belong to more than one study or patient; send one study at a time")
+    return instances[0].study_uid
+
+
+def _study_context(context: RequestContext, instances: Sequence[DicomInstance]) -> RequestContext:
+    if not instances:
+        return context
+    series = {i.series_uid for i in instances}
+    return replace(
+        context,
+        patient_id=instances[0].patient_id,
+        study_uid=instances[0].study_uid,
+        series_uid=next(iter(series)) if len(series) == 1 else None,
+        sop_uids=tuple(i.sop_instance_uid for i in instances),
+    )

@@ -57,6 +57,19 @@ ENV
     -c "CREATE ROLE medinfer LOGIN" -c "CREATE DATABASE medinfer_test OWNER medinfer" >/dev/null
 
   mkdir -p "$root/orthanc/db"
+  # Auto-routing, as a hospital PACS does it: every stored image (not SR, not our own results)
+  # is forwarded by C-STORE to the modality "medinfer", which the imaging tests register over
+  # Orthanc's REST API with the port their medinfer listens on. Without it, nothing is routed.
+  cat > "$root/orthanc/route.lua" <<'LUA'
+function OnStoredInstance(instanceId, tags, metadata, origin)
+  if tags["Modality"] ~= "SR" and origin["RequestOrigin"] ~= "Lua" then
+    local ok, err = pcall(SendToModality, instanceId, "medinfer")
+    if not ok then
+      print("medinfer routing skipped: " .. tostring(err))
+    end
+  end
+end
+LUA
   cat > "$root/orthanc/orthanc.json" <<JSON
 {
   "Name": "medinfer-test-pacs",
@@ -70,7 +83,8 @@ ENV
   "DicomAlwaysAllowStore": true,
   "DicomCheckCalledAet": false,
   "Plugins": ["/usr/share/orthanc/plugins/libOrthancDicomWeb.so"],
-  "DicomWeb": {"Enable": true, "Root": "/dicom-web/"}
+  "DicomWeb": {"Enable": true, "Root": "/dicom-web/"},
+  "LuaScripts": ["$root/orthanc/route.lua"]
 }
 JSON
   Orthanc --logdir="$root/orthanc" "$root/orthanc/orthanc.json" >/dev/null 2>&1 &

@@ -40,6 +40,14 @@ class BatchPolicy:
 
 
 @dataclass(slots=True)
+class BatchTiming:
+    """Filled in by the batcher for callers that report where the time went."""
+
+    queue_s: float = 0.0
+    compute_s: float = 0.0
+
+
+@dataclass(slots=True)
 class _Pending:
     inputs: Tensors
     rows: int
@@ -47,6 +55,7 @@ class _Pending:
     deadline: float | None
     enqueued: float
     future: asyncio.Future[Tensors] = field(repr=False)
+    timing: BatchTiming | None = None
 
 
 def _signature(inputs: Mapping[str, npt.NDArray[np.generic]]) -> tuple[tuple[str, str, tuple[int, ...]], ...]:
@@ -97,7 +106,7 @@ class DynamicBatcher:
     def queue_depth(self) -> int:
         return len(self._queue)
 
-    async def infer(self, inputs: Tensors, deadline: float | None) -> Tensors:
+    async def infer(self, inputs: Tensors, deadline: float | None, timing: BatchTiming | None = None) -> Tensors:
         """Queue one request (its tensors carry the batch axis first) and await its rows.
 
         Raises :class:`OverloadedError` when the queue is full, :class:`DeadlineExceededError`
@@ -122,6 +131,7 @@ class DynamicBatcher:
             deadline=deadline,
             enqueued=time.monotonic(),
             future=asyncio.get_running_loop().create_future(),
+            timing=timing,
         )
         self._queue.append(pending)
         self._metrics.queue_depth.labels(**self._labels).set(len(self._queue))
@@ -225,7 +235,11 @@ class DynamicBatcher:
         finally:
             self._slots.release()
             self._metrics.compute_seconds.labels(**self._labels).observe(time.monotonic() - started)
+        finished = time.monotonic()
         for pending, result in zip(batch, results, strict=True):
+            if pending.timing is not None:
+                pending.timing.queue_s += started - pending.enqueued
+                pending.timing.compute_s += finished - started
             self._metrics.inference_requests.labels(**self._labels, outcome="ok").inc()
             if not pending.future.done():
                 pending.future.set_result(result)

@@ -41,11 +41,27 @@ ALLOWED_EXTRA: Final = frozenset(
     }
 )
 
+#: Loggers whose messages are fixed strings written by us (or by the ASGI server). Other
+#: libraries (pydicom, pynetdicom, highdicom, warnings) may quote element values, that is patient
+#: data, in their messages: those records keep their logger and level, but not their text.
+TRUSTED_MESSAGE_LOGGERS: Final = ("app", "uvicorn", "alembic")
+WITHHELD: Final = "(message withheld: third-party text may quote payload content)"
+
 _RESERVED: Final = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None)).keys()) | {
     "message",
     "asctime",
     "taskName",
 }
+
+
+class WithholdUntrustedText(logging.Filter):
+    """Replaces the message of records from loggers outside :data:`TRUSTED_MESSAGE_LOGGERS`."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.split(".", 1)[0] not in TRUSTED_MESSAGE_LOGGERS:
+            record.msg, record.args = WITHHELD, None
+            record.exc_text = None
+        return True
 
 
 class JsonFormatter(logging.Formatter):
@@ -84,9 +100,12 @@ def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
             root.removeHandler(handler)
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter("%(levelname)s %(name)s %(message)s"))
+    handler.addFilter(WithholdUntrustedText())
     handler._medinfer = True  # type: ignore[attr-defined]
     root.addHandler(handler)
     root.setLevel(level)
+    # Library warnings (pydicom's quote element values) go through the formatter, not to stderr.
+    logging.captureWarnings(capture=True)
     # uvicorn's access log prints raw paths and query strings, which may carry identifiers; our
     # middleware logs route templates instead.
     logging.getLogger("uvicorn.access").disabled = True

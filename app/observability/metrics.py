@@ -199,6 +199,29 @@ class Metrics:
             ["reason"],
             registry=self.registry,
         )
+        self.dicom_instances = Counter(
+            "medinfer_dicom_instances_total",
+            "DICOM instances received, by transport (rest, stow, dimse) and outcome (accepted or the error code).",
+            ["transport", "outcome"],
+            registry=self.registry,
+        )
+        self.studies = Counter(
+            "medinfer_studies_total",
+            "Studies inferred after they settled (asynchronous imaging path), by outcome.",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.studies_waiting = Gauge(
+            "medinfer_studies_waiting",
+            "Studies received and waiting to settle or be inferred.",
+            registry=self.registry,
+        )
+        self.outbox_events = Counter(
+            "medinfer_pacs_outbox_events_total",
+            "PACS outbox events: queued, delivered, retry, failed (gave up).",
+            ["outcome"],
+            registry=self.registry,
+        )
 
     def watch_keys(self, source: Callable[[], Iterable[tuple[str, float]]]) -> None:
         """Export the rotation due date of each published encryption key."""

@@ -31,6 +31,7 @@ from app.errors import (
     PermissionDeniedError,
     UnsupportedMediaTypeError,
 )
+from app.imaging.ingest import ImagingService
 from app.observability.logging import request_id_var
 from app.security.clients import authenticate
 from app.security.jwe import SIGNED_CTY, is_jose, open_payload, seal_for, verify_signed
@@ -47,6 +48,14 @@ def get_container(request: Request) -> Container:
 
 
 ContainerDep = Annotated[Container, Depends(get_container)]
+
+
+def get_imaging(request: Request) -> ImagingService:
+    imaging: ImagingService = request.app.state.imaging
+    return imaging
+
+
+ImagingDep = Annotated[ImagingService, Depends(get_imaging)]
 
 
 async def get_db(container: ContainerDep) -> AsyncIterator[AsyncSession]:
@@ -139,6 +148,8 @@ OPERATION_SCOPES: Final[Mapping[str, Scope | None]] = {
     "verifyAuditChain": Scope.AUDIT_READ,
     "listAuditEvents": Scope.AUDIT_READ,
     "exportAuditEvents": Scope.AUDIT_READ,
+    "storeInstances": Scope.INFER,
+    "storeStudyInstances": Scope.INFER,
 }
 
 

@@ -1,30 +1,43 @@
 """``POST /v1/models/{name}/predict``: domain payloads in, a decision with provenance out.
 
-Today it takes EHR records (a FHIR R4 Bundle, or plain JSON features); DICOM studies come with
-the imaging path. ``Accept: application/fhir+json`` answers a FHIR RiskAssessment.
+It takes EHR records (a FHIR R4 Bundle, or plain JSON features) and DICOM images (one
+``application/dicom`` instance, or a series as ``multipart/related; type="application/dicom"``),
+plain or as JWE. ``Accept: application/fhir+json`` answers a FHIR RiskAssessment for records;
+``Accept: application/dicom`` answers the DICOM SR for images.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
+from collections.abc import AsyncIterator
 from typing import Annotated, Any, Final
 
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import JSONResponse, Response
 
+from app.config import service_version
+from app.container import Container
+from app.domain import Principal, RequestContext
+from app.encoders.dicom_sr import build_sr, sr_bytes
 from app.encoders.fhir import risk_assessment
 from app.encoders.json import prediction
 from app.errors import NotAcceptableError, UnsupportedMediaTypeError
+from app.imaging.service import dicom_limits
+from app.parsing.dicom import DicomInstance, DicomLimits, read_instance
+from app.pipeline import StudyPrediction
 from app.transport.http.deps import (
     ContainerDep,
     Inferrer,
+    Payload,
     media_type_of,
     read_payload,
     request_context,
     request_deadline,
     sealed_response,
 )
+from app.transport.http.multipart import iter_parts, parse_related
 from app.transport.http.problems import COMMON_ERRORS, problem_responses
 from app.transport.http.routes_models import ModelName
 from app.transport.http.schemas import PREDICTION_EXAMPLE, RISK_ASSESSMENT_EXAMPLE, SEALED_EXAMPLE
@@ -32,6 +45,9 @@ from app.transport.http.schemas import PREDICTION_EXAMPLE, RISK_ASSESSMENT_EXAMP
 router = APIRouter(prefix="/v1/models")
 TAG: Final = "predict"
 FHIR_JSON: Final = "application/fhir+json"
+DICOM: Final = "application/dicom"
+MULTIPART_RELATED: Final = "multipart/related"
+ANSWERS: Final = frozenset({"", "*/*", "application/json", FHIR_JSON, "application/*", "application/jose", DICOM})
 
 BUNDLE_EXAMPLE: Final = {
     "resourceType": "Bundle",
@@ -76,8 +92,14 @@ _OPENAPI: Final = {
     "requestBody": {
         "required": True,
         "description": "A FHIR R4 Bundle (collection or transaction) with one Patient and its Observations, "
-        "or plain JSON features by name (numbers, or codes from the model's code tables).",
+        "plain JSON features by name (numbers, or codes from the model's code tables), one DICOM Part 10 "
+        'instance, or a series of one study as multipart/related; type="application/dicom". Any of them may '
+        "come as a JWE (application/jose) whose `cty` names the inner media type.",
         "content": {
+            DICOM: {"schema": {"type": "string", "format": "binary", "title": "DICOM Part 10 instance"}},
+            MULTIPART_RELATED: {
+                "schema": {"type": "string", "format": "binary", "title": "DICOM series (multipart/related)"}
+            },
             FHIR_JSON: {"schema": {"type": "object", "title": "FHIR R4 Bundle"}, "example": BUNDLE_EXAMPLE},
             "application/json": {
                 "schema": {
@@ -102,13 +124,20 @@ _OPENAPI: Final = {
     "/{name}/predict",
     operation_id="predict",
     tags=[TAG],
-    summary="Predict from a patient record",
+    summary="Predict from a patient record or a DICOM study",
     description=(
-        "Maps the record to the model's features (LOINC codes, UCUM units, code tables in `model.toml`), "
+        "Records: maps the record to the model's features (LOINC codes, UCUM units, code tables in `model.toml`), "
         "runs the model, and answers probabilities and the decision at the operating point, with the model's "
         "name, version, sha256 and intended use. Missing features are refused (422 listing them) or imputed "
         "and flagged, per the model's policy. `Accept: application/fhir+json` answers a FHIR RiskAssessment "
-        "whose `probabilityDecimal` is a percentage, as R4 defines it. Scope `infer`."
+        "whose `probabilityDecimal` is a percentage, as R4 defines it.\n\n"
+        "Images: one DICOM Part 10 instance (`application/dicom`) or a series of one study "
+        '(`multipart/related; type="application/dicom"`). Each instance is checked against the model\'s '
+        "allow-lists (SOP Class, Modality, BodyPartExamined, ViewPosition, PhotometricInterpretation) and size "
+        "caps before any pixel is decoded. The answer names the Study, Series and SOP Instance UIDs read, each "
+        "instance's probabilities, the study's decision (its most suspicious image) and the time spent. "
+        "`Accept: application/dicom` answers the DICOM SR (Comprehensive 3D SR, TID 1500, UNVERIFIED) instead. "
+        "Scope `infer`."
     ),
     openapi_extra=_OPENAPI,
     responses={
@@ -117,10 +146,11 @@ _OPENAPI: Final = {
             "content": {
                 "application/json": {"schema": {"type": "object"}, "example": PREDICTION_EXAMPLE},
                 FHIR_JSON: {"schema": {"type": "object"}, "example": RISK_ASSESSMENT_EXAMPLE},
+                DICOM: {"schema": {"type": "string", "format": "binary"}},
                 "application/jose": {"schema": {"type": "string"}, "example": SEALED_EXAMPLE},
             },
         },
-        **problem_responses(400, 401, 403, 404, 406, 413, 415, 422, 429, 503, 504, *COMMON_ERRORS),
+        **problem_responses(400, 401, 403, 404, 406, 409, 413, 415, 422, 429, 503, 504, *COMMON_ERRORS),
     },
     response_class=Response,
 )
@@ -133,12 +163,19 @@ async def predict(
     accept: Annotated[str | None, Header(include_in_schema=False)] = None,
 ) -> Response:
     wants = media_type_of(accept)
-    if wants not in {"", "*/*", "application/json", FHIR_JSON, "application/*", "application/jose"}:
-        raise NotAcceptableError("answers are application/json or application/fhir+json")
+    if wants not in ANSWERS:
+        raise NotAcceptableError("answers are application/json, application/fhir+json or application/dicom")
     payload = await read_payload(request, container, principal)
     media = media_type_of(payload.media_type)
+    if media in {DICOM, MULTIPART_RELATED}:
+        return await _predict_images(name, request, container, principal, payload, wants, operating_point)
     if media not in {FHIR_JSON, "application/json"}:
-        raise UnsupportedMediaTypeError("send application/fhir+json (a Bundle) or application/json (features)")
+        raise UnsupportedMediaTypeError(
+            "send application/fhir+json (a Bundle), application/json (features), application/dicom (an image) "
+            'or multipart/related; type="application/dicom" (a series)'
+        )
+    if wants == DICOM:
+        raise NotAcceptableError("application/dicom answers are for DICOM images")
     body = payload.body
     context = request_context(request, principal, hashlib.sha256(body).hexdigest())
     result = await container.pipeline.predict_record(
@@ -166,6 +203,99 @@ async def predict(
         "imputed": features.imputed,
     }
     answer = prediction(served, classification, request_id=context.request_id, input_summary=summary)
+    return _answer(principal, answer, wants)
+
+
+def _answer(principal: Principal, answer: dict[str, Any], wants: str) -> Response:
     if wants == "application/jose":
         return sealed_response(principal, json.dumps(answer).encode(), "application/json")
     return JSONResponse(answer)
+
+
+async def _once(body: bytes) -> AsyncIterator[bytes]:
+    yield body
+
+
+async def _instances(payload: Payload, container: Container, limits: DicomLimits) -> list[DicomInstance]:
+    media = media_type_of(payload.media_type)
+    if media == DICOM:
+        blobs = [payload.body]
+    else:
+        related = parse_related(payload.media_type)
+        if related.type not in {"", DICOM}:
+            raise UnsupportedMediaTypeError('a series is multipart/related; type="application/dicom"')
+        blobs = []
+        async for part in iter_parts(
+            _once(payload.body),
+            related.boundary,
+            max_part_bytes=limits.max_bytes,
+            max_total_bytes=container.settings.max_body_bytes,
+            max_parts=container.settings.dicom_max_parts,
+        ):
+            if part.content_type not in {"", DICOM}:
+                raise UnsupportedMediaTypeError("every part of the series must be application/dicom")
+            blobs.append(part.body)
+    return await asyncio.to_thread(lambda: [read_instance(blob, limits) for blob in blobs])
+
+
+async def _predict_images(
+    name: str,
+    request: Request,
+    container: Container,
+    principal: Principal,
+    payload: Payload,
+    wants: str,
+    operating_point: str | None,
+) -> Response:
+    if wants == FHIR_JSON:
+        raise NotAcceptableError("DICOM images answer application/json or application/dicom (the SR)")
+    context = request_context(request, principal, hashlib.sha256(payload.body).hexdigest())
+    instances = await _instances(payload, container, dicom_limits(container.settings))
+    result = await container.pipeline.predict_study(
+        name,
+        instances,
+        deadline=request_deadline(request, container.settings),
+        context=context,
+        operating_point=operating_point,
+    )
+    if wants == DICOM:
+        encoded = await asyncio.to_thread(_sr, instances, result, context)
+        return Response(encoded, media_type=DICOM)
+    answer = prediction(
+        result.served, result.classification, request_id=context.request_id, input_summary=_study_summary(result)
+    )
+    answer["timing_ms"] = {
+        "preprocess": round(result.preprocess_ms, 3),
+        "queue": round(result.queue_ms, 3),
+        "inference": round(result.inference_ms, 3),
+    }
+    return _answer(principal, answer, wants)
+
+
+def _sr(instances: list[DicomInstance], result: StudyPrediction, context: RequestContext) -> bytes:
+    sr = build_sr(
+        [i.dataset for i in instances],
+        result.served,
+        result.classification,
+        request_id=context.request_id or "",
+        software_version=service_version(),
+    )
+    return sr_bytes(sr)
+
+
+def _study_summary(result: StudyPrediction) -> dict[str, Any]:
+    return {
+        "kind": "dicom",
+        "study_instance_uid": result.study_uid,
+        "series_instance_uids": sorted({i.series_uid for i in result.instances}),
+        "sop_instance_uids": [i.sop_instance_uid for i in result.instances],
+        "instances": [
+            {
+                "sop_instance_uid": i.sop_instance_uid,
+                "series_instance_uid": i.series_uid,
+                "probabilities": i.classification.probabilities,
+                "label": i.classification.label,
+            }
+            for i in result.instances
+        ],
+    }

@@ -1,0 +1,278 @@
+"""Asynchronous imaging: instances arrive (STOW-RS, C-STORE), settle into studies, are inferred,
+and their DICOM SR goes to the PACS outbox.
+
+:meth:`ImagingService.accept` is the one door for both transports. It is synchronous and
+thread-safe (pynetdicom calls it from its own threads, STOW-RS from a worker thread): it parses
+the instance strictly, picks the model by routing rule, checks the model's allow-lists, and
+seals the bytes to the spool with an fsync before it returns. Only then does the transport
+answer success, so an instance that was acknowledged survives a crash: :meth:`start` picks up
+whatever the spool holds. Refusals raise domain errors that each transport maps to its status.
+
+A study is inferred when no new instance of it arrived for ``MEDINFER_STUDY_SETTLE_S``. If the
+model is overloaded or the audit trail is down, the study waits and is tried again; its spool
+files are removed only after the SR is committed to the outbox (or the study is refused).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import secrets
+import shutil
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+from app.domain import RequestContext
+from app.encoders.dicom_sr import build_sr, sr_bytes
+from app.errors import ErrorKind, MedinferError, OutOfResourcesError, StudyMismatchError
+from app.imaging.outbox import Outbox
+from app.imaging.routing import Router
+from app.observability.metrics import Metrics
+from app.parsing.dicom import DicomInstance, DicomLimits, check_policy, read_instance
+from app.pipeline import Pipeline, StudyPrediction
+from app.security.sealed import SealedFileError, SealedFiles
+
+log = logging.getLogger(__name__)
+
+_SUFFIX: Final = ".dcm"
+#: Errors after which a settled study is kept and tried again rather than refused.
+_RETRYABLE: Final = frozenset({ErrorKind.OVERLOADED, ErrorKind.UNAVAILABLE, ErrorKind.DEADLINE_EXCEEDED})
+MAX_RETRY_DELAY_S: Final = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_uid: str
+    model: str
+
+
+@dataclass(frozen=True, slots=True)
+class _Spooled:
+    path: Path
+    sop_instance_uid: str
+
+
+@dataclass
+class _Study:
+    model: str
+    study_uid: str
+    actor: str
+    files: dict[str, _Spooled] = field(default_factory=dict)
+    timer: asyncio.TimerHandle | None = None
+    attempts: int = 0
+
+
+class ImagingService:
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        router: Router,
+        spool: SealedFiles,
+        outbox: Outbox,
+        metrics: Metrics,
+        *,
+        limits: DicomLimits,
+        settle_s: float,
+        min_free_bytes: int,
+        software_version: str,
+    ) -> None:
+        self._pipeline = pipeline
+        self._router = router
+        self._spool = spool
+        self.outbox = outbox
+        self._metrics = metrics
+        self._limits = limits
+        self._settle_s = settle_s
+        self._min_free_bytes = min_free_bytes
+        self._software_version = software_version
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._studies: dict[tuple[str, str], _Study] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closing = False
+        self.on_study_done: Callable[[str, str], None] | None = None  # (study key digest, outcome), for tests
+
+    async def start(self) -> None:
+        """Bind to the running loop, re-queue what the spool holds, and start the outbox."""
+        self._loop = asyncio.get_running_loop()
+        await asyncio.to_thread(self._spool.ensure)
+        recovered = await asyncio.to_thread(self._spool.names, _SUFFIX)
+        for path in recovered:
+            try:
+                header, encoded = await asyncio.to_thread(self._read_spooled, path)
+                instance = await asyncio.to_thread(read_instance, encoded, self._limits)
+            except (SealedFileError, MedinferError, OSError, ValueError, TypeError):
+                log.warning("unreadable spool file left in place", extra={"event": "imaging.spool_unreadable"})
+                continue
+            self._add(header["model"], header["actor"], instance.study_uid, _Spooled(path, instance.sop_instance_uid))
+        if recovered:
+            log.info("spooled instances recovered", extra={"event": "imaging.recovered", "count": len(recovered)})
+        self._spawn(self.outbox.run(), "pacs-outbox")
+
+    async def aclose(self) -> None:
+        """Stop timers and the outbox; spooled studies stay on disk for the next start."""
+        self._closing = True
+        for study in self._studies.values():
+            if study.timer is not None:
+                study.timer.cancel()
+        for task in list(self._tasks):
+            if task.get_name() == "pacs-outbox":
+                task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    # -- the door ---------------------------------------------------------------------------
+
+    def accept(self, encoded: bytes, *, transport: str, actor: str, expected_study: str | None = None) -> Accepted:
+        """Check and spool one instance (blocking; any thread). Raises a domain error to refuse."""
+        try:
+            accepted = self._accept(encoded, actor=actor, expected_study=expected_study)
+        except MedinferError as exc:
+            self._metrics.dicom_instances.labels(transport=transport, outcome=exc.code).inc()
+            raise
+        self._metrics.dicom_instances.labels(transport=transport, outcome="accepted").inc()
+        return accepted
+
+    def _accept(self, encoded: bytes, *, actor: str, expected_study: str | None) -> Accepted:
+        loop = self._loop
+        if loop is None or self._closing:
+            raise OutOfResourcesError("the imaging service is not running")
+        instance = read_instance(encoded, self._limits)
+        if expected_study is not None and instance.study_uid != expected_study:
+            raise StudyMismatchError("the instance's StudyInstanceUID differs from the study in the request path")
+        model = self._router.model_for(instance)
+        check_policy(instance, self._pipeline.imaging_recipe(self._pipeline.registry.get(model)).policy)
+        path = self._write(encoded, model, actor)
+        loop.call_soon_threadsafe(
+            self._add, model, actor, instance.study_uid, _Spooled(path, instance.sop_instance_uid)
+        )
+        return Accepted(instance.sop_class_uid, instance.sop_instance_uid, instance.study_uid, model)
+
+    def _write(self, encoded: bytes, model: str, actor: str) -> Path:
+        header = json.dumps({"model": model, "actor": actor}).encode()
+        try:
+            self._spool.ensure()
+            free = shutil.disk_usage(self._spool.directory).free
+            if free - len(encoded) < self._min_free_bytes:
+                raise OutOfResourcesError("the DICOM spool is out of disk space")
+            name = f"{time.time_ns():020d}-{secrets.token_hex(8)}{_SUFFIX}"
+            return self._spool.write(name, header + b"\n" + encoded)
+        except OSError as exc:
+            log.error(  # noqa: TRY400 - the traceback would say nothing the error class does not
+                "spool write failed", extra={"event": "imaging.spool_failed", "error": type(exc).__name__}
+            )
+            raise OutOfResourcesError("the DICOM spool cannot be written") from exc
+
+    def _read_spooled(self, path: Path) -> tuple[dict[str, str], bytes]:
+        header, _, encoded = self._spool.read(path).partition(b"\n")
+        parsed = json.loads(header)
+        if not isinstance(parsed, dict) or not isinstance(parsed.get("model"), str):
+            msg = "spool header"
+            raise TypeError(msg)
+        return {"model": parsed["model"], "actor": str(parsed.get("actor", "recovered"))}, encoded
+
+    # -- studies (on the event loop) --------------------------------------------------------
+
+    def _add(self, model: str, actor: str, study_uid: str, spooled: _Spooled) -> None:
+        key = (study_uid, model)
+        study = self._studies.setdefault(key, _Study(model=model, study_uid=study_uid, actor=actor))
+        previous = study.files.pop(spooled.sop_instance_uid, None)
+        if previous is not None and previous.path != spooled.path:
+            self._spool.remove(previous.path)  # a resend of the same instance replaces it
+        study.files[spooled.sop_instance_uid] = spooled
+        self._schedule(key, study, self._settle_s)
+        self._metrics.studies_waiting.set(len(self._studies))
+
+    def _schedule(self, key: tuple[str, str], study: _Study, delay_s: float) -> None:
+        if study.timer is not None:
+            study.timer.cancel()
+        if self._closing or self._loop is None:
+            return
+        study.timer = self._loop.call_later(delay_s, self._settled, key)
+
+    def _settled(self, key: tuple[str, str]) -> None:
+        study = self._studies.pop(key, None)
+        self._metrics.studies_waiting.set(len(self._studies))
+        if study is not None and study.files:
+            study.timer = None
+            self._spawn(self._infer(key, study), "study")
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _infer(self, key: tuple[str, str], study: _Study) -> None:
+        files = list(study.files.values())
+        request_id = f"study-{secrets.token_hex(8)}"
+        try:
+            instances = await asyncio.to_thread(self._load, files)
+            prediction = await self._pipeline.predict_study(
+                study.model,
+                instances,
+                deadline=None,
+                context=RequestContext(
+                    actor=study.actor,
+                    request_id=request_id,
+                    source_ip=None,
+                    input_sha256=hashlib.sha256("".join(i.sha256 for i in instances).encode()).hexdigest(),
+                ),
+            )
+            sop_uid, encoded = await asyncio.to_thread(self._sr, instances, prediction, request_id)
+            await self.outbox.enqueue(sop_uid, encoded)
+        except MedinferError as exc:
+            if exc.kind in _RETRYABLE and not self._closing:
+                self._retry(key, study, exc.code)
+                return
+            self._finish(study, files, exc.code)
+            return
+        except Exception as exc:  # a study must never take the loop down; its files stay for a restart
+            log.exception("study failed", extra={"event": "imaging.study_error", "error": type(exc).__name__})
+            self._done(study, "internal-error")
+            return
+        self._finish(study, files, "inferred")
+
+    def _retry(self, key: tuple[str, str], study: _Study, code: str) -> None:
+        study.attempts += 1
+        delay = min(self._settle_s * 2**study.attempts, MAX_RETRY_DELAY_S)
+        log.warning("study deferred", extra={"event": "imaging.study_deferred", "code": code, "retry_in_s": delay})
+        pending = self._studies.get(key)
+        if pending is not None:  # more instances arrived meanwhile: merge, keep the newest copy of each
+            for sop, spooled in study.files.items():
+                pending.files.setdefault(sop, spooled)
+            return
+        self._studies[key] = study
+        self._schedule(key, study, delay)
+        self._done(study, f"deferred:{code}")
+
+    def _finish(self, study: _Study, files: list[_Spooled], outcome: str) -> None:
+        for spooled in files:
+            self._spool.remove(spooled.path)
+        self._done(study, outcome)
+
+    def _done(self, study: _Study, outcome: str) -> None:
+        self._metrics.studies.labels(outcome=outcome.partition(":")[0]).inc()
+        log.info("study done", extra={"event": "imaging.study_done", "outcome": outcome})
+        if self.on_study_done is not None:
+            with contextlib.suppress(Exception):
+                self.on_study_done(hashlib.sha256(study.study_uid.encode()).hexdigest()[:16], outcome)
+
+    def _load(self, files: list[_Spooled]) -> list[DicomInstance]:
+        return [read_instance(self._read_spooled(f.path)[1], self._limits) for f in files]
+
+    def _sr(self, instances: list[DicomInstance], prediction: StudyPrediction, request_id: str) -> tuple[str, bytes]:
+        sr = build_sr(
+            [i.dataset for i in instances],
+            prediction.served,
+            prediction.classification,
+            request_id=request_id,
+            software_version=self._software_version,
+        )
+        return str(sr.SOPInstanceUID), sr_bytes(sr)

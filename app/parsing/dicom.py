@@ -1,0 +1,532 @@
+"""DICOM Part 10 bytes -> a checked :class:`DicomInstance`, and the model's allow-lists.
+
+The reader is strict on purpose: an instance either parses completely here, with every element
+and nested sequence decoded once, or it is refused with one of the ``Dicom*Error`` types. Nothing
+downstream (routing, preprocessing, the SR encoder) should meet a pydicom exception first. The
+caps in :class:`DicomLimits` are enforced before anything is allocated from header values: the
+encoded bytes, the inflated size of a deflated dataset, the number of elements, sequence depth,
+and the pixel buffer the header declares. Pixel data is not decoded here
+(``app.preprocess.pixels`` does that).
+
+Errors name the attribute (by keyword) and, for allow-lists, the accepted values; never a value
+taken from the instance, which may be PHI.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import math
+import re
+import struct
+import zlib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import BytesLengthException, InvalidDicomError
+from pydicom.filereader import read_dataset, read_preamble
+from pydicom.multival import MultiValue
+from pydicom.uid import (
+    HTJ2K,
+    JPEG2000,
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    HTJ2KLossless,
+    HTJ2KLosslessRPCL,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
+
+from app.errors import (
+    DicomMalformedError,
+    DicomNotAcceptedError,
+    DicomTooLargeError,
+    DicomUnsupportedError,
+    ModelSpecError,
+)
+
+__all__ = [
+    "NATIVE_TRANSFER_SYNTAXES",
+    "REQUIRED_ATTRIBUTES",
+    "SUPPORTED_TRANSFER_SYNTAXES",
+    "AcceptPolicy",
+    "DicomInstance",
+    "DicomLimits",
+    "check_policy",
+    "declared_pixel_bytes",
+    "number_of_frames",
+    "read_instance",
+]
+
+NATIVE_TRANSFER_SYNTAXES: frozenset[str] = frozenset(
+    {ImplicitVRLittleEndian, ExplicitVRLittleEndian, ExplicitVRBigEndian, DeflatedExplicitVRLittleEndian}
+)
+"""Uncompressed pixel data (PS3.5 A.1-A.5): the PixelData value is the pixel buffer itself."""
+
+SUPPORTED_TRANSFER_SYNTAXES: frozenset[str] = NATIVE_TRANSFER_SYNTAXES | frozenset(
+    {
+        RLELossless,  # 1.2.840.10008.1.2.5
+        JPEGBaseline8Bit,  # .4.50
+        JPEGExtended12Bit,  # .4.51
+        JPEGLossless,  # .4.57
+        JPEGLosslessSV1,  # .4.70
+        JPEGLSLossless,  # .4.80
+        JPEGLSNearLossless,  # .4.81
+        JPEG2000Lossless,  # .4.90
+        JPEG2000,  # .4.91
+        # High-Throughput JPEG 2000 (.4.201-.4.203): pydicom 3 decodes them with
+        # pylibjpeg-openjpeg >= 2.2, which is a dependency of this service.
+        HTJ2KLossless,
+        HTJ2KLosslessRPCL,
+        HTJ2K,
+    }
+)
+"""Transfer syntaxes whose pixel data ``app.preprocess.pixels.decode`` can decode here."""
+
+REQUIRED_ATTRIBUTES: tuple[str, ...] = (
+    "SOPClassUID",
+    "SOPInstanceUID",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "Rows",
+    "Columns",
+    "BitsAllocated",
+    "BitsStored",
+    "SamplesPerPixel",
+    "PhotometricInterpretation",
+    "PixelData",
+)
+"""Attributes an instance must carry (non-empty) to be read at all; the detail names the first
+one missing."""
+
+_SAMPLES_FOR_PHOTOMETRIC: Mapping[str, int] = {
+    "MONOCHROME1": 1,
+    "MONOCHROME2": 1,
+    "PALETTE COLOR": 1,
+    "RGB": 3,
+    "YBR_FULL": 3,
+    "YBR_FULL_422": 3,
+    "YBR_ICT": 3,
+    "YBR_RCT": 3,
+    "YBR_PARTIAL_420": 3,
+}
+
+_UID = re.compile(r"[0-9]+(?:\.[0-9]+)*")
+_UID_MAX_CHARS = 64
+_PREAMBLE = 128
+_PREFIX = b"DICM"
+_INFLATE_CHUNK = 1 << 20
+
+# What pydicom (and zlib, struct, numpy under it) raise on damaged input: pydicom's own two
+# exception types and builtins. RuntimeError covers NotImplementedError and RecursionError
+# (undefined-length sequences are parsed recursively while reading); ValueError covers
+# UnicodeDecodeError; LookupError covers KeyError and IndexError; ArithmeticError covers
+# OverflowError.
+_PARSE_FAILURES: tuple[type[Exception], ...] = (
+    InvalidDicomError,
+    BytesLengthException,
+    EOFError,
+    OSError,
+    struct.error,
+    zlib.error,
+    ValueError,
+    TypeError,
+    AttributeError,
+    LookupError,
+    ArithmeticError,
+    RuntimeError,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class DicomLimits:
+    """Caps for one instance, enforced by :func:`read_instance` before any pixel is decoded.
+
+    ``max_bytes`` bounds the encoded bytes and, for Deflated Explicit VR Little Endian, the
+    inflated dataset too. ``max_pixel_bytes`` bounds the pixel buffer the header declares
+    (:func:`declared_pixel_bytes`). ``max_elements`` and ``max_depth`` bound the work of walking
+    the dataset (every element, every sequence item, at any depth).
+    """
+
+    max_bytes: int
+    max_pixel_bytes: int
+    max_frames: int
+    max_elements: int = 200_000
+    max_depth: int = 16
+
+
+@dataclass(frozen=True, slots=True)
+class DicomInstance:
+    """One read and checked instance. ``dataset`` is fully parsed; its pixel data is not decoded.
+
+    ``patient_id`` is PHI: it lives in memory for the study grouping and the audit (which stores
+    a keyed pseudonym); never put it in a log, a metric or an error detail.
+    """
+
+    dataset: Dataset
+    study_uid: str
+    series_uid: str
+    sop_instance_uid: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    patient_id: str | None
+    modality: str | None
+    body_part: str | None
+    size_bytes: int
+    sha256: str
+
+
+@dataclass(frozen=True, slots=True)
+class AcceptPolicy:
+    """A model's allow-lists from ``model.toml`` ``[preprocessing]``. An empty set accepts anything;
+    ``frames`` None accepts any number of frames.
+
+    Code strings (modalities, body parts, view positions, photometric interpretations) are kept
+    upper case and compared case-insensitively after stripping; SOP Class UIDs compare exactly.
+    """
+
+    modalities: frozenset[str]
+    sop_classes: frozenset[str]
+    body_parts: frozenset[str]
+    view_positions: frozenset[str]
+    photometric: frozenset[str]
+    frames: int | None
+
+    @classmethod
+    def from_preprocessing(cls, preprocessing: Mapping[str, Any]) -> AcceptPolicy:
+        """Read the allow-lists; a key that is absent accepts anything.
+
+        Raises ModelSpecError naming the key when a value has the wrong type.
+        """
+        frames = preprocessing.get("frames")
+        if frames is not None and (isinstance(frames, bool) or not isinstance(frames, int) or frames < 1):
+            raise ModelSpecError("preprocessing.frames must be a positive integer")
+        return cls(
+            modalities=_codes(preprocessing, "modalities"),
+            sop_classes=_uids(preprocessing, "sop_classes"),
+            body_parts=_codes(preprocessing, "body_parts"),
+            view_positions=_codes(preprocessing, "view_positions"),
+            photometric=_codes(preprocessing, "photometric"),
+            frames=frames,
+        )
+
+
+def _strings(preprocessing: Mapping[str, Any], key: str) -> list[str]:
+    value = preprocessing.get(key, [])
+    if not isinstance(value, list | tuple | frozenset | set) or not all(
+        isinstance(v, str) and v.strip() for v in value
+    ):
+        raise ModelSpecError(f"preprocessing.{key} must be a list of non-empty strings")
+    return [v.strip() for v in value]
+
+
+def _codes(preprocessing: Mapping[str, Any], key: str) -> frozenset[str]:
+    return frozenset(v.upper() for v in _strings(preprocessing, key))
+
+
+def _uids(preprocessing: Mapping[str, Any], key: str) -> frozenset[str]:
+    values = _strings(preprocessing, key)
+    for v in values:
+        if not _is_uid(v):
+            raise ModelSpecError(f"preprocessing.{key} must hold DICOM UIDs (digits and dots, at most 64 characters)")
+    return frozenset(values)
+
+
+def _is_uid(value: str) -> bool:
+    return len(value) <= _UID_MAX_CHARS and _UID.fullmatch(value) is not None
+
+
+# ------------------------------------------------------------------------------------ reading
+
+
+def read_instance(data: bytes, limits: DicomLimits) -> DicomInstance:
+    """Parse and check one DICOM Part 10 instance (PS3.10 7.1) without decoding its pixels.
+
+    In order: the byte cap; the preamble and ``DICM`` prefix; the File Meta Information and its
+    Transfer Syntax (unsupported: DicomUnsupportedError naming the UID); for a deflated dataset,
+    the inflated size; the parse itself; a walk over every element and sequence item (depth and
+    element caps); the required attributes; SOP Instance UID against the meta; the Image Pixel
+    module's consistency; and the frame and pixel-buffer caps, from the header alone.
+
+    Raises DicomTooLargeError, DicomMalformedError or DicomUnsupportedError; never a pydicom,
+    struct or zlib exception.
+    """
+    if len(data) > limits.max_bytes:
+        raise DicomTooLargeError(f"the instance is larger than {limits.max_bytes} bytes")
+    if len(data) < _PREAMBLE + len(_PREFIX) or data[_PREAMBLE : _PREAMBLE + len(_PREFIX)] != _PREFIX:
+        raise DicomMalformedError("not a DICOM Part 10 file: no 'DICM' prefix after the 128-byte preamble")
+
+    transfer_syntax, dataset_offset = _read_meta(data)
+    if transfer_syntax == DeflatedExplicitVRLittleEndian:
+        _check_inflated_size(memoryview(data)[dataset_offset:], limits.max_bytes)
+
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data), force=False)
+        _walk(ds.file_meta, limits, 0, [0])
+        _walk(ds, limits, 0, [0])
+    except _PARSE_FAILURES as exc:
+        raise DicomMalformedError(f"the DICOM dataset could not be parsed ({type(exc).__name__})") from None
+
+    for keyword in REQUIRED_ATTRIBUTES:
+        if _is_empty(ds.get(keyword)):
+            raise DicomMalformedError(f"{keyword} is missing or empty")
+
+    sop_instance_uid = _uid_attr(ds, "SOPInstanceUID")
+    meta_instance = ds.file_meta.get("MediaStorageSOPInstanceUID")
+    if not _is_empty(meta_instance) and str(meta_instance).strip() != sop_instance_uid:
+        raise DicomMalformedError("SOPInstanceUID differs from MediaStorageSOPInstanceUID in the File Meta Information")
+
+    _check_pixel_module(ds, transfer_syntax)
+    frames = number_of_frames(ds)
+    if frames > limits.max_frames:
+        raise DicomTooLargeError(f"NumberOfFrames is over the cap of {limits.max_frames}")
+    if declared_pixel_bytes(ds) > limits.max_pixel_bytes:
+        raise DicomTooLargeError(
+            f"the declared pixel buffer (Rows x Columns x NumberOfFrames x SamplesPerPixel x BitsAllocated) "
+            f"is over the cap of {limits.max_pixel_bytes} bytes"
+        )
+    _check_pixel_data_element(ds, transfer_syntax)
+
+    return DicomInstance(
+        dataset=ds,
+        study_uid=_uid_attr(ds, "StudyInstanceUID"),
+        series_uid=_uid_attr(ds, "SeriesInstanceUID"),
+        sop_instance_uid=sop_instance_uid,
+        sop_class_uid=_uid_attr(ds, "SOPClassUID"),
+        transfer_syntax_uid=transfer_syntax,
+        patient_id=_optional_text(ds, "PatientID"),
+        modality=_optional_text(ds, "Modality"),
+        body_part=_optional_text(ds, "BodyPartExamined"),
+        size_bytes=len(data),
+        sha256=hashlib.sha256(data).hexdigest(),
+    )
+
+
+def _read_meta(data: bytes) -> tuple[str, int]:
+    """The Transfer Syntax UID from the File Meta Information, and where the dataset starts.
+
+    Read before the dataset so that an unsupported syntax is reported as such, not as whatever
+    a parse under the wrong encoding raises, and so that a deflated dataset is measured before
+    pydicom inflates it.
+    """
+    fp = io.BytesIO(data)
+    try:
+        read_preamble(fp, False)  # noqa: FBT003 - pydicom's positional ``force``
+        meta = read_dataset(fp, is_implicit_VR=False, is_little_endian=True, stop_when=_not_group_0002)
+        offset = fp.tell()
+        value = meta.get("TransferSyntaxUID")
+    except _PARSE_FAILURES:
+        raise DicomMalformedError("the File Meta Information could not be parsed") from None
+    if _is_empty(value) or isinstance(value, MultiValue):
+        raise DicomMalformedError("TransferSyntaxUID is missing from the File Meta Information")
+    syntax = str(value).strip()
+    if not _is_uid(syntax):
+        raise DicomMalformedError("TransferSyntaxUID is not a valid UID")
+    if syntax not in SUPPORTED_TRANSFER_SYNTAXES:
+        name = UID(syntax).name
+        described = f"{syntax} ({name})" if name != syntax else syntax
+        raise DicomUnsupportedError(f"transfer syntax {described} is not supported")
+    return syntax, offset
+
+
+def _not_group_0002(tag: int, vr: str | None, length: int) -> bool:
+    return tag >> 16 != 2  # noqa: PLR2004 - the File Meta Information group
+
+
+def _check_inflated_size(deflated: memoryview, cap: int) -> None:
+    """Inflate in bounded chunks, keeping nothing, to refuse a deflate bomb before pydicom
+    inflates the whole dataset in one call (PS3.5 A.5)."""
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    total = 0
+    pending: bytes | memoryview = deflated
+    try:
+        while not inflater.eof:
+            chunk = inflater.decompress(pending, _INFLATE_CHUNK)
+            total += len(chunk)
+            if total > cap:
+                raise DicomTooLargeError(f"the inflated dataset is larger than {cap} bytes")
+            if not chunk and len(inflater.unconsumed_tail) == len(pending):
+                break  # no progress: the stream is cut short; pydicom's own inflate will say so
+            pending = inflater.unconsumed_tail
+    except zlib.error:
+        raise DicomMalformedError("the deflated dataset could not be inflated") from None
+
+
+def _walk(ds: Dataset, limits: DicomLimits, depth: int, seen: list[int]) -> None:
+    """Convert every element once, recursing into sequence items, so damage surfaces here."""
+    for elem in ds:
+        seen[0] += 1
+        if seen[0] > limits.max_elements:
+            raise DicomTooLargeError(f"the dataset has more than {limits.max_elements} elements")
+        if elem.VR == "SQ":
+            if depth >= limits.max_depth:
+                raise DicomMalformedError(f"sequences are nested deeper than {limits.max_depth} levels")
+            for item in elem.value:
+                _walk(item, limits, depth + 1, seen)
+
+
+def _is_empty(value: object) -> bool:
+    if value is None:
+        return True
+    if isinstance(value, str | bytes | MultiValue | list):
+        return len(value) == 0 or (isinstance(value, str) and not value.strip())
+    return False
+
+
+def _uid_attr(ds: Dataset, keyword: str) -> str:
+    value = ds.get(keyword)
+    if isinstance(value, MultiValue) or not isinstance(value, str):
+        raise DicomMalformedError(f"{keyword} must hold one UID")
+    uid = value.strip()
+    if not _is_uid(uid):
+        raise DicomMalformedError(f"{keyword} is not a valid UID")
+    return uid
+
+
+def _optional_text(ds: Dataset, keyword: str) -> str | None:
+    value = ds.get(keyword)
+    if _is_empty(value):
+        return None
+    if isinstance(value, MultiValue):
+        raise DicomMalformedError(f"{keyword} must hold one value")
+    return str(value).strip() or None
+
+
+def _int_attr(ds: Dataset, keyword: str, default: int | None = None) -> int:
+    value = ds.get(keyword)
+    if _is_empty(value):
+        if default is None:
+            raise DicomMalformedError(f"{keyword} is missing or empty")
+        return default
+    if isinstance(value, MultiValue | bytes | bool) or not isinstance(value, int | float | str):
+        raise DicomMalformedError(f"{keyword} must hold one integer")
+    try:
+        number = float(value)
+    except ValueError:
+        raise DicomMalformedError(f"{keyword} must hold one integer") from None
+    if not math.isfinite(number) or number != int(number):
+        raise DicomMalformedError(f"{keyword} must hold one integer")
+    return int(number)
+
+
+def number_of_frames(ds: Dataset) -> int:
+    """NumberOfFrames (PS3.3 C.7.6.6), 1 when absent; DicomMalformedError when not >= 1."""
+    frames = _int_attr(ds, "NumberOfFrames", default=1)
+    if frames < 1:
+        raise DicomMalformedError("NumberOfFrames must be at least 1")
+    return frames
+
+
+def declared_pixel_bytes(ds: Dataset) -> int:
+    """The pixel buffer the header declares: Rows x Columns x NumberOfFrames x SamplesPerPixel
+    x ceil(BitsAllocated / 8) bytes (1-bit data counted as a byte per sample, an upper bound).
+
+    Pure arithmetic on header values (Python integers, no overflow), so a header declaring
+    65535 x 65535 x 1000 frames is refused without allocating anything.
+    """
+    rows = _int_attr(ds, "Rows")
+    columns = _int_attr(ds, "Columns")
+    samples = _int_attr(ds, "SamplesPerPixel")
+    bits = _int_attr(ds, "BitsAllocated")
+    if min(rows, columns, samples, bits) < 1:
+        raise DicomMalformedError("Rows, Columns, SamplesPerPixel and BitsAllocated must be at least 1")
+    return rows * columns * number_of_frames(ds) * samples * math.ceil(bits / 8)
+
+
+def _check_pixel_module(ds: Dataset, transfer_syntax: str) -> None:
+    """Image Pixel module consistency (PS3.3 C.7.6.3): sample count against the photometric
+    interpretation, Bits Allocated / Bits Stored / High Bit, Pixel Representation."""
+    photometric = ds.get("PhotometricInterpretation")
+    if isinstance(photometric, MultiValue) or not isinstance(photometric, str):
+        raise DicomMalformedError("PhotometricInterpretation must hold one value")
+    samples = _int_attr(ds, "SamplesPerPixel")
+    expected = _SAMPLES_FOR_PHOTOMETRIC.get(photometric.strip().upper())
+    if expected is None:
+        raise DicomUnsupportedError("PhotometricInterpretation is not one this service can decode")
+    if samples != expected:
+        raise DicomMalformedError("SamplesPerPixel does not fit the PhotometricInterpretation")
+    allocated = _int_attr(ds, "BitsAllocated")
+    stored = _int_attr(ds, "BitsStored")
+    if allocated != 1 and (allocated % 8 or allocated > 64):  # noqa: PLR2004 - PS3.5 8.1.1
+        raise DicomMalformedError("BitsAllocated must be 1 or a multiple of 8 up to 64")
+    if not 1 <= stored <= allocated:
+        raise DicomMalformedError("BitsStored must be between 1 and BitsAllocated")
+    high_bit = _int_attr(ds, "HighBit", default=stored - 1)
+    if high_bit != stored - 1:
+        # PS3.5 8.1.1 used to allow the stored bits anywhere in the allocated ones; no decoder
+        # here honours that, so such pixels would be misread.
+        raise DicomUnsupportedError("HighBit must be BitsStored - 1")
+    if _int_attr(ds, "PixelRepresentation", default=0) not in (0, 1):
+        raise DicomMalformedError("PixelRepresentation must be 0 or 1")
+    if samples > 1 and _int_attr(ds, "PlanarConfiguration", default=0) not in (0, 1):
+        raise DicomMalformedError("PlanarConfiguration must be 0 or 1")
+    if transfer_syntax in NATIVE_TRANSFER_SYNTAXES and photometric.strip().upper() not in _NATIVE_PHOTOMETRIC:
+        raise DicomMalformedError("PhotometricInterpretation is only defined for compressed pixel data")
+
+
+_NATIVE_PHOTOMETRIC = frozenset({"MONOCHROME1", "MONOCHROME2", "PALETTE COLOR", "RGB", "YBR_FULL", "YBR_FULL_422"})
+
+
+def _check_pixel_data_element(ds: Dataset, transfer_syntax: str) -> None:
+    """Native pixel data must hold the whole declared buffer; encapsulated pixel data must be
+    encapsulated (PS3.5 A.4). Checked here so that a truncated buffer is refused as malformed
+    before any decoder sees it."""
+    elem = ds["PixelData"]
+    if transfer_syntax in NATIVE_TRANSFER_SYNTAXES:
+        if elem.is_undefined_length:
+            raise DicomMalformedError("PixelData is encapsulated but the transfer syntax is uncompressed")
+        rows, columns = _int_attr(ds, "Rows"), _int_attr(ds, "Columns")
+        samples = _int_attr(ds, "SamplesPerPixel")
+        if str(ds.PhotometricInterpretation).strip().upper() == "YBR_FULL_422":
+            samples = 2  # chroma subsampled horizontally: Y Y Cb Cr per two pixels (PS3.3 C.7.6.3.1.2)
+        bits = rows * columns * number_of_frames(ds) * samples * _int_attr(ds, "BitsAllocated")
+        if len(elem.value) < math.ceil(bits / 8):
+            raise DicomMalformedError("PixelData is shorter than its header declares")
+    elif not elem.is_undefined_length:
+        raise DicomMalformedError("PixelData is not encapsulated but the transfer syntax is compressed")
+
+
+# ------------------------------------------------------------------------------------- policy
+
+
+def check_policy(instance: DicomInstance, policy: AcceptPolicy) -> None:
+    """Refuse an instance outside the model's allow-lists (DicomNotAcceptedError).
+
+    The detail names the attribute and the accepted values, or says the attribute is missing;
+    it never repeats the instance's own value.
+    """
+    ds = instance.dataset
+    if policy.sop_classes and instance.sop_class_uid not in policy.sop_classes:
+        raise DicomNotAcceptedError(f"SOPClassUID must be one of {_listed(policy.sop_classes)}")
+    _check_code(ds, "Modality", policy.modalities)
+    _check_code(ds, "BodyPartExamined", policy.body_parts)
+    _check_code(ds, "ViewPosition", policy.view_positions)
+    _check_code(ds, "PhotometricInterpretation", policy.photometric)
+    if policy.frames is not None and number_of_frames(ds) != policy.frames:
+        raise DicomNotAcceptedError(f"NumberOfFrames must be {policy.frames}")
+
+
+def _check_code(ds: Dataset, keyword: str, accepted: frozenset[str]) -> None:
+    if not accepted:
+        return
+    value = ds.get(keyword)
+    if _is_empty(value):
+        raise DicomNotAcceptedError(f"{keyword} is missing; the model accepts {_listed(accepted)}")
+    if isinstance(value, MultiValue) or str(value).strip().upper() not in accepted:
+        raise DicomNotAcceptedError(f"{keyword} must be one of {_listed(accepted)}")
+
+
+def _listed(values: Iterable[str]) -> str:
+    return ", ".join(sorted(values))
