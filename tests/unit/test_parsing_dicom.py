@@ -10,7 +10,9 @@ import re
 import struct
 import time
 import tomllib
+import tracemalloc
 import warnings
+import zlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -424,6 +426,34 @@ def test_element_count_cap_is_enforced() -> None:
             sample_bytes("RG1_UNCR.dcm"),
             DicomLimits(max_bytes=256 << 20, max_pixel_bytes=1 << 30, max_frames=1, max_elements=50),
         )
+
+
+@pytest.mark.parametrize("deflated", [False, True])
+def test_a_flood_of_empty_elements_is_refused_at_the_cap_while_reading(deflated: bool) -> None:
+    """120000 empty elements (8 bytes each; a fifth of that once deflated) once cost pydicom
+    ~200 bytes of Python objects each before the walk counted them; now the count runs as pydicom
+    reads the element headers."""
+    plain = encoded(phantom())
+    at = plain.index(struct.pack("<HH", 0x7FE0, 0x0010))
+    flood = b"".join(
+        struct.pack("<HH2sH", 0x0011 + 2 * (i // 0xF000), 0x1000 + i % 0xF000, b"SH", 0) for i in range(120_000)
+    )
+    data = plain[:at] + flood + plain[at:]
+    if deflated:
+        start = 144 + struct.unpack_from("<I", data, 140)[0]
+        meta = with_transfer_syntax(data[:start], DeflatedExplicitVRLittleEndian)
+        compressor = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+        data = meta + compressor.compress(data[start:]) + compressor.flush()
+        assert len(data) < 1 << 20
+    limits = DicomLimits(max_bytes=4 << 20, max_pixel_bytes=1 << 30, max_frames=1, max_elements=20_000)
+    tracemalloc.start()
+    try:
+        with pytest.raises(DicomTooLargeError, match="more than 20000 elements"):
+            read_instance(data, limits)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 12 << 20  # 120000 parsed elements would take ~25 MB
 
 
 def test_sop_instance_uid_must_match_the_file_meta() -> None:
