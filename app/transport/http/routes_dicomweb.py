@@ -32,6 +32,11 @@ DICOM: Final = "application/dicom"
 UID_PATTERN: Final = r"^[0-9]+(\.[0-9]+)*$"
 _ACCEPTS: Final = frozenset({"", "*/*", "application/*", DICOM_JSON, "application/json"})
 
+_FAILED_ITEM: Final = {
+    "00081150": {"vr": "UI", "Value": ["1.2.840.10008.5.1.4.1.1.4"]},
+    "00081155": {"vr": "UI", "Value": ["1.2.826.0.1.3680043.8.498.2"]},
+    "00081197": {"vr": "US", "Value": [290]},
+}
 STOW_EXAMPLE: Final = {
     "00081199": {
         "vr": "SQ",
@@ -49,7 +54,12 @@ _OPENAPI: Final = {
         "required": True,
         "description": 'DICOM Part 10 instances as multipart/related; type="application/dicom" (PS3.18 §8.6.1.2). '
         "Chunked transfer encoding is accepted.",
-        "content": {"multipart/related": {"schema": {"type": "string", "format": "binary"}}},
+        "content": {
+            "multipart/related": {
+                "schema": {"type": "string", "format": "binary"},
+                "example": "--b1\r\nContent-Type: application/dicom\r\n\r\n<DICOM Part 10 bytes>\r\n--b1--\r\n",
+            }
+        },
     }
 }
 _RESPONSES: Final = {
@@ -59,11 +69,18 @@ _RESPONSES: Final = {
     },
     202: {
         "description": "Some instances stored, some failed (FailedSOPSequence with FailureReason).",
-        "content": {DICOM_JSON: {"schema": {"type": "object"}}},
+        "content": {
+            DICOM_JSON: {
+                "schema": {"type": "object"},
+                "example": {**STOW_EXAMPLE, "00081198": {"vr": "SQ", "Value": [_FAILED_ITEM]}},
+            }
+        },
     },
     409: {
         "description": "No instance could be stored (FailedSOPSequence with FailureReason).",
-        "content": {DICOM_JSON: {"schema": {"type": "object"}}},
+        "content": {
+            DICOM_JSON: {"schema": {"type": "object"}, "example": {"00081198": {"vr": "SQ", "Value": [_FAILED_ITEM]}}}
+        },
     },
     **problem_responses(400, 401, 403, 406, 413, 415, 503, *COMMON_ERRORS),
 }

@@ -47,6 +47,12 @@ TAG: Final = "predict"
 FHIR_JSON: Final = "application/fhir+json"
 DICOM: Final = "application/dicom"
 MULTIPART_RELATED: Final = "multipart/related"
+DICOM_EXAMPLE: Final = "<binary: 128-byte preamble, 'DICM', File Meta Information, CR/DX image data set>"
+MULTIPART_EXAMPLE: Final = (
+    "--b1\r\nContent-Type: application/dicom\r\n\r\n<DICOM Part 10 bytes>\r\n"
+    "--b1\r\nContent-Type: application/dicom\r\n\r\n<DICOM Part 10 bytes>\r\n--b1--\r\n"
+)
+SR_EXAMPLE: Final = "<binary: DICOM Comprehensive 3D SR (TID 1500), VerificationFlag UNVERIFIED>"
 ANSWERS: Final = frozenset({"", "*/*", "application/json", FHIR_JSON, "application/*", "application/jose", DICOM})
 
 BUNDLE_EXAMPLE: Final = {
@@ -96,9 +102,13 @@ _OPENAPI: Final = {
         'instance, or a series of one study as multipart/related; type="application/dicom". Any of them may '
         "come as a JWE (application/jose) whose `cty` names the inner media type.",
         "content": {
-            DICOM: {"schema": {"type": "string", "format": "binary", "title": "DICOM Part 10 instance"}},
+            DICOM: {
+                "schema": {"type": "string", "format": "binary", "title": "DICOM Part 10 instance"},
+                "example": DICOM_EXAMPLE,
+            },
             MULTIPART_RELATED: {
-                "schema": {"type": "string", "format": "binary", "title": "DICOM series (multipart/related)"}
+                "schema": {"type": "string", "format": "binary", "title": "DICOM series (multipart/related)"},
+                "example": MULTIPART_EXAMPLE,
             },
             FHIR_JSON: {"schema": {"type": "object", "title": "FHIR R4 Bundle"}, "example": BUNDLE_EXAMPLE},
             "application/json": {
@@ -146,7 +156,7 @@ _OPENAPI: Final = {
             "content": {
                 "application/json": {"schema": {"type": "object"}, "example": PREDICTION_EXAMPLE},
                 FHIR_JSON: {"schema": {"type": "object"}, "example": RISK_ASSESSMENT_EXAMPLE},
-                DICOM: {"schema": {"type": "string", "format": "binary"}},
+                DICOM: {"schema": {"type": "string", "format": "binary"}, "example": SR_EXAMPLE},
                 "application/jose": {"schema": {"type": "string"}, "example": SEALED_EXAMPLE},
             },
         },
