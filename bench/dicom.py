@@ -41,6 +41,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,12 +51,13 @@ import numpy as np
 import pydicom
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
+from pynetdicom.association import Association
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # also runnable as `python bench/dicom.py`
     sys.path.insert(0, str(ROOT))
 
-from app.transport.dimse.scp import ScpConfig, StoreScp  # noqa: E402
+from app.transport.dimse.scp import REJECTED, ScpConfig, StoreScp  # noqa: E402
 from bench.dicom_decode import TARGET_RATIO, measure, recipe  # noqa: E402
 
 MODEL = "cxr-pneumonia"
@@ -110,7 +112,24 @@ class PacsSink:
 
     arrivals: dict[str, float] = field(default_factory=dict)
     others: int = 0
+    events: Counter[str] = field(default_factory=Counter)
+    #: At each rejected association: the open acceptor associations (calling AE, peer port, state).
+    rejections: list[list[str]] = field(default_factory=list)
     _cond: threading.Condition = field(default_factory=threading.Condition)
+
+    def on_event(self, outcome: str, code: str) -> None:
+        """StoreScp's hook: counts outcomes; on a rejected association, notes who holds the slots."""
+        with self._cond:
+            self.events[f"{outcome}:{code}" if code else outcome] += 1
+            if outcome == REJECTED:
+                self.rejections.append(
+                    [
+                        f"{t.requestor.ae_title.strip()}@{t.requestor.port}:"
+                        f"{'established' if t.is_established else 'not-established'}"
+                        for t in threading.enumerate()
+                        if isinstance(t, Association) and t.is_acceptor
+                    ]
+                )
 
     def store(self, encoded: bytes, calling_ae: str) -> None:
         arrived = time.perf_counter()
@@ -135,7 +154,9 @@ class PacsSink:
 def pacs() -> Iterator[tuple[int, PacsSink]]:
     sink = PacsSink()
     scp = StoreScp(
-        ScpConfig(ae_title=PACS_AE, host="127.0.0.1", port=0, allowed_calling_aes=(), max_associations=4), sink
+        ScpConfig(ae_title=PACS_AE, host="127.0.0.1", port=0, allowed_calling_aes=(), max_associations=4),
+        sink,
+        sink.on_event,
     )
     scp.start()
     try:
@@ -294,8 +315,8 @@ def one_study(client: httpx.Client, sink: PacsSink, source: bytes, name: str, se
     )
 
 
-def end_to_end(studies: int, settle_s: float) -> tuple[list[Sample], list[str], int]:
-    """(samples, the service's warning/error log lines, non-SR objects the PACS received)."""
+def end_to_end(studies: int, settle_s: float) -> tuple[list[Sample], list[str], PacsSink]:
+    """(samples, the service's warning/error log lines, what the PACS saw)."""
     sources = {name: testdata(name) for name in FILES}
     with (
         tempfile.TemporaryDirectory(prefix="medinfer-bench-dicom-") as tmp,
@@ -311,7 +332,7 @@ def end_to_end(studies: int, settle_s: float) -> tuple[list[Sample], list[str], 
         for i in range(studies):
             name = FILES[i % len(FILES)]
             samples.append(one_study(client, sink, sources[name], name, served))
-        return samples, served.log_problems(), sink.others
+        return samples, served.log_problems(), sink
 
 
 # -- output ----------------------------------------------------------------------------------------
@@ -377,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     rows = preprocessing(args.repeat)
     print_preprocessing(rows, args.repeat)
-    samples, problems, others = end_to_end(args.studies, args.settle)
+    samples, problems, sink = end_to_end(args.studies, args.settle)
     print_end_to_end(samples, args.settle)
 
     e2e = percentile([s.e2e_s for s in samples], 50)
@@ -393,7 +414,11 @@ def main(argv: list[str] | None = None) -> int:
         "rest = e2e - STOW response - settle; the settle timer starts when the instance is spooled, a little "
         "before the STOW response is sent, so rest is if anything understated"
     )
-    print(f"service warning/error log lines: {len(problems)}; non-SR objects at the PACS: {others}")
+    events = ", ".join(f"{k} {v}" for k, v in sorted(sink.events.items()))
+    print(f"bench PACS: {events}; non-SR objects: {sink.others}")
+    for holders in sink.rejections[:5]:
+        print(f"  association rejected while open: {', '.join(holders) or 'none'}")
+    print(f"service warning/error log lines: {len(problems)}")
     for line in problems[:10]:
         print(f"  {line[:300]}")
     print(f"total {time.monotonic() - started:.0f} s")

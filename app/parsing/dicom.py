@@ -132,8 +132,11 @@ _INFLATE_CHUNK = 1 << 20
 # exception types and builtins. RuntimeError covers NotImplementedError and RecursionError
 # (undefined-length sequences are parsed recursively while reading); ValueError covers
 # UnicodeDecodeError; LookupError covers KeyError and IndexError; ArithmeticError covers
-# OverflowError.
+# OverflowError. pydicom reports some damage (a truncated file, a VR that contradicts the
+# transfer syntax) as a UserWarning and reads on; where warnings are errors (``-W error``, the
+# test suite) that warning arrives here as an exception, and it means the same damage.
 _PARSE_FAILURES: tuple[type[Exception], ...] = (
+    UserWarning,
     InvalidDicomError,
     BytesLengthException,
     EOFError,

@@ -75,8 +75,10 @@ _MAX_SIZE = 8192
 # the model can see; it only absorbs float rounding of the composed map at the image's extremes.
 _CLIP_SLACK = 1e-9
 # What pydicom and its decoding plugins raise on damaged pixel data or LUTs (pydicom wraps
-# plugin failures in RuntimeError; NotImplementedError is a RuntimeError).
+# plugin failures in RuntimeError; NotImplementedError is a RuntimeError), and pydicom's
+# UserWarnings about damaged pixel data where warnings are errors.
 _DECODE_FAILURES: tuple[type[Exception], ...] = (
+    UserWarning,
     InvalidDicomError,
     BytesLengthException,
     EOFError,

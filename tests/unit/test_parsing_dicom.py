@@ -272,6 +272,25 @@ def test_truncated_file_at_element_boundaries_is_malformed(cut: int) -> None:
         read_instance(data[:cut], LIMITS)
 
 
+def _pydicom_warns_on() -> list[bytes]:
+    flipped = bytearray(encoded(phantom(rows=64)))
+    flipped[136] ^= 1  # the meta's first value: pydicom then doubts the dataset's VR encoding
+    return [sample_bytes("emri_small_jpeg_2k_lossless_too_short.dcm"), bytes(flipped[:289])]
+
+
+@pytest.mark.parametrize("data", _pydicom_warns_on(), ids=["truncated-pixel-data", "vr-heuristic"])
+def test_damage_pydicom_only_warns_about_is_malformed_where_warnings_are_errors(data: bytes) -> None:
+    """The suite runs with warnings as errors (so does ``python -W error``): pydicom's warning
+    about damage then arrives as an exception, and must still end as a domain error."""
+    with pydicom_warnings() as caught, pytest.raises(DicomMalformedError):
+        read_instance(data, LIMITS)
+    assert caught, "this input no longer makes pydicom warn"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(DicomMalformedError, match="could not be parsed"):
+            read_instance(data, LIMITS)
+
+
 @pytest.mark.parametrize(
     "keyword",
     [
