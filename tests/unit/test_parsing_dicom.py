@@ -625,7 +625,10 @@ def test_phantom_studies_fit_the_model(modality: str) -> None:
 
 
 def test_code_strings_compare_case_insensitively_after_stripping() -> None:
-    with pytest.warns(UserWarning, match="Invalid value for VR CS"):  # lower case is not a valid CS
+    # Lower case is not a valid CS: pydicom warns, unless a service built earlier in this process
+    # switched its reading validation off (app.container does), so the warning is not asserted.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
         ds = phantom(body_part="chest", view_position="ap ")
     check_policy(read_instance(encoded(ds), LIMITS), model_policy())
 
