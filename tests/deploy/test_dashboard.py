@@ -21,7 +21,18 @@ from tests.deploy.support import (
 )
 
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
-REQUIRED_ROWS = ["Overview", "Traffic", "Latency", "Batching", "Models", "Predictions", "Security", "Audit", "GPU", "Imaging"]
+REQUIRED_ROWS = [
+    "Overview",
+    "Traffic",
+    "Latency",
+    "Batching",
+    "Models",
+    "Predictions",
+    "Security",
+    "Audit",
+    "GPU",
+    "Imaging",
+]
 #: Grafana's variables, replaced by something PromQL accepts before promtool parses a query.
 VARIABLE_VALUES = {"$__rate_interval": "5m", "$__interval": "1m", "$__range": "1h", "$instance": ".*", "$model": ".*"}
 
