@@ -22,6 +22,7 @@ from pydicom.uid import JPEGLSLossless, RLELossless, generate_uid
 
 from tests.conftest import REPO_ROOT, require_env
 from tests.integration.conftest import Served, base_env, free_port, medinfer, register_key, serve
+from tests.support.dcmtk import dcmtk
 from training.dicom_studies import write_phantom_study
 
 pytestmark = pytest.mark.integration
@@ -82,7 +83,7 @@ def _storescu(path: Path) -> None:
     flags = [PROPOSE[syntax]] if syntax in PROPOSE else []
     result = subprocess.run(
         [
-            "storescu",
+            dcmtk("storescu"),
             "-aet",
             "STORESCU",
             "-aec",
@@ -203,7 +204,7 @@ def test_c_store_of_an_image_no_model_takes_is_refused_with_a_failure_status(
     path = get_testdata_file("MR_small.dcm", download=False)
     assert path is not None
     result = subprocess.run(
-        ["storescu", "-v", "-aet", "STORESCU", "-aec", "MEDINFER", "127.0.0.1", str(scp_port), str(path)],
+        [dcmtk("storescu"), "-v", "-aet", "STORESCU", "-aec", "MEDINFER", "127.0.0.1", str(scp_port), str(path)],
         capture_output=True,
         text=True,
         timeout=60,
@@ -221,7 +222,7 @@ def test_c_store_from_an_unlisted_calling_ae_is_rejected(node: tuple[Served, int
     path = get_testdata_file("RG1_UNCR.dcm", download=False)
     assert path is not None
     result = subprocess.run(
-        ["storescu", "-aet", "INTRUDER", "-aec", "MEDINFER", "127.0.0.1", str(scp_port), str(path)],
+        [dcmtk("storescu"), "-aet", "INTRUDER", "-aec", "MEDINFER", "127.0.0.1", str(scp_port), str(path)],
         capture_output=True,
         text=True,
         timeout=60,

@@ -12,6 +12,7 @@ from pydicom import dcmread
 from pydicom.data import get_testdata_file
 
 from tests.conftest import require_env
+from tests.support.dcmtk import dcmtk
 
 pytestmark = pytest.mark.integration
 
@@ -24,7 +25,7 @@ def test_orthanc_accepts_storescu_and_answers_qido(tmp_path: Path) -> None:
     study_uid = dcmread(source).StudyInstanceUID
 
     result = subprocess.run(
-        ["storescu", "-aec", require_env("MEDINFER_TEST_ORTHANC_AET"), "127.0.0.1", port, str(source)],
+        [dcmtk("storescu"), "-aec", require_env("MEDINFER_TEST_ORTHANC_AET"), "127.0.0.1", port, str(source)],
         capture_output=True,
         text=True,
         timeout=60,

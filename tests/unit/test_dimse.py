@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import logging
-import shutil
 import socket
 import subprocess
 import threading
@@ -38,6 +37,7 @@ from app.transport.dimse.scp import (
     StoreScp,
 )
 from app.transport.dimse.scu import DimseDestination, echo, send_cstore
+from tests.support.dcmtk import dcmtk
 
 SCP_AE = "MEDINFER"
 MODALITY_AE = "MODALITY"
@@ -47,10 +47,6 @@ PHI_MARKER = "DOE^JOHN 1234567"
 #: before close() in one try, and shutdown() of an unconnected socket raises); CPython closes it
 #: at once but warns. Upstream pydicom/pynetdicom#999 (for #979) adds the missing close.
 pynetdicom_979 = pytest.mark.filterwarnings("ignore:unclosed <socket.socket:ResourceWarning")
-
-needs_dcmtk = pytest.mark.skipif(
-    shutil.which("storescu") is None or shutil.which("echoscu") is None, reason="dcmtk is not installed"
-)
 
 
 def sample(name: str) -> Path:
@@ -202,7 +198,7 @@ def cstore(port: int, path: Path, calling_ae: str = MODALITY_AE) -> Dataset:
 
 
 def storescu(port: int, path: Path, *flags: str, calling_ae: str = MODALITY_AE) -> subprocess.CompletedProcess[str]:
-    command = ["storescu", "-ta", "5", "-td", "5", "-ts", "5", "-aet", calling_ae, "-aec", SCP_AE, *flags]
+    command = [dcmtk("storescu"), "-ta", "5", "-td", "5", "-ts", "5", "-aet", calling_ae, "-aec", SCP_AE, *flags]
     return subprocess.run(
         [*command, "127.0.0.1", str(port), str(path)], capture_output=True, text=True, timeout=60, check=False
     )
@@ -263,10 +259,9 @@ def test_unexpected_exceptions_are_0xc211_and_the_comment_never_carries_the_mess
 # C-ECHO
 
 
-@needs_dcmtk
 def test_dcmtk_echoscu_is_answered(scp: StoreScp) -> None:
     done = subprocess.run(
-        ["echoscu", "-ta", "5", "-aet", MODALITY_AE, "-aec", SCP_AE, "127.0.0.1", str(scp.port)],
+        [dcmtk("echoscu"), "-ta", "5", "-aet", MODALITY_AE, "-aec", SCP_AE, "127.0.0.1", str(scp.port)],
         capture_output=True,
         check=False,
         text=True,
@@ -287,7 +282,6 @@ def test_echo_to_a_closed_port_is_false_not_an_error() -> None:
 # C-STORE from dcmtk
 
 
-@needs_dcmtk
 def test_storescu_instance_reaches_the_sink_unchanged(scp: StoreScp, sink: RecordingSink) -> None:
     sent = sample("RG1_UNCR.dcm")
     done = storescu(scp.port, sent)
@@ -298,7 +292,6 @@ def test_storescu_instance_reaches_the_sink_unchanged(scp: StoreScp, sink: Recor
     assert received.read_bytes()[128:132] == b"DICM"
 
 
-@needs_dcmtk
 @pytest.mark.parametrize(
     ("name", "propose"),
     [
@@ -384,7 +377,6 @@ def test_a_failing_event_hook_does_not_fail_the_store(start_scp: ScpFactory, sin
 # Associations
 
 
-@needs_dcmtk
 def test_calling_ae_outside_the_allow_list_is_rejected(start_scp: ScpFactory, sink: RecordingSink) -> None:
     events = EventLog()
     scp = start_scp(allowed=(MODALITY_AE,), on_event=events)
