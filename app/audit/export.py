@@ -26,16 +26,18 @@ def to_fhir(row: AuditEvent) -> dict[str, Any]:
             }
         )
     if row.model:
-        details = [{"type": "sha256", "valueString": row.model_sha256 or ""}]
+        # FHIR strings may not be empty: an event refused before a model version was resolved
+        # (say, an unknown version) names the model only.
+        details = [{"type": "sha256", "valueString": row.model_sha256}] if row.model_sha256 else []
         if row.input_sha256:
             details.append({"type": "input-sha256", "valueString": row.input_sha256})
         if row.output_sha256:
             details.append({"type": "output-sha256", "valueString": row.output_sha256})
         entities.append(
             {
-                "what": {"display": f"{row.model} v{row.model_version}"},
+                "what": {"display": f"{row.model} v{row.model_version}" if row.model_version else row.model},
                 "type": {"system": "http://terminology.hl7.org/CodeSystem/audit-entity-type", "code": "2"},
-                "detail": details,
+                **({"detail": details} if details else {}),
             }
         )
     resource: dict[str, Any] = {
