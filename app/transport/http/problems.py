@@ -117,7 +117,7 @@ def _render(
 
 
 async def _on_domain_error(request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, e.MedinferError)  # noqa: S101 - registered for this type only
+    assert isinstance(exc, e.MedinferError)  # noqa: S101 - registered for this type only  # nosec B101
     if status_for(type(exc)) >= HTTPStatus.INTERNAL_SERVER_ERROR:
         log.error("request failed", extra={"event": "http.error", "code": exc.code})
     return _render(request, exc)
@@ -131,7 +131,7 @@ _FRAMEWORK_ERRORS: Final[Mapping[int, e.MedinferError]] = {
 
 
 async def _on_http_exception(request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, StarletteHTTPException)  # noqa: S101 - registered for this type only
+    assert isinstance(exc, StarletteHTTPException)  # noqa: S101 - registered for this type only  # nosec B101
     if isinstance(exc.__cause__, e.MedinferError):
         # FastAPI wraps errors raised while it reads the body (our size cap among them) in a 400.
         return _render(request, exc.__cause__)
@@ -140,7 +140,7 @@ async def _on_http_exception(request: Request, exc: Exception) -> JSONResponse:
 
 
 async def _on_validation_error(request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, RequestValidationError)  # noqa: S101 - registered for this type only
+    assert isinstance(exc, RequestValidationError)  # noqa: S101 - registered for this type only  # nosec B101
     details = _validation_errors(exc)
     if any(d["type"] == "json_invalid" for d in details):
         return _render(request, e.MalformedBodyError("request body is not valid JSON"))
@@ -224,10 +224,13 @@ def v2_error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
 
 
 def normalise_openapi_errors(document: dict[str, Any]) -> None:
-    """Make every documented error response problem+json, including FastAPI's automatic 422s.
+    """Document FastAPI's automatic 422s as what the handlers above answer: problem+json, or the
+    v2 error body on that family. FastAPI's own ``HTTPValidationError`` schema is then unused and
+    removed.
 
-    The handlers above render request-validation failures as problem+json too, so the document
-    must say so; FastAPI's own ``HTTPValidationError`` schema is then unused and removed.
+    Responses a route documents itself are left as written: some error statuses answer a body of
+    their own (the readiness report on 503, the Store Instances Response on STOW-RS 409, an empty
+    "not ready" 400 on the v2 health routes), and the document must say what is really sent.
     """
     for path, item in document.get("paths", {}).items():
         v2 = path == V2_PREFIX or path.startswith(V2_PREFIX + "/")
@@ -235,9 +238,8 @@ def normalise_openapi_errors(document: dict[str, Any]) -> None:
             for code, response in operation.get("responses", {}).items():
                 if not code.isdigit() or int(code) not in _EXAMPLES:
                     continue
-                wanted = "application/json" if v2 else PROBLEM_MEDIA_TYPE
-                schema = response.get("content", {}).get(wanted, {}).get("schema", {})
-                if schema.get("$ref", "").endswith(("/Problem", "/V2Error")):
+                schema = response.get("content", {}).get("application/json", {}).get("schema", {})
+                if not schema.get("$ref", "").endswith("/HTTPValidationError"):
                     continue
                 response.clear()
                 response.update((v2_error_responses if v2 else problem_responses)(int(code))[int(code)])

@@ -6,12 +6,14 @@ Verifying and exporting are themselves security-relevant actions and leave event
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Annotated, Final
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import StreamingResponse
+from pydantic import BeforeValidator
 
 from app.audit.export import to_ndjson_line
 from app.audit.query import EventFilter, iter_events, list_events
@@ -24,15 +26,31 @@ from app.transport.http.schemas import AuditEventOut, AuditEventPage, AuditVerif
 router = APIRouter(prefix="/v1/audit")
 TAG: Final = "audit"
 NDJSON: Final = "application/fhir+ndjson"
+#: RFC 3339 ``date-time``, as the document's ``format`` says: pydantic alone would also take a
+#: bare number as Unix time, and a time without an offset means a different instant per server.
+_RFC3339: Final = re.compile(r"\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})")
+#: What the database can hold and be compared with: no NUL (PostgreSQL refuses it), no control characters.
+_PRINTABLE: Final = r"^[^\x00-\x1f\x7f]+$"
+#: The sequence is a PostgreSQL bigint; 18 digits always fit.
+_CURSOR: Final = r"^[0-9]{1,18}$"
+
+
+def _rfc3339(value: object) -> object:
+    if isinstance(value, str) and not _RFC3339.fullmatch(value):
+        raise ValueError("expected an RFC 3339 date-time with an offset, such as 2026-11-28T13:05:12Z")
+    return value
+
+
+Timestamp = Annotated[datetime, BeforeValidator(_rfc3339)]
 
 
 def _filters(
-    since: Annotated[datetime | None, Query(description="Events at or after this time (ISO 8601).")] = None,
-    until: Annotated[datetime | None, Query(description="Events before this time.")] = None,
-    model: Annotated[str | None, Query(max_length=64)] = None,
-    actor: Annotated[str | None, Query(max_length=128, description="Client id.")] = None,
+    since: Annotated[Timestamp | None, Query(description="Events at or after this time (RFC 3339).")] = None,
+    until: Annotated[Timestamp | None, Query(description="Events before this time (RFC 3339).")] = None,
+    model: Annotated[str | None, Query(max_length=64, pattern=r"^[a-z0-9][a-z0-9._-]*$")] = None,
+    actor: Annotated[str | None, Query(max_length=128, pattern=_PRINTABLE, description="Client id.")] = None,
     outcome: Annotated[str | None, Query(pattern="^(success|failure|error)$")] = None,
-    action: Annotated[str | None, Query(max_length=64, examples=["inference"])] = None,
+    action: Annotated[str | None, Query(max_length=64, pattern=_PRINTABLE, examples=["inference"])] = None,
 ) -> EventFilter:
     return EventFilter(since=since, until=until, model=model, actor=actor, outcome=outcome, action=action)
 
@@ -101,7 +119,7 @@ async def events(
     container: ContainerDep,
     _principal: AuditReader,
     filters: Filters,
-    cursor: Annotated[str | None, Query(max_length=32, pattern="^[0-9]+$")] = None,
+    cursor: Annotated[str | None, Query(pattern=_CURSOR)] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
 ) -> AuditEventPage:
     rows = await list_events(container.engine, filters, int(cursor) if cursor else 0, limit)

@@ -20,7 +20,9 @@ from app.transport.http.schemas import (
 
 router = APIRouter(prefix="/v1/models")
 TAG: Final = "models"
-ModelName = Annotated[str, Path(max_length=64, pattern=r"^[a-z0-9][a-z0-9._-]*$", examples=["cxr-pneumonia"])]
+ModelName = Annotated[
+    str, Path(max_length=64, pattern=r"^[a-z0-9][a-z0-9._-]*$", examples=["cxr-pneumonia", "ehr-heart-disease"])
+]
 
 
 def summarise(registry: ModelRegistry, spec: ModelSpec) -> ModelSummary:

@@ -40,7 +40,12 @@ from app.transport.http.deps import (
 from app.transport.http.multipart import iter_parts, parse_related
 from app.transport.http.problems import COMMON_ERRORS, problem_responses
 from app.transport.http.routes_models import ModelName
-from app.transport.http.schemas import PREDICTION_EXAMPLE, RISK_ASSESSMENT_EXAMPLE, SEALED_EXAMPLE
+from app.transport.http.schemas import (
+    PREDICTION_EXAMPLE,
+    RISK_ASSESSMENT_EXAMPLE,
+    SEALED_EXAMPLE,
+    SEALED_REQUEST_CONTENT,
+)
 
 router = APIRouter(prefix="/v1/models")
 TAG: Final = "predict"
@@ -125,6 +130,7 @@ _OPENAPI: Final = {
                 },
                 "example": FEATURES_EXAMPLE,
             },
+            **SEALED_REQUEST_CONTENT,
         },
     }
 }

@@ -27,12 +27,14 @@ from app.transport.http.deps import (
     wants_sealed,
 )
 from app.transport.http.problems import v2_error_responses
-from app.transport.http.schemas import SEALED_EXAMPLE
+from app.transport.http.schemas import SEALED_EXAMPLE, SEALED_REQUEST_CONTENT
 from app.transport.http.v2_codec import HEADER_LENGTH, deadline_from_parameters, decode_request, encode_response
 
 router = APIRouter(prefix="/v2")
 TAG: Final = "open-inference-protocol"
-ModelName = Annotated[str, Path(max_length=64, pattern=r"^[a-z0-9][a-z0-9._-]*$", examples=["cxr-pneumonia"])]
+ModelName = Annotated[
+    str, Path(max_length=64, pattern=r"^[a-z0-9][a-z0-9._-]*$", examples=["cxr-pneumonia", "ehr-heart-disease"])
+]
 Version = Annotated[str, Path(max_length=16, pattern=r"^[0-9]+$", examples=["1"])]
 
 _INFER_EXAMPLE: Final = {
@@ -210,11 +212,13 @@ _INFER_OPENAPI: Final = {
         "description": (
             "An inference request. With the binary tensor extension, send `Inference-Header-Content-Length` "
             "and append raw little-endian tensors after the JSON header, each announced by "
-            "`parameters.binary_data_size`."
+            "`parameters.binary_data_size`. The body may come as a JWE (application/jose) whose `cty` "
+            "names its media type."
         ),
         "content": {
             "application/json": {"schema": {"$ref": "#/components/schemas/V2InferRequest"}, "example": _INFER_EXAMPLE},
             "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+            **SEALED_REQUEST_CONTENT,
         },
     }
 }

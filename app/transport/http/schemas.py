@@ -3,12 +3,15 @@ format is a contract with generated clients and changes only with a version bump
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from joserfc.errors import JoseError
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from app.domain import VersionStatus
+from app.domain import Scope, VersionStatus
+from app.security.jwe import import_public_jwk, seal_for
 
 VERSION_STATUS_EXAMPLE: dict[str, Any] = {
     "model": "cxr-pneumonia",
@@ -222,13 +225,42 @@ class ClientRegistration(_Wire):
     )
 
     client_id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")
-    scopes: list[str] = Field(min_length=1, max_length=16)
+    # Checked against Scope by the route (a 422 naming the valid scopes); the enum is for the document.
+    scopes: list[Annotated[str, Field(json_schema_extra={"enum": [s.value for s in Scope]})]] = Field(
+        min_length=1, max_length=16
+    )
     encryption_jwk: dict[str, Any] | None = Field(
-        default=None, description="Public JWK; results are sealed to it when the client sends Accept: application/jose."
+        default=None,
+        description="Public EC or RSA JWK; results are sealed to it when the client sends Accept: application/jose.",
     )
     signing_jwk: dict[str, Any] | None = Field(
         default=None, description="Public JWK; when set, this client's payloads must be signed (JWS) then encrypted."
     )
+
+    @field_validator("encryption_jwk")
+    @classmethod
+    def _sealable(cls, jwk: dict[str, Any] | None) -> dict[str, Any] | None:
+        """A key results cannot be sealed to would turn every later sealed answer into a 500."""
+        if jwk is not None:
+            _usable(jwk, lambda key: seal_for(b"{}", "application/json", key), "results can be sealed to")
+        return jwk
+
+    @field_validator("signing_jwk")
+    @classmethod
+    def _verifiable(cls, jwk: dict[str, Any] | None) -> dict[str, Any] | None:
+        if jwk is not None:
+            _usable(jwk, import_public_jwk, "signatures can be verified with")
+        return jwk
+
+
+def _usable(jwk: dict[str, Any], use: Callable[[dict[str, Any]], object], purpose: str) -> None:
+    # ValueError is what pydantic turns into a 422; the key itself is never echoed.
+    if "d" in jwk:
+        raise ValueError("register public keys only (the JWK has a private 'd' member)")
+    try:
+        use(jwk)
+    except (JoseError, ValueError, TypeError, LookupError) as exc:
+        raise ValueError(f"not a public key {purpose}") from exc
 
 
 class ClientCredentials(_Wire):
@@ -365,3 +397,47 @@ RISK_ASSESSMENT_EXAMPLE: dict[str, Any] = {
 
 #: A result sealed to the client's registered key (``Accept: application/jose``), shortened.
 SEALED_EXAMPLE = "eyJhbGciOiJFQ0RILUVTK0EyNTZLVyIsImVuYyI6IkEyNTZHQ00iLCJjdHkiOiJhcHBsaWNhdGlvbi9qc29uIn0.Qx0.bW.Zg.dA"
+
+_JWE_STRING: dict[str, Any] = {"type": "string", "pattern": r"^[A-Za-z0-9_-]*$"}
+
+#: Request bodies sealed to the service's JWKS (``deps.read_payload`` opens them), as documented on
+#: every operation that takes one: the compact serialization, or the JSON one for one recipient.
+SEALED_REQUEST_CONTENT: dict[str, Any] = {
+    "application/jose": {
+        "schema": {
+            "type": "string",
+            "title": "JWE (compact serialization)",
+            "pattern": r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]*){4}$",
+        },
+        "example": SEALED_EXAMPLE,
+    },
+    "application/jose+json": {
+        "schema": {
+            "type": "object",
+            "title": "JWE (JSON serialization, one recipient, no aad)",
+            "required": ["protected", "ciphertext"],
+            "properties": {
+                **dict.fromkeys(("protected", "encrypted_key", "iv", "ciphertext", "tag"), _JWE_STRING),
+                "unprotected": {"type": "object"},
+                "header": {"type": "object"},
+                "recipients": {
+                    "type": "array",
+                    "minItems": 1,
+                    "maxItems": 1,
+                    "items": {
+                        "type": "object",
+                        "properties": {"header": {"type": "object"}, "encrypted_key": _JWE_STRING},
+                    },
+                },
+            },
+            "not": {"required": ["aad"]},
+        },
+        "example": {
+            "protected": SEALED_EXAMPLE.partition(".")[0],
+            "encrypted_key": "Qx0",
+            "iv": "bW",
+            "ciphertext": "Zg",
+            "tag": "dA",
+        },
+    },
+}
