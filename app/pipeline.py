@@ -26,7 +26,14 @@ from app.inference.registry import ModelRegistry, ServedVersion
 from app.inference.tensors import check_inputs
 from app.observability.metrics import Metrics
 from app.parsing.dicom import AcceptPolicy, DicomInstance, check_policy
-from app.parsing.fhir import ExtractedFeatures, feature_map, from_bundle, from_features, parse_features_json
+from app.parsing.fhir import (
+    ExtractedFeatures,
+    FeatureMap,
+    feature_map,
+    from_bundle,
+    from_features,
+    parse_features_json,
+)
 from app.postprocess.classification import Classification, classify
 from app.preprocess.pixels import PixelRecipe, to_tensor
 
@@ -34,6 +41,14 @@ log = logging.getLogger(__name__)
 
 #: Outputs up to this many values are kept in the audit event (class probabilities, not maps).
 AUDITED_OUTPUT_VALUES = 1024
+
+#: Records up to this size are parsed on the event loop (a typical Bundle takes well under a
+#: millisecond; a thread hop would cost more). Larger ones, hostile ones among them, go to a thread.
+_INLINE_PARSE_BYTES = 64 * 1024
+
+
+def _record_features(body: bytes, kind: Literal["fhir", "features"], fmap: FeatureMap) -> ExtractedFeatures:
+    return from_bundle(body, fmap) if kind == "fhir" else from_features(parse_features_json(body), fmap)
 
 
 def outputs_sha256(outputs: Mapping[str, npt.NDArray[np.generic]]) -> str:
@@ -236,7 +251,10 @@ class Pipeline:
         served = self.registry.get(model)
         started = time.perf_counter()
         fmap = feature_map(served.spec.preprocessing)
-        features = from_bundle(body, fmap) if kind == "fhir" else from_features(parse_features_json(body), fmap)
+        if len(body) <= _INLINE_PARSE_BYTES:
+            features = _record_features(body, kind, fmap)
+        else:  # a large (or hostile) record is parsed off the event loop
+            features = await asyncio.to_thread(_record_features, body, kind, fmap)
         self.metrics.preprocess_seconds.labels(model=model, version=served.version).observe(
             time.perf_counter() - started
         )

@@ -20,13 +20,14 @@ import math
 import re
 import struct
 import zlib
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from pydicom.datadict import dictionary_VR
 from pydicom.dataset import Dataset
 from pydicom.errors import BytesLengthException, InvalidDicomError
-from pydicom.filereader import read_dataset, read_partial, read_preamble
+from pydicom.filereader import ENCODED_VR, read_dataset, read_partial, read_preamble
 from pydicom.multival import MultiValue
 from pydicom.uid import (
     HTJ2K,
@@ -47,6 +48,7 @@ from pydicom.uid import (
     JPEGLSNearLossless,
     RLELossless,
 )
+from pydicom.valuerep import EXPLICIT_VR_LENGTH_32
 
 from app.errors import (
     DicomMalformedError,
@@ -65,6 +67,7 @@ __all__ = [
     "DicomLimits",
     "check_policy",
     "declared_pixel_bytes",
+    "file_meta_uids",
     "number_of_frames",
     "read_instance",
 ]
@@ -253,14 +256,20 @@ def _is_uid(value: str) -> bool:
 # ------------------------------------------------------------------------------------ reading
 
 
+_META_LIMITS = DicomLimits(max_bytes=1 << 20, max_pixel_bytes=1, max_frames=1, max_elements=256, max_depth=1)
+"""A File Meta Information holds about eight elements and no sequence (PS3.10 7.1)."""
+
+
 def read_instance(data: bytes, limits: DicomLimits) -> DicomInstance:
     """Parse and check one DICOM Part 10 instance (PS3.10 7.1) without decoding its pixels.
 
     In order: the byte cap; the preamble and ``DICM`` prefix; the File Meta Information and its
     Transfer Syntax (unsupported: DicomUnsupportedError naming the UID); for a deflated dataset,
-    the inflated size; the parse itself; a walk over every element and sequence item (depth and
-    element caps); the required attributes; SOP Instance UID against the meta; the Image Pixel
-    module's consistency; and the frame and pixel-buffer caps, from the header alone.
+    the inflated size; a scan of the encoded structure (:class:`_StructureScan`: element and
+    depth caps, values that run past the end) before pydicom builds anything; the parse itself;
+    a walk over every element and sequence item (the same caps, on what pydicom built); the
+    required attributes; SOP Instance UID against the meta; the Image Pixel module's
+    consistency; and the frame and pixel-buffer caps, from the header alone.
 
     Raises DicomTooLargeError, DicomMalformedError or DicomUnsupportedError; never a pydicom,
     struct or zlib exception.
@@ -270,16 +279,19 @@ def read_instance(data: bytes, limits: DicomLimits) -> DicomInstance:
     if len(data) < _PREAMBLE + len(_PREFIX) or data[_PREAMBLE : _PREAMBLE + len(_PREFIX)] != _PREFIX:
         raise DicomMalformedError("not a DICOM Part 10 file: no 'DICM' prefix after the 128-byte preamble")
 
+    _StructureScan(data, _META_LIMITS, implicit=False, little=True).run(_PREAMBLE + len(_PREFIX), meta_only=True)
     transfer_syntax, dataset_offset = _read_meta(data)
     if transfer_syntax == DeflatedExplicitVRLittleEndian:
-        _check_inflated_size(memoryview(data)[dataset_offset:], limits.max_bytes)
+        inflated = _inflate(memoryview(data)[dataset_offset:], limits.max_bytes)
+        _StructureScan(inflated, limits, implicit=False, little=True).run(0)
+        del inflated
+    else:
+        implicit = transfer_syntax == ImplicitVRLittleEndian
+        little = transfer_syntax != ExplicitVRBigEndian
+        _StructureScan(data, limits, implicit=implicit, little=little).run(dataset_offset)
 
     try:
-        # dcmread is read_partial stopping at nothing; here the stop callback, which sees every
-        # top-level element header before its value is read, counts them: a dataset of millions
-        # of empty elements (8 bytes each; far fewer bytes when deflated) is refused at the cap
-        # instead of costing ~200 bytes of Python objects per element first.
-        ds = read_partial(io.BytesIO(data), stop_when=_element_counter(limits.max_elements), force=False)
+        ds = read_partial(io.BytesIO(data), force=False)
         _walk(ds.file_meta, limits, 0, [0])
         _walk(ds, limits, 0, [0])
     except _PARSE_FAILURES as exc:
@@ -320,6 +332,31 @@ def read_instance(data: bytes, limits: DicomLimits) -> DicomInstance:
     )
 
 
+def file_meta_uids(data: bytes) -> tuple[str | None, str | None]:
+    """The SOP Class and SOP Instance UIDs that the File Meta Information names (Media Storage
+    SOP Class / Instance UID, PS3.10 7.1), or None for each that cannot be read.
+
+    For describing an instance that :func:`read_instance` refused (the STOW-RS FailedSOPSequence
+    names it where it can): only the preamble and the meta are read, within
+    :data:`_META_LIMITS`, whatever follows them; a refused instance may be a bomb, and
+    re-reading it with pydicom would cost what the refusal just spared. Never raises.
+    """
+    if len(data) < _PREAMBLE + len(_PREFIX) or data[_PREAMBLE : _PREAMBLE + len(_PREFIX)] != _PREFIX:
+        return None, None
+    try:
+        _StructureScan(data, _META_LIMITS, implicit=False, little=True).run(_PREAMBLE + len(_PREFIX), meta_only=True)
+        fp = io.BytesIO(data)
+        read_preamble(fp, False)  # noqa: FBT003 - pydicom's positional ``force``
+        meta = read_dataset(fp, is_implicit_VR=False, is_little_endian=True, stop_when=_not_group_0002)
+        values = meta.get("MediaStorageSOPClassUID"), meta.get("MediaStorageSOPInstanceUID")
+    except (DicomMalformedError, DicomTooLargeError):
+        return None, None
+    except _PARSE_FAILURES:
+        return None, None
+    uids = [str(v).strip() if isinstance(v, str) and _is_uid(str(v).strip()) else None for v in values]
+    return uids[0], uids[1]
+
+
 def _read_meta(data: bytes) -> tuple[str, int]:
     """The Transfer Syntax UID from the File Meta Information, and where the dataset starts.
 
@@ -351,11 +388,12 @@ def _not_group_0002(tag: int, vr: str | None, length: int) -> bool:
     return tag >> 16 != 2  # noqa: PLR2004 - the File Meta Information group
 
 
-def _check_inflated_size(deflated: memoryview, cap: int) -> None:
-    """Inflate in bounded chunks, keeping nothing, to refuse a deflate bomb before pydicom
-    inflates the whole dataset in one call (PS3.5 A.5)."""
+def _inflate(deflated: memoryview, cap: int) -> bytes:
+    """Inflate in bounded chunks to refuse a deflate bomb before pydicom inflates the whole
+    dataset in one call (PS3.5 A.5); the result (at most ``cap`` bytes) is what gets scanned."""
     inflater = zlib.decompressobj(-zlib.MAX_WBITS)
     total = 0
+    chunks: list[bytes] = []
     pending: bytes | memoryview = deflated
     try:
         while not inflater.eof:
@@ -363,24 +401,205 @@ def _check_inflated_size(deflated: memoryview, cap: int) -> None:
             total += len(chunk)
             if total > cap:
                 raise DicomTooLargeError(f"the inflated dataset is larger than {cap} bytes")
+            chunks.append(chunk)
             if not chunk and len(inflater.unconsumed_tail) == len(pending):
                 break  # no progress: the stream is cut short; pydicom's own inflate will say so
             pending = inflater.unconsumed_tail
     except zlib.error:
         raise DicomMalformedError("the deflated dataset could not be inflated") from None
+    return b"".join(chunks)
 
 
-def _element_counter(limit: int) -> Callable[[int, str | None, int], bool]:
-    seen = 0
+_ITEM = 0xFFFEE000
+_ITEM_DELIMITER = 0xFFFEE00D
+_SEQUENCE_DELIMITER = 0xFFFEE0DD
+_UNDEFINED_LENGTH = 0xFFFFFFFF
+_LONG_LENGTH_VRS = frozenset(str(vr) for vr in EXPLICIT_VR_LENGTH_32)
+_META_GROUP = 0x0002
 
-    def count(tag: int, vr: str | None, length: int) -> bool:
-        nonlocal seen
-        seen += 1
-        if seen > limit:
-            raise DicomTooLargeError(f"the dataset has more than {limit} elements")
-        return False  # never stop early: read everything
 
-    return count
+class _Unreadable(Exception):  # noqa: N818 - internal, never leaves this module
+    """The bytes break the encoding rules at this point. Inside a value that only might be a
+    sequence it means "not a sequence after all"; anywhere else it becomes DicomMalformedError."""
+
+
+class _StructureScan:
+    """Walk the encoded element headers and sequence items of a dataset (PS3.5 7.1 and 7.5)
+    before pydicom parses it, following pydicom's rules for where a sequence is, and count them.
+
+    pydicom builds a Python object for every element and item it reads (~250 bytes each) before
+    anything can count them: sequences of undefined length are parsed as they are read, those of
+    defined length when first touched, at any depth. A 16 MiB instance of empty elements inside
+    sequence items (or a few KiB of them, deflated) would cost gigabytes and minutes there. Here
+    the same headers cost a ``struct.unpack_from`` each, and the walk stops at
+    ``max_elements`` (elements and items together, at every depth) and ``max_depth``.
+
+    It is also stricter than pydicom in one way that matters: a value whose declared length runs
+    past the end of the data, or of the item holding it, is a truncated or forged instance
+    (pydicom reads what is there and goes on), and so is an item or delimiter out of place.
+
+    Values of VR UN, of implicit-VR private tags and of unknown tags might be sequences (pydicom
+    decides from its dictionaries and the bytes): when they start with an item, they are walked
+    too, and only their caps, not their structure, can refuse the instance.
+    """
+
+    def __init__(self, data: bytes, limits: DicomLimits, *, implicit: bool, little: bool) -> None:
+        self.data = data
+        self.end = len(data)
+        self.limits = limits
+        self.implicit = implicit
+        self.order = "<" if little else ">"
+        self.delimiter = struct.pack(self.order + "HH", _SEQUENCE_DELIMITER >> 16, _SEQUENCE_DELIMITER & 0xFFFF)
+        self.count = 0
+
+    def run(self, start: int, *, meta_only: bool = False) -> None:
+        try:
+            self._dataset(start, None, 0, top=True, meta_only=meta_only)
+        except _Unreadable as exc:
+            raise DicomMalformedError(f"the DICOM dataset is malformed: {exc}") from None
+
+    def _tick(self) -> None:
+        self.count += 1
+        if self.count > self.limits.max_elements:
+            raise DicomTooLargeError(f"the dataset has more than {self.limits.max_elements} elements")
+
+    def _tag(self, pos: int) -> int:
+        group, elem = struct.unpack_from(self.order + "HH", self.data, pos)
+        return int(group) << 16 | int(elem)
+
+    def _header(self, pos: int) -> tuple[str | None, int, int]:
+        """(VR or None where it is implicit, header length, value length) as pydicom reads them."""
+        if not self.implicit:
+            raw = self.data[pos + 4 : pos + 6]
+            if raw in ENCODED_VR:
+                vr = raw.decode("ascii")
+                if vr in _LONG_LENGTH_VRS:
+                    if pos + 12 > self.end:
+                        raise _Unreadable("the data ends inside an element header")
+                    return vr, 12, int(struct.unpack_from(self.order + "I", self.data, pos + 8)[0])
+                return vr, 8, int(struct.unpack_from(self.order + "H", self.data, pos + 6)[0])
+            if b"AA" <= raw <= b"ZZ":  # an unknown VR: pydicom reads a 2-byte length
+                return raw.decode("latin-1"), 8, int(struct.unpack_from(self.order + "H", self.data, pos + 6)[0])
+            # Not a VR at all: pydicom takes this one element as implicit VR (a known writer bug).
+        return None, 8, int(struct.unpack_from(self.order + "I", self.data, pos + 4)[0])
+
+    def _dataset(self, pos: int, limit: int | None, depth: int, *, top: bool = False, meta_only: bool = False) -> int:
+        """Elements up to ``limit`` (a defined-length item), an item delimiter (``limit`` None,
+        not ``top``) or the end of the data (``top``); returns where the dataset ends."""
+        while True:
+            end = self._end_of_dataset(pos, limit, top=top, meta_only=meta_only)
+            if end is not None:
+                return end
+            pos = self._element(pos, limit, depth)
+
+    def _end_of_dataset(self, pos: int, limit: int | None, *, top: bool, meta_only: bool) -> int | None:
+        """Where the dataset ends if it ends at ``pos``, else None (an element starts there)."""
+        if limit is not None and pos >= limit:
+            if pos > limit:
+                raise _Unreadable("an element runs past the end of its item")
+            return pos
+        if pos + 8 > self.end:
+            if top:
+                return pos  # as pydicom: fewer than 8 trailing bytes end the dataset
+            raise _Unreadable("the data ends inside a sequence item")
+        tag = self._tag(pos)
+        if meta_only and tag >> 16 != _META_GROUP:
+            return pos
+        if tag == _ITEM_DELIMITER:
+            if limit is None and not top:
+                return pos + 8
+            raise _Unreadable("an item delimiter outside an item of undefined length")
+        if tag in {_ITEM, _SEQUENCE_DELIMITER}:
+            raise _Unreadable("a sequence item or delimiter outside a sequence")
+        return None
+
+    def _element(self, pos: int, limit: int | None, depth: int) -> int:
+        """One element (with any sequence in its value); returns where the next one starts."""
+        tag = self._tag(pos)
+        vr, header, length = self._header(pos)
+        self._tick()
+        value = pos + header
+        if length == _UNDEFINED_LENGTH:
+            if self._undefined_is_sequence(tag, vr, value):
+                return self._sequence(value, None, depth)
+            found = self.data.find(self.delimiter, value)
+            if found < 0:
+                raise _Unreadable("a value of undefined length has no sequence delimiter")
+            return found + 8
+        stop = value + length
+        if stop > self.end or (limit is not None and stop > limit):
+            raise _Unreadable("an element's value runs past the end of the data")
+        kind = self._defined_kind(tag, vr, value, length)
+        if kind == "sequence":
+            self._sequence(value, stop, depth)
+        elif kind == "maybe":
+            counted = self.count
+            try:
+                self._sequence(value, stop, depth)
+            except _Unreadable:
+                self.count = counted  # not a sequence: opaque bytes, as pydicom will see them
+        return stop
+
+    def _sequence(self, pos: int, limit: int | None, depth: int) -> int:
+        """Items up to ``limit`` or a sequence delimiter; ``depth`` is that of the dataset holding
+        the sequence, as in :func:`_walk`."""
+        if depth >= self.limits.max_depth:
+            raise DicomMalformedError(f"sequences are nested deeper than {self.limits.max_depth} levels")
+        while True:
+            if limit is not None and pos >= limit:
+                if pos > limit:
+                    raise _Unreadable("an item runs past the end of its sequence")
+                return pos
+            if pos + 8 > self.end:
+                raise _Unreadable("the data ends inside a sequence")
+            tag = self._tag(pos)
+            length = int(struct.unpack_from(self.order + "I", self.data, pos + 4)[0])
+            if tag == _SEQUENCE_DELIMITER:
+                return pos + 8
+            if tag != _ITEM:
+                raise _Unreadable("a sequence holds something other than items")
+            self._tick()
+            if length == _UNDEFINED_LENGTH:
+                pos = self._dataset(pos + 8, None, depth + 1)
+                continue
+            stop = pos + 8 + length
+            if stop > self.end or (limit is not None and stop > limit):
+                raise _Unreadable("an item runs past the end of its sequence")
+            self._dataset(pos + 8, stop, depth + 1)
+            pos = stop
+
+    def _starts_with_item(self, pos: int) -> bool:
+        return pos + 4 <= self.end and self._tag(pos) == _ITEM
+
+    def _undefined_is_sequence(self, tag: int, vr: str | None, value: int) -> bool:
+        """pydicom's rule for a value of undefined length: SQ, or (implicit or UN) a tag its
+        dictionary calls SQ, or an unknown tag whose value starts with an item."""
+        if vr == "SQ":
+            return True
+        if vr not in {None, "UN"}:
+            return False
+        known = _dictionary_vr(tag)
+        return known == "SQ" if known is not None else self._starts_with_item(value)
+
+    def _defined_kind(self, tag: int, vr: str | None, value: int, length: int) -> str:
+        """ "sequence", "maybe" (pydicom may parse it as one when it is touched) or "bytes"."""
+        if vr == "SQ":
+            return "sequence"
+        if vr not in {None, "UN"} or length == 0:
+            return "bytes"
+        known = _dictionary_vr(tag)
+        if known is not None and not tag >> 16 & 1:
+            if known != "SQ":
+                return "bytes"
+            return "sequence" if vr is None else "maybe"
+        return "maybe" if self._starts_with_item(value) else "bytes"
+
+
+def _dictionary_vr(tag: int) -> str | None:
+    try:
+        return str(dictionary_VR(tag))
+    except KeyError:
+        return None
 
 
 def _walk(ds: Dataset, limits: DicomLimits, depth: int, seen: list[int]) -> None:

@@ -15,14 +15,14 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from fhir.resources.R4B.bundle import Bundle
 from fhir.resources.R4B.observation import Observation
 from fhir.resources.R4B.patient import Patient
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from app.errors import InvalidRequestError, MalformedBodyError, MissingFeaturesError
+from app.errors import InvalidRequestError, MalformedBodyError, MissingFeaturesError, PayloadTooLargeError
 
 LOINC = "http://loinc.org"
 _USABLE_STATUS = frozenset({"final", "amended", "corrected", "preliminary"})
@@ -129,7 +129,8 @@ def _quantity(spec: FeatureSpec, observation: Observation) -> float:
         if unit in spec.alternative_units:
             return value * spec.alternative_units[unit]
         accepted = ", ".join([spec.unit, *spec.alternative_units])
-        raise InvalidRequestError(f"{spec.label}: unit {unit!r} not accepted (send one of: {accepted})")
+        # The sent unit is not echoed: it is free text in the record, and error bodies are logged.
+        raise InvalidRequestError(f"{spec.label}: unit not accepted (send one of: {accepted})")
     if observation.valueInteger is not None:
         return float(observation.valueInteger)
     raise InvalidRequestError(f"{spec.label}: expected a valueQuantity")
@@ -185,18 +186,73 @@ def _finish(fmap: FeatureMap, found: dict[str, float | None]) -> tuple[list[floa
     return values, [spec.name for spec in missing]
 
 
-def _load_bundle(body: bytes) -> Bundle:
+MAX_JSON_DEPTH: Final = 64
+"""Deepest nesting of arrays and objects a body may have. FHIR resources nest about ten levels
+(extensions a few more); Python's ``json`` and the FHIR models recurse, and fail, near 1000."""
+
+MAX_JSON_VALUES: Final = 50_000
+"""Most JSON values (objects, arrays, scalars) a body may hold: one patient's record of a few
+thousand Observations. Validating a Bundle costs about 20 microseconds and 300 bytes per value,
+so this bounds a request to about a second and 15 MB however the bytes under the body cap are
+spent (a million ``{}`` entries would take minutes and gigabytes)."""
+
+_PRESCAN_FACTOR: Final = 4
+_LISTED: Final = 10
+
+
+def load_json(body: bytes) -> Any:
+    """Parse a JSON body within :data:`MAX_JSON_DEPTH` and :data:`MAX_JSON_VALUES`.
+
+    Before parsing, commas and opening brackets are counted (an upper bound on the values, as
+    they also count those inside strings; hence the slack), so ``json`` never builds millions of
+    objects; after it, the tree is walked for the exact count and depth. Raises
+    :class:`MalformedBodyError` for JSON that does not parse (including integers over Python's
+    4300-digit limit) or nests too deep, :class:`PayloadTooLargeError` for too many values.
+    """
+    rough = body.count(b",") + body.count(b"[") + body.count(b"{")
+    if rough > _PRESCAN_FACTOR * MAX_JSON_VALUES:
+        raise PayloadTooLargeError(f"the JSON body holds more than {MAX_JSON_VALUES} values")
     try:
-        raw = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        document = json.loads(body)
+    except RecursionError:
+        raise MalformedBodyError(f"the JSON body nests deeper than {MAX_JSON_DEPTH} levels") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, int digits over the limit
         raise MalformedBodyError("request body is not valid JSON") from exc
+    _check_shape(document)
+    return document
+
+
+def _check_shape(document: Any) -> None:
+    """Count the values and measure the depth iteratively: a recursive walk is what fails."""
+    values = 0
+    stack: list[tuple[Any, int]] = [(document, 1)]
+    while stack:
+        node, depth = stack.pop()
+        values += 1
+        if values > MAX_JSON_VALUES:
+            raise PayloadTooLargeError(f"the JSON body holds more than {MAX_JSON_VALUES} values")
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else None
+        if children is None:
+            continue
+        if depth >= MAX_JSON_DEPTH and children:
+            raise MalformedBodyError(f"the JSON body nests deeper than {MAX_JSON_DEPTH} levels")
+        stack.extend((child, depth + 1) for child in children)
+
+
+def _load_bundle(body: bytes) -> Bundle:
+    raw = load_json(body)
     if not isinstance(raw, dict) or raw.get("resourceType") != "Bundle":
         raise InvalidRequestError("expected a FHIR Bundle (resourceType 'Bundle')")
     try:
         bundle = Bundle.model_validate(raw)
     except ValidationError as exc:
-        where = "; ".join(".".join(str(p) for p in err["loc"]) for err in exc.errors()[:3])
+        errors = exc.errors(include_url=False, include_context=False, include_input=False)
+        where = "; ".join(".".join(str(p) for p in err["loc"]) for err in errors[:3])
         raise InvalidRequestError(f"Bundle is not valid FHIR R4: {where}") from exc
+    except (LookupError, TypeError, ValueError) as exc:
+        # fhir.resources raises KeyError for a resourceType it has no model for, and a few
+        # builtins for other shapes it does not expect: all of them are the caller's Bundle.
+        raise InvalidRequestError("Bundle is not valid FHIR R4: an unknown resource type or element shape") from exc
     if bundle.type not in _BUNDLE_TYPES:
         raise InvalidRequestError(f"Bundle.type must be one of {sorted(_BUNDLE_TYPES)}")
     return bundle
@@ -257,7 +313,9 @@ def _patient_features(fmap: FeatureMap, patient: Patient, on: date) -> dict[str,
             found[spec.name] = age
         elif spec.source == "Patient.gender" and patient.gender is not None:
             if patient.gender not in spec.codes:
-                raise InvalidRequestError(f"{spec.label}: gender {patient.gender!r} has no code in this model")
+                raise InvalidRequestError(  # the sent value is not echoed (it is the patient's)
+                    f"{spec.label}: gender has no code in this model (send one of: {', '.join(spec.codes)})"
+                )
             found[spec.name] = spec.codes[patient.gender]
     return found
 
@@ -290,7 +348,10 @@ def from_features(payload: Mapping[str, Any], fmap: FeatureMap) -> ExtractedFeat
     known = {spec.name: spec for spec in fmap.features}
     unknown = sorted(set(features) - set(known))
     if unknown:
-        raise InvalidRequestError(f"unknown feature(s) {unknown}; the model takes {list(fmap.feature_order)}")
+        # Name a few: the keys are the caller's, and a body may hold thousands of them.
+        named = ", ".join(repr(name[:64]) for name in unknown[:_LISTED])
+        more = f" and {len(unknown) - _LISTED} more" if len(unknown) > _LISTED else ""
+        raise InvalidRequestError(f"unknown feature(s) {named}{more}; the model takes {list(fmap.feature_order)}")
     found: dict[str, float | None] = {}
     for name, raw in features.items():
         spec = known[name]
@@ -315,13 +376,19 @@ def from_features(payload: Mapping[str, Any], fmap: FeatureMap) -> ExtractedFeat
 
 
 def parse_features_json(body: bytes) -> dict[str, Any]:
-    try:
-        payload = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise MalformedBodyError("request body is not valid JSON") from exc
+    payload = load_json(body)
     if not isinstance(payload, dict):
         raise InvalidRequestError("expected a JSON object")
     return payload
 
 
-__all__: Sequence[str] = ("ExtractedFeatures", "FeatureMap", "feature_map", "from_bundle", "from_features")
+__all__: Sequence[str] = (
+    "MAX_JSON_DEPTH",
+    "MAX_JSON_VALUES",
+    "ExtractedFeatures",
+    "FeatureMap",
+    "feature_map",
+    "from_bundle",
+    "from_features",
+    "load_json",
+)

@@ -247,6 +247,10 @@ def _check_codestreams(ds: Dataset, syntax: str) -> None:
     hundred bytes declaring a 40000 x 40000 JPEG-LS image keep a worker busy for a minute and
     take gigabytes. ``read_instance`` has capped the DICOM header's size, so checking the
     codestreams against it caps the decoders too.
+
+    Each frame must also be whole (:func:`_jpeg_complete`, :func:`_j2k_complete`): CharLS decodes
+    a JPEG-LS frame cut short, and OpenJPEG a JPEG 2000 frame missing tiles, without an error,
+    into an image that is partly invented.
     """
     reader = _CODESTREAM_READERS.get(syntax)
     if reader is None:
@@ -262,11 +266,13 @@ def _check_codestreams(ds: Dataset, syntax: str) -> None:
             extended_offsets=offsets if offsets[0] and offsets[1] else None,
         )
         for fragments in itertools.islice(frames, count):
-            if reader(b"".join(fragments)) != expected:
+            frame = b"".join(fragments)
+            if reader(frame) != expected:
                 raise DicomMalformedError(
                     "a compressed frame's own header declares another size or sample count than "
                     "Rows, Columns and SamplesPerPixel"
                 )
+            _CODESTREAM_COMPLETE[reader](frame)
     except (ValueError, TypeError, struct.error, EOFError, OSError, IndexError, KeyError):
         raise DicomMalformedError("the encapsulated pixel data, or a frame header in it, is damaged") from None
 
@@ -311,6 +317,63 @@ def _j2k_header(frame: bytes) -> tuple[int, int, int]:
     return ysiz - y_offset, xsiz - x_offset, components
 
 
+_EOI = b"\xff\xd9"  # JPEG EOI (T.81 B.1.1.3) and JPEG 2000 EOC (T.800 A.4.4) are the same bytes
+# Fragments are padded to even length (PS3.5 A.4), with 0x00 or, by some writers, a 0xFF fill
+# byte (T.81 B.1.1.2): a few of either may follow the EOI.
+_TAIL = 18
+_UNDECODABLE = "the pixel data could not be decoded: "
+
+
+def _ends_with_eoi(frame: bytes) -> bool:
+    return frame[-_TAIL:].rstrip(b"\0\xff").endswith(_EOI)
+
+
+def _jpeg_complete(frame: bytes) -> None:
+    """Compressed image data ends with EOI (ITU-T T.81 B.2.1; JPEG-LS, T.87 C.2.1)."""
+    if not _ends_with_eoi(frame):
+        raise DicomMalformedError(_UNDECODABLE + "a compressed frame does not end with an EOI marker: it is cut short")
+
+
+_SOT = b"\xff\x90"
+_MAX_TILES = 65535  # ITU-T T.800 A.4.2: tile indices are 16 bits
+_MIN_TILE_PART = 14  # SOT marker segment (12 bytes) and SOD
+
+
+def _j2k_complete(frame: bytes) -> None:
+    """Every tile the SIZ marker's grid declares has a tile-part, each tile-part lies inside the
+    frame, and the codestream ends with EOC (ITU-T T.800 A.4.2, A.4.4, A.5.1)."""
+    start = frame.find(_J2K_SOC_SIZ, 0, 1 << 16)
+    xsiz, ysiz, x_offset, y_offset, x_tile, y_tile, x_tile_offset, y_tile_offset = struct.unpack_from(
+        ">8I", frame, start + 8
+    )
+    if not (x_tile and y_tile and x_tile_offset <= x_offset < xsiz and y_tile_offset <= y_offset < ysiz):
+        raise DicomMalformedError(_UNDECODABLE + "a JPEG 2000 frame declares an impossible tile grid")
+    tiles = math.ceil((xsiz - x_tile_offset) / x_tile) * math.ceil((ysiz - y_tile_offset) / y_tile)
+    if tiles > _MAX_TILES:
+        raise DicomMalformedError(_UNDECODABLE + "a JPEG 2000 frame declares more tiles than the standard allows")
+    pos = start + 2
+    while frame[pos : pos + 2] != _SOT:  # the main header's marker segments, up to the first SOT
+        if len(frame) < pos + 4 or frame[pos] != 0xFF:  # noqa: PLR2004
+            raise DicomMalformedError(_UNDECODABLE + "a JPEG 2000 frame's main header is damaged or cut short")
+        pos += 2 + int.from_bytes(frame[pos + 2 : pos + 4], "big")
+    seen: set[int] = set()
+    while frame[pos : pos + 2] == _SOT:
+        tile, length = struct.unpack_from(">HI", frame, pos + 4)
+        seen.add(tile)
+        if length == 0:  # the last tile-part runs to EOC
+            ended = _ends_with_eoi(frame)
+            break
+        if length < _MIN_TILE_PART:
+            raise DicomMalformedError(_UNDECODABLE + "a JPEG 2000 tile-part is shorter than its own header")
+        pos += length
+    else:
+        ended = frame[pos : pos + 2] == _EOI
+    if not ended:
+        raise DicomMalformedError(_UNDECODABLE + "a JPEG 2000 frame is cut short: a tile-part or EOC is missing")
+    if len(seen) != tiles or max(seen, default=tiles) >= tiles:
+        raise DicomMalformedError(_UNDECODABLE + "a JPEG 2000 frame is missing tiles that its SIZ marker declares")
+
+
 _JPEG_SOF_MARKERS = frozenset({*range(0xC0, 0xC4), *range(0xC5, 0xC8), *range(0xC9, 0xCC), *range(0xCD, 0xD0), 0xF7})
 _J2K_SOC_SIZ = b"\xff\x4f\xff\x51"
 _JP2_SIGNATURE = b"\x00\x00\x00\x0cjP  \r\n\x87\n"
@@ -320,6 +383,10 @@ _CODESTREAM_READERS: dict[str, Callable[[bytes], tuple[int, int, int]]] = {
         _jpeg_header,
     ),
     **dict.fromkeys((JPEG2000Lossless, JPEG2000, HTJ2KLossless, HTJ2KLosslessRPCL, HTJ2K), _j2k_header),
+}
+_CODESTREAM_COMPLETE: dict[Callable[[bytes], tuple[int, int, int]], Callable[[bytes], None]] = {
+    _jpeg_header: _jpeg_complete,
+    _j2k_header: _j2k_complete,
 }
 
 

@@ -90,8 +90,18 @@ def _compact_header(body: bytes) -> tuple[dict[str, Any], str]:
     return header, compact
 
 
+#: A one-recipient JSON serialization holds four objects at most (the document, its shared and
+#: per-recipient headers, ``recipients``) and a dozen members; base64url holds no brackets or
+#: commas. Counting them first keeps ``json`` from building millions of objects from a body of
+#: ``[{},{},...]``.
+_MAX_JSON_BRACKETS: Final = 16
+_MAX_JSON_COMMAS: Final = 64
+
+
 def _json_header(body: bytes) -> tuple[dict[str, Any], dict[str, Any]]:
     """The joint header of a one-recipient JSON serialization (protected, shared, per-recipient)."""
+    if body.count(b"[") + body.count(b"{") > _MAX_JSON_BRACKETS or body.count(b",") > _MAX_JSON_COMMAS:
+        raise DecryptionError(_GENERIC, reason="malformed")
     document = json.loads(body)
     if not isinstance(document, dict) or "aad" in document or len(str(document.get("protected", ""))) > _MAX_HEADER:
         raise DecryptionError(_GENERIC, reason="header")
@@ -110,10 +120,15 @@ def _json_header(body: bytes) -> tuple[dict[str, Any], dict[str, Any]]:
     return header, document
 
 
+def _allowed(value: object, allowed: frozenset[str]) -> bool:
+    # A header value may be any JSON: a list or an object in a frozenset test raises TypeError.
+    return isinstance(value, str) and value in allowed
+
+
 def _check_header(header: dict[str, Any]) -> None:
-    if header.get("alg") not in ALLOWED_ALG:
+    if not _allowed(header.get("alg"), ALLOWED_ALG):
         raise DecryptionError(_GENERIC, reason="alg")
-    if header.get("enc") not in ALLOWED_ENC:
+    if not _allowed(header.get("enc"), ALLOWED_ENC):
         raise DecryptionError(_GENERIC, reason="enc")
     if "zip" in header:
         raise DecryptionError(_GENERIC, reason="zip")
@@ -130,6 +145,8 @@ def open_payload(body: bytes, media_type: str, keys: KeyStore, max_bytes: int) -
         raise DecryptionError(_GENERIC, reason="size")
     try:
         header, serialized = _compact_header(body) if media_type == JOSE else _json_header(body)
+    except RecursionError:  # JSON nested past the interpreter's limit, in a header of 8 KiB
+        raise DecryptionError(_GENERIC, reason="malformed") from None
     except (UnicodeDecodeError, ValueError, KeyError, TypeError, binascii.Error) as exc:
         raise DecryptionError(_GENERIC, reason="malformed") from exc
     _check_header(header)

@@ -12,15 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import io
 import json
 from typing import Annotated, Final
 
-import pydicom
 from fastapi import APIRouter, Path, Request
 from fastapi.responses import Response
 
 from app.errors import MedinferError, NotAcceptableError, UnsupportedMediaTypeError
+from app.parsing.dicom import file_meta_uids
 from app.transport.http.deps import ContainerDep, ImagingDep, Inferrer, media_type_of, record_action
 from app.transport.http.multipart import iter_parts, parse_related
 from app.transport.http.problems import COMMON_ERRORS, problem_responses
@@ -92,16 +91,9 @@ _DESCRIPTION: Final = (
 
 
 def _uids(encoded: bytes) -> tuple[str | None, str | None]:
-    """The SOP Class and Instance UIDs of a refused instance, where its header can be read."""
-    with contextlib.suppress(Exception):
-        ds = pydicom.dcmread(
-            io.BytesIO(encoded), stop_before_pixels=True, specific_tags=["SOPClassUID", "SOPInstanceUID"]
-        )
-        return (
-            str(ds.get("SOPClassUID", "")) or None,
-            str(ds.get("SOPInstanceUID", "")) or None,
-        )
-    return None, None
+    """The SOP Class and Instance UIDs of a refused instance, where its File Meta Information can
+    be read cheaply (a refused instance may be a bomb: it is not parsed again in full)."""
+    return file_meta_uids(encoded)
 
 
 async def _store(
