@@ -107,7 +107,8 @@ def test_an_unknown_unit_is_refused_naming_the_loinc_code(ehr: tuple[TestClient,
     response = _post(client, key, bundle(*observations))
     assert response.status_code == 422
     assert "LOINC 2093-3" in response.json()["detail"]
-    assert "g/L" in response.json()["detail"]
+    assert "send one of: mg/dL, mmol/L" in response.json()["detail"]
+    assert "g/L " not in response.json()["detail"]  # the record's own text is not echoed
 
 
 def test_missing_required_features_are_listed(ehr: tuple[TestClient, str, Settings]) -> None:
