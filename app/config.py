@@ -16,7 +16,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 #: Values that ship in the source tree. Outside ``env="dev"``/``"test"`` the service refuses
 #: to start while any secret still holds one of them.
 MIN_SECRET_CHARS = 32
-PLACEHOLDER_SECRET = "dev-only-change-me"  # noqa: S105 - a marker the validator refuses outside dev
+PLACEHOLDER_SECRET = "dev-only-change-me"  # noqa: S105 - a marker the validator refuses outside dev  # nosec B105
 
 Environment = Literal["dev", "test", "production"]
 LogFormat = Literal["json", "console"]

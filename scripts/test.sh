@@ -17,6 +17,7 @@ echo "== ruff format --check"; ruff format --check .
 echo "== ruff check"; ruff check .
 echo "== mypy --strict app"; mypy app migrations
 echo "== import contracts"; lint-imports
+echo "== bandit"; bandit -c pyproject.toml -r app migrations -q
 echo "== pytest"
 status=0
 python -m pytest "$@" || status=$?
