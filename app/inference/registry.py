@@ -167,6 +167,24 @@ class ModelRegistry:
                     "model version refused",
                     extra={"event": "model.version_refused", "model": name, "version": version, "code": exc.code},
                 )
+                kept = previous.served.get(version) if previous is not None else None
+                if kept is not None:
+                    # The build that served before keeps serving: the status says so (ready, its
+                    # own sha256) and names the refused reload, so operators are not told that
+                    # a version which answers requests has failed.
+                    served[version] = kept
+                    statuses.append(
+                        VersionStatus(
+                            model=name,
+                            version=version,
+                            state=VersionState.READY,
+                            sha256=kept.sha256,
+                            providers=kept.loaded.providers,
+                            error_code=exc.code,
+                            error=f"reload refused, the previous build keeps serving: {exc.detail}",
+                        )
+                    )
+                    continue
                 statuses.append(
                     VersionStatus(
                         model=name,
@@ -177,8 +195,6 @@ class ModelRegistry:
                         error=exc.detail,
                     )
                 )
-                if previous is not None and version in previous.served:
-                    served[version] = previous.served[version]
                 continue
             served[version] = sv
             statuses.append(

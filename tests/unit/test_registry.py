@@ -73,6 +73,25 @@ def test_reload_with_a_corrupted_new_version_keeps_the_old_one_serving(tmp_path:
     ]
 
 
+def test_a_version_corrupted_in_place_keeps_serving_and_reports_ready_with_the_refusal(tmp_path: Path) -> None:
+    model_dir = write_model(tmp_path, "alpha", {"1": 1})
+    registry = ModelRegistry(tmp_path)
+    registry.load_all()
+    before = _run(registry, "alpha")
+    (loaded,) = registry.statuses()
+
+    corrupt(model_dir / "1" / "model.onnx")  # the same version's file damaged, then a reload
+    with pytest.raises(ModelIntegrityError):
+        registry.load("alpha")
+
+    np.testing.assert_array_equal(_run(registry, "alpha"), before)
+    (status,) = registry.statuses()
+    assert status.state is VersionState.READY  # it answers requests: not "failed"
+    assert status.sha256 == loaded.sha256
+    assert status.error_code == ModelIntegrityError.code
+    assert (status.error or "").startswith("reload refused, the previous build keeps serving")
+
+
 def test_reload_swaps_to_the_new_version_while_held_references_stay_valid(tmp_path: Path) -> None:
     write_model(tmp_path, "alpha", {"1": 1})
     registry = ModelRegistry(tmp_path)
