@@ -44,6 +44,7 @@ def _cmd_serve(settings: Settings, _args: argparse.Namespace) -> int:
         "access_log": False,
         "proxy_headers": False,
         "timeout_graceful_shutdown": 30,
+        "timeout_keep_alive": settings.keep_alive_s,
     }
     if settings.tls_certfile is not None:
         config |= {"ssl_certfile": str(settings.tls_certfile), "ssl_keyfile": str(settings.tls_keyfile)}

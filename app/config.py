@@ -34,6 +34,14 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
     workers: int = Field(default=1, ge=1, le=64)
+    keep_alive_s: float = Field(
+        default=75.0,
+        gt=0,
+        le=3600,
+        description="Idle HTTP keep-alive before the server closes a connection. Keep it above the "
+        "idle timeout of the proxy in front (nginx and most load balancers: 60 s), so the proxy never "
+        "reuses a connection the server is closing (a 502 to the client).",
+    )
 
     data_dir: Path = Path("var")
     database_url: str | None = Field(
