@@ -1,6 +1,7 @@
 """The asynchronous imaging path's promises: a PACS that is down gets each result exactly once
 when it comes back, a restart loses no accepted instance, and a full spool refuses instead of
-accepting (C-STORE 0xA700, STOW FailureReason 0xA700). The "PACS" is a real DIMSE SCP
+accepting (C-STORE 0xA700, STOW FailureReason 0xA700), both below its free-space floor and on a
+real filesystem that fills up (ENOSPC from the kernel). The "PACS" is a real DIMSE SCP
 (medinfer's own StoreScp with a counting sink) on loopback."""
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 import io
 import shutil
 import sqlite3
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -178,3 +180,63 @@ def _no_leftover_threads() -> Iterator[None]:
     time.sleep(0.1)
     leaked = [t for t in set(threading.enumerate()) - before if t.is_alive() and not t.daemon]
     assert not leaked, leaked
+
+
+@pytest.fixture
+def small_filesystem(tmp_path: Path) -> Iterator[Path]:
+    """A real 1 MiB tmpfs: writes past its end fail in the kernel with ENOSPC. Mounting needs
+    root with CAP_SYS_ADMIN, which ``make test`` has on the development and CI machines."""
+    mountpoint = tmp_path / "small-fs"
+    mountpoint.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs", str(mountpoint)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert mounted.returncode == 0, f"cannot mount a tmpfs for the disk-full test: {mounted.stderr}"
+    try:
+        yield mountpoint
+    finally:
+        subprocess.run(["umount", str(mountpoint)], check=True)
+
+
+def test_a_spool_on_a_filesystem_that_fills_up_refuses_and_recovers_when_space_returns(
+    tmp_path: Path, migrate: Callable[[Settings], str], small_filesystem: Path
+) -> None:
+    # No free-space floor: the kernel's ENOSPC itself must turn into 0xA700, never into Success.
+    settings = _settings(
+        tmp_path,
+        dimse_enabled=True,
+        dimse_port=0,
+        dicom_spool_dir=small_filesystem / "spool",
+        dicom_spool_min_free_bytes=0,
+        study_settle_s=3600,
+    )
+    key = migrate(settings)
+    encoded = study_bytes(seed=4, positive=True, rows=256)
+    filler = small_filesystem / "filler"
+    filler.write_bytes(b"\0" * (shutil.disk_usage(small_filesystem).free - len(encoded) // 2))
+    with TestClient(create_app(settings)) as client:
+        wait_ready(client)
+        ae = AE(ae_title="MODALITY")
+        ae.add_requested_context(ComputedRadiographyImageStorage, "1.2.840.10008.1.2.1")
+
+        def c_store() -> int:
+            assoc = ae.associate("127.0.0.1", client.app.state.dimse_port, ae_title="MEDINFER")  # type: ignore[attr-defined]
+            assert assoc.is_established
+            try:
+                return int(assoc.send_c_store(pydicom.dcmread(io.BytesIO(encoded))).Status)
+            finally:
+                assoc.release()
+
+        assert c_store() == 0xA700
+        response = _stow(client, key, encoded)
+        assert response.status_code == 409
+        failed = pydicom.Dataset.from_json(response.json()).FailedSOPSequence
+        assert [int(item.FailureReason) for item in failed] == [0xA700]
+        assert sorted(p.name for p in (small_filesystem / "spool").iterdir()) == []  # no partial file left
+
+        filler.unlink()
+        assert c_store() == 0x0000
+        assert len(list((small_filesystem / "spool").glob("*.dcm"))) == 1
