@@ -42,9 +42,10 @@ log = logging.getLogger(__name__)
 #: Outputs up to this many values are kept in the audit event (class probabilities, not maps).
 AUDITED_OUTPUT_VALUES = 1024
 
-#: Records up to this size are parsed on the event loop (a typical Bundle takes well under a
-#: millisecond; a thread hop would cost more). Larger ones, hostile ones among them, go to a thread.
-_INLINE_PARSE_BYTES = 64 * 1024
+#: Bodies up to this size are parsed on the event loop (a typical Bundle or v2 request, about a
+#: millisecond at most; a thread hop would cost more). Larger ones, hostile ones among them, are
+#: parsed in a thread, so that the event loop never waits long on one request's JSON.
+INLINE_PARSE_BYTES = 8 * 1024
 
 
 def _record_features(body: bytes, kind: Literal["fhir", "features"], fmap: FeatureMap) -> ExtractedFeatures:
@@ -251,7 +252,7 @@ class Pipeline:
         served = self.registry.get(model)
         started = time.perf_counter()
         fmap = feature_map(served.spec.preprocessing)
-        if len(body) <= _INLINE_PARSE_BYTES:
+        if len(body) <= INLINE_PARSE_BYTES:
             features = _record_features(body, kind, fmap)
         else:  # a large (or hostile) record is parsed off the event loop
             features = await asyncio.to_thread(_record_features, body, kind, fmap)

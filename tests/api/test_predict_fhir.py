@@ -246,3 +246,47 @@ def test_prediction_metrics_count_labels_and_time_preprocessing(ehr: tuple[TestC
     assert f'medinfer_predictions_total{{label="{label}",model="{MODEL}",version="1"}} 1.0' in text
     assert f'medinfer_inference_preprocess_seconds_count{{model="{MODEL}",version="1"}} 1.0' in text
     assert "medinfer_gpu_" not in text or "medinfer_gpu_utilization_ratio" in text
+
+
+@pytest.mark.parametrize("birth", ["1961", "1961-04"])
+def test_a_partial_birth_date_is_refused_not_guessed(ehr: tuple[TestClient, str, Settings], birth: str) -> None:
+    client, key, _ = ehr
+    response = _post(client, key, bundle(*full_observations(), pat=patient(birth=birth)))
+    assert response.status_code == 422, response.text
+    assert "Patient.birthDate must be a full date" in response.json()["detail"]
+
+
+@pytest.mark.parametrize("when", ["2024", "2024-06"])
+def test_a_partial_observation_time_is_refused_not_ordered_by_guess(
+    ehr: tuple[TestClient, str, Settings], when: str
+) -> None:
+    # A partial time would otherwise sort as the oldest reading and lose to an older full one.
+    client, key, _ = ehr
+    observations = full_observations()
+    observations.append(quantity_obs("bp-later", "8480-6", 180, "mm[Hg]", when))
+    response = _post(client, key, bundle(*observations))
+    assert response.status_code == 422, response.text
+    assert response.json()["detail"] == (
+        "Observation/bp-later: effective time must be a full date or date-time, not a year or month"
+    )
+
+
+def test_an_unknown_element_is_named_by_its_place_not_by_its_key(ehr: tuple[TestClient, str, Settings]) -> None:
+    client, key, _ = ehr
+    pat = patient() | {"Jane Doe MRN-0042": "x"}
+    response = _post(client, key, bundle(*full_observations(), pat=pat))
+    assert response.status_code == 422
+    detail = response.json()["detail"]
+    assert "unknown element under entry.0.resource" in detail
+    assert "Jane" not in detail
+    assert "MRN-0042" not in detail
+
+
+def test_unknown_feature_names_are_counted_not_repeated(ehr: tuple[TestClient, str, Settings]) -> None:
+    client, key, _ = ehr
+    features = {"age": 63, "Jane Doe MRN-0042": 1, "another": 2}
+    response = _post(client, key, {"features": features}, media="application/json")
+    assert response.status_code == 422
+    detail = response.json()["detail"]
+    assert detail.startswith("2 unknown feature name(s); the model takes [")
+    assert "Jane" not in detail
