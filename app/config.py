@@ -61,7 +61,11 @@ class Settings(BaseSettings):
     tls_client_ca: Path | None = Field(
         default=None, description="Require client certificates issued by this CA bundle (mutual TLS)."
     )
-    max_body_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+    max_body_bytes: int = Field(
+        default=64 * 1024 * 1024,
+        ge=1024,
+        description="Cap on a request body as sent: for a JWE, the encrypted form (about 4/3 of the plaintext).",
+    )
     max_tensor_bytes: int = Field(
         default=64 * 1024 * 1024, ge=1024, description="Cap per input tensor, checked before decoding."
     )

@@ -35,10 +35,24 @@ ALLOWED_CTY: Final = frozenset(
         "application/json",
         "multipart/related",
         "application/octet-stream",
-        "jwt",
+        "application/jwt",
         "application/jose",
     }
 )
+
+
+def full_media_type(cty: str) -> str:
+    """RFC 7515 4.1.10 (and RFC 7516 4.1.12): a ``cty`` without a '/' means ``application/<cty>``,
+    so ``JWT``, ``json`` or ``fhir+json`` are the full types; parameters are kept."""
+    media, separator, parameters = cty.partition(";")
+    media = media.strip()
+    if media and "/" not in media:
+        media = f"application/{media}"
+    return media + (f";{parameters}" if separator else "")
+
+
+def _cty(header: Mapping[str, Any]) -> str:
+    return full_media_type(str(header.get("cty", ""))).split(";", 1)[0].strip().lower()
 
 
 @functools.cache
@@ -134,8 +148,7 @@ def _check_header(header: dict[str, Any]) -> None:
         raise DecryptionError(_GENERIC, reason="zip")
     if "crit" in header:
         raise DecryptionError(_GENERIC, reason="crit")
-    cty = str(header.get("cty", "")).split(";", 1)[0].strip().lower()
-    if cty not in ALLOWED_CTY:
+    if _cty(header) not in ALLOWED_CTY:
         raise DecryptionError(_GENERIC, reason="cty")
 
 
@@ -160,10 +173,10 @@ def open_payload(body: bytes, media_type: str, keys: KeyStore, max_bytes: int) -
             plaintext = jwe.decrypt_json(cast(Any, serialized), stored.key, registry=_registry(max_bytes)).plaintext
     except (JoseError, ValueError, TypeError, KeyError) as exc:
         raise DecryptionError(_GENERIC, reason="decrypt") from exc
-    return Opened(plaintext=plaintext or b"", content_type=str(header["cty"]))
+    return Opened(plaintext=plaintext or b"", content_type=full_media_type(str(header["cty"])))
 
 
-SIGNED_CTY: Final = frozenset({"jwt", "application/jose"})  # compared lower-cased
+SIGNED_CTY: Final = frozenset({"application/jwt", "application/jose"})  # full types, compared lower-cased
 MAX_TOKEN_LIFETIME_S: Final = 300
 CLOCK_SKEW_S: Final = 60
 
@@ -203,11 +216,13 @@ def verify_signed(
         and isinstance(header.get("jti"), str)
         and 0 < len(header["jti"]) <= 256  # noqa: PLR2004
     )
-    cty = str(header.get("cty", "")).split(";", 1)[0].strip().lower()
-    if not valid or cty not in ALLOWED_CTY:
+    if not valid or _cty(header) not in ALLOWED_CTY:
         raise AuthenticationError("signed payload claims are not acceptable")
     return SignedPayload(
-        payload=obj.payload or b"", content_type=str(header["cty"]), jti=header["jti"], expires_at=int(header["exp"])
+        payload=obj.payload or b"",
+        content_type=full_media_type(str(header["cty"])),
+        jti=header["jti"],
+        expires_at=int(header["exp"]),
     )
 
 

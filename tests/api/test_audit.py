@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sqlite3
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -115,6 +116,23 @@ def test_events_are_filtered_and_cursor_paged(client: TestClient, keys: dict[str
     assert seen == [1, 2, 3, 4, 5]
     none = client.get("/v1/audit/events", params={"model": "beta"}, headers=_auth(keys["audit"])).json()
     assert none == {"events": [], "next_cursor": None}
+
+
+def test_time_filters_mean_the_same_instant_whatever_the_offset(client: TestClient, keys: dict[str, str]) -> None:
+    _infer(client, keys["infer"], 3)
+    events = client.get("/v1/audit/events", params={"action": "inference"}, headers=_auth(keys["audit"])).json()
+    first = datetime.fromisoformat(events["events"][0]["occurred_at"])
+    for offset in (timedelta(0), timedelta(hours=5, minutes=30), timedelta(hours=-5)):
+        since = (first - timedelta(seconds=1)).astimezone(timezone(offset)).isoformat()
+        until = (first - timedelta(seconds=1)).astimezone(timezone(offset)).isoformat()
+        after = client.get(
+            "/v1/audit/events", params={"action": "inference", "since": since}, headers=_auth(keys["audit"])
+        ).json()
+        before = client.get(
+            "/v1/audit/events", params={"action": "inference", "until": until}, headers=_auth(keys["audit"])
+        ).json()
+        assert len(after["events"]) == 3, since
+        assert before["events"] == [], until
 
 
 def test_export_is_fhir_auditevent_ndjson(client: TestClient, keys: dict[str, str]) -> None:

@@ -83,6 +83,14 @@ def test_an_encrypted_infer_request_is_answered_like_a_plain_one(secured: tuple[
     assert sealed.json()["outputs"] == plain["outputs"]
 
 
+@pytest.mark.parametrize("cty", ["json", "JSON", "application/json; charset=utf-8"])
+def test_a_short_content_type_means_application_slash_it(secured: tuple[TestClient, str], cty: str) -> None:
+    # RFC 7515 4.1.10: a recipient MUST treat a cty without '/' as application/<cty>.
+    client, key = secured
+    response = _post(client, key, _seal(client, json.dumps(BODY).encode(), cty=cty))
+    assert response.status_code == 200, response.text
+
+
 def test_json_serialization_is_accepted(secured: tuple[TestClient, str]) -> None:
     client, key = secured
     kid, public = _public(client)

@@ -75,6 +75,15 @@ def _sealed(client: TestClient, inner: bytes, cty: str = "JWT") -> bytes:
     return encrypt(inner, cty, client.get("/.well-known/jwks.json").json()).encode()
 
 
+@pytest.mark.parametrize("cty", ["JWT", "application/jwt", "JOSE"])
+def test_the_nested_token_s_content_type_may_be_short_or_full(
+    setup: tuple[TestClient, str, str], his: dict[str, ECKey], cty: str
+) -> None:
+    client, signer, _ = setup
+    token = _sealed(client, _signed(his["signing"], json.dumps(BODY).encode()), cty=cty)
+    assert _post(client, signer, token).status_code == 200
+
+
 def test_a_signed_then_encrypted_payload_is_accepted_once(
     setup: tuple[TestClient, str, str], his: dict[str, ECKey]
 ) -> None:

@@ -132,3 +132,13 @@ def test_triton_timeout_parameter_is_in_microseconds() -> None:
     assert deadline_from_parameters(None) is None
     with pytest.raises(InvalidTensorError):
         deadline_from_parameters({"timeout": -1})
+
+
+@pytest.mark.parametrize(
+    "header",
+    [b"[" * 100_000 + b"]" * 100_000, b'{"id": ' + b"9" * 5000 + b"}"],
+    ids=["nested-past-the-interpreter-limit", "integer-over-4300-digits"],
+)
+def test_json_that_the_parser_itself_refuses_is_malformed_not_a_crash(header: bytes) -> None:
+    with pytest.raises(MalformedBodyError, match="not valid JSON"):
+        decode_request(header, None, CAP)

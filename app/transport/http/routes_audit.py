@@ -8,12 +8,12 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import AsyncIterator
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Final
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import StreamingResponse
-from pydantic import BeforeValidator
+from pydantic import AfterValidator, BeforeValidator
 
 from app.audit.export import to_ndjson_line
 from app.audit.query import EventFilter, iter_events, list_events
@@ -41,7 +41,13 @@ def _rfc3339(value: object) -> object:
     return value
 
 
-Timestamp = Annotated[datetime, BeforeValidator(_rfc3339)]
+def _in_utc(value: datetime) -> datetime:
+    # Events are stored in UTC; SQLite's DateTime drops the offset when it binds a value, so a
+    # filter given as +05:30 must be the same instant in UTC before it reaches the query.
+    return value.astimezone(UTC)
+
+
+Timestamp = Annotated[datetime, BeforeValidator(_rfc3339), AfterValidator(_in_utc)]
 
 
 def _filters(

@@ -6,6 +6,7 @@ problem+json; ``problems.py`` chooses the format by path, with the same status t
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from typing import Annotated, Any, Final
 
@@ -16,6 +17,7 @@ from app.domain import Principal
 from app.errors import MalformedBodyError, ModelNotFoundError, ModelNotReadyError
 from app.inference.registry import ServedVersion
 from app.inference.spec import ModelSpec
+from app.pipeline import INLINE_PARSE_BYTES
 from app.transport.http.deps import (
     ContainerDep,
     Inferrer,
@@ -251,7 +253,10 @@ async def _infer(
     except ValueError as exc:
         raise MalformedBodyError("Inference-Header-Content-Length must be an integer") from exc
     body = (await read_payload(request, container, principal)).body
-    decoded = decode_request(body, length, container.settings.max_tensor_bytes)
+    if len(body) <= INLINE_PARSE_BYTES:
+        decoded = decode_request(body, length, container.settings.max_tensor_bytes)
+    else:
+        decoded = await asyncio.to_thread(decode_request, body, length, container.settings.max_tensor_bytes)
     timeout_s = deadline_from_parameters(decoded.request.parameters)
     deadline = request_deadline(request, container.settings, timeout_s)
     context = request_context(request, principal, hashlib.sha256(body).hexdigest())

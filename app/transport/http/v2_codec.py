@@ -129,9 +129,11 @@ def decode_request(body: bytes, header_length: int | None, max_tensor_bytes: int
         )
     header = body if header_length is None else body[:header_length]
     try:
-        request = V2InferRequest.model_validate(json.loads(header))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raw = json.loads(header)
+    except (ValueError, RecursionError) as exc:  # bad JSON or UTF-8, over-long integers, deep nesting
         raise MalformedBodyError("inference request header is not valid JSON") from exc
+    try:
+        request = V2InferRequest.model_validate(raw)
     except ValidationError as exc:
         where = ", ".join(".".join(str(p) for p in err["loc"]) for err in exc.errors()[:3])
         raise MalformedBodyError(f"inference request does not follow the protocol at: {where}") from exc
