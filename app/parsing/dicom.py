@@ -20,9 +20,9 @@ import math
 import re
 import struct
 import zlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 from pydicom.datadict import dictionary_VR
 from pydicom.dataset import Dataset
@@ -423,6 +423,10 @@ class _Unreadable(Exception):  # noqa: N818 - internal, never leaves this module
     sequence it means "not a sequence after all"; anywhere else it becomes DicomMalformedError."""
 
 
+#: The bytes of an explicit VR's two letters (pydicom's test in ``filereader._is_implicit_vr``).
+_VR_LETTERS: Final = range(0x41, 0x5B)
+
+
 class _StructureScan:
     """Walk the encoded element headers and sequence items of a dataset (PS3.5 7.1 and 7.5)
     before pydicom parses it, following pydicom's rules for where a sequence is, and count them.
@@ -486,11 +490,20 @@ class _StructureScan:
     def _dataset(self, pos: int, limit: int | None, depth: int, *, top: bool = False, meta_only: bool = False) -> int:
         """Elements up to ``limit`` (a defined-length item), an item delimiter (``limit`` None,
         not ``top``) or the end of the data (``top``); returns where the dataset ends."""
-        while True:
-            end = self._end_of_dataset(pos, limit, top=top, meta_only=meta_only)
-            if end is not None:
-                return end
-            pos = self._element(pos, limit, depth)
+        saved = self.implicit
+        if not self.implicit and pos + 6 <= self.end and not meta_only:
+            # pydicom decides once per dataset (and item), from its first element, whether it is
+            # implicit VR: an explicit-VR file may hold implicit-VR items (PS3.5 6.2.2, a
+            # private sequence converted as UN of undefined length). So does the scan.
+            self.implicit = not (self.data[pos + 4] in _VR_LETTERS and self.data[pos + 5] in _VR_LETTERS)
+        try:
+            while True:
+                end = self._end_of_dataset(pos, limit, top=top, meta_only=meta_only)
+                if end is not None:
+                    return end
+                pos = self._element(pos, limit, depth)
+        finally:
+            self.implicit = saved
 
     def _end_of_dataset(self, pos: int, limit: int | None, *, top: bool, meta_only: bool) -> int | None:
         """Where the dataset ends if it ends at ``pos``, else None (an element starts there)."""
@@ -506,12 +519,20 @@ class _StructureScan:
         if meta_only and tag >> 16 != _META_GROUP:
             return pos
         if tag == _ITEM_DELIMITER:
-            if limit is None and not top:
-                return pos + 8
-            raise _Unreadable("an item delimiter outside an item of undefined length")
+            return self._item_delimiter(pos, limit, top=top)
         if tag in {_ITEM, _SEQUENCE_DELIMITER}:
             raise _Unreadable("a sequence item or delimiter outside a sequence")
         return None
+
+    @staticmethod
+    def _item_delimiter(pos: int, limit: int | None, *, top: bool) -> int:
+        if limit is None and not top:
+            return pos + 8  # the end of an item of undefined length
+        if top:
+            return pos  # after the dataset: pydicom stops reading there and ignores what follows
+        if pos + 8 == limit:
+            return limit  # a defined-length item that also carries a delimiter (a writer quirk)
+        raise _Unreadable("an item delimiter outside an item of undefined length")
 
     def _element(self, pos: int, limit: int | None, depth: int) -> int:
         """One element (with any sequence in its value); returns where the next one starts."""
@@ -522,23 +543,46 @@ class _StructureScan:
         if length == _UNDEFINED_LENGTH:
             if self._undefined_is_sequence(tag, vr, value):
                 return self._sequence(value, None, depth)
-            found = self.data.find(self.delimiter, value)
-            if found < 0:
-                raise _Unreadable("a value of undefined length has no sequence delimiter")
-            return found + 8
+            return self._undefined_value(value)
         stop = value + length
         if stop > self.end or (limit is not None and stop > limit):
             raise _Unreadable("an element's value runs past the end of the data")
         kind = self._defined_kind(tag, vr, value, length)
         if kind == "sequence":
-            self._sequence(value, stop, depth)
+            self._within(stop, self._sequence, value, stop, depth)
         elif kind == "maybe":
             counted = self.count
             try:
-                self._sequence(value, stop, depth)
+                self._within(stop, self._sequence, value, stop, depth)
             except _Unreadable:
                 self.count = counted  # not a sequence: opaque bytes, as pydicom will see them
         return stop
+
+    def _undefined_value(self, value: int) -> int:
+        """Where an undefined-length value that is not a sequence ends: its items, as pydicom
+        reads encapsulated pixel data, else the first sequence delimiter (pydicom's fallback)."""
+        pos = value
+        while pos + 8 <= self.end:
+            tag = self._tag(pos)
+            if tag == _SEQUENCE_DELIMITER:
+                return pos + 8
+            if tag != _ITEM:
+                break
+            self._tick()  # pydicom walks each fragment in Python: count them like items
+            pos += 8 + int(struct.unpack_from(self.order + "I", self.data, pos + 4)[0])
+        found = self.data.find(self.delimiter, value, self.end)
+        if found < 0 or found + 8 > self.end:
+            raise _Unreadable("a value of undefined length has no sequence delimiter")
+        return found + 8
+
+    def _within(self, stop: int, walk: Callable[..., int], *args: Any) -> int:
+        """Run ``walk`` with the data ending at ``stop`` (a defined length): nothing past it can
+        belong to this value, so no search or walk inside it may cost more than its own bytes."""
+        saved, self.end = self.end, stop
+        try:
+            return walk(*args)
+        finally:
+            self.end = saved
 
     def _sequence(self, pos: int, limit: int | None, depth: int) -> int:
         """Items up to ``limit`` or a sequence delimiter; ``depth`` is that of the dataset holding
@@ -574,9 +618,9 @@ class _StructureScan:
     def _undefined_is_sequence(self, tag: int, vr: str | None, value: int) -> bool:
         """pydicom's rule for a value of undefined length: SQ, or (implicit or UN) a tag its
         dictionary calls SQ, or an unknown tag whose value starts with an item."""
-        if vr == "SQ":
+        if vr in {"SQ", "UN"}:
             return True
-        if vr not in {None, "UN"}:
+        if vr is not None:
             return False
         known = _dictionary_vr(tag)
         return known == "SQ" if known is not None else self._starts_with_item(value)
