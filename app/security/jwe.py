@@ -243,9 +243,22 @@ def import_public_jwk(jwk: Mapping[str, Any]) -> ECKey | RSAKey | OKPKey:
 
 
 def seal_for(body: bytes, content_type: str, client_jwk: Mapping[str, Any]) -> str:
-    """Encrypt a response to the client's registered key (compact JWE, A256GCM)."""
-    key = import_public_jwk(client_jwk)
+    """Encrypt a response to the client's registered key (compact JWE, A256GCM).
+
+    ECDH-ES+A256KW for an EC key, RSA-OAEP-256 for an RSA key. A JWK that names another ``alg``,
+    or says it is for signatures (``use: sig``), is refused (:class:`ValueError`), so that a
+    client never gets a result sealed with an algorithm it did not ask for. ``key_ops`` is not
+    consulted: joserfc checks "encrypt", where RFC 7517 names "wrapKey" for key wrapping.
+    """
+    data = {name: value for name, value in client_jwk.items() if name != "key_ops"}
+    if data.get("use", "enc") != "enc":
+        msg = "not an encryption key"
+        raise ValueError(msg)
+    key = import_public_jwk(data)
     alg = "ECDH-ES+A256KW" if isinstance(key, ECKey) else "RSA-OAEP-256"
+    if data.get("alg", alg) != alg:
+        msg = f"results are sealed with {alg} for this key type"
+        raise ValueError(msg)
     header: dict[str, Any] = {"alg": alg, "enc": "A256GCM", "cty": content_type}
     if "kid" in client_jwk:
         header["kid"] = client_jwk["kid"]
