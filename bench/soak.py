@@ -30,8 +30,11 @@ plain JSON features, 16 patient variants) and 10 % chest radiographs (``POST
 Checks (exit status 1 if any fails; the JSON written by ``--json`` holds them and every second):
 
 - no answer other than 200 or 429 (a full queue is the one intended refusal), no transport error;
+- it kept up: the last answer comes at most 5 s after the last scheduled send (a service that
+  falls behind builds a backlog that is still draining then), and 429s are at most 1 % of the hold;
 - p99 of the last minute <= ``--p99-ratio`` (1.5) x p99 of the first minute of the hold (for holds
-  under 5 min: the last and first 20 %);
+  under 5 min: the median of the per-second p99s of the last and the first half, since one
+  p99 over a few seconds is set by a single queueing episode);
 - server RSS at the end < 1.10 x RSS after the first 20 % of the hold (each the median of 5 s);
 - audit rows (``audit_event`` with action ``inference`` and outcome ``success``) == 200 answers;
 - ``medinfer audit verify`` exits 0 and the server exits 0 on SIGTERM.
@@ -78,6 +81,11 @@ MINUTE_WINDOW_FROM_S = 300.0
 RSS_MEDIAN_S = 5
 #: Other processes under this many cores count as a quiet machine (as in bench/engine.py's notes).
 QUIET_CORES = 0.15
+#: The last answer may come at most this long after the last scheduled send: a service that keeps
+#: up has no backlog then (a 10 % shortfall over a 50 s hold leaves ~5 s of it, 1 % over 10 min ~6 s).
+MAX_DRAIN_S = 5.0
+#: 429 is the one intended refusal, but at 80 % of capacity it should be rare.
+MAX_REFUSED = 0.01
 
 Connection = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 
@@ -226,7 +234,8 @@ def rss_bytes(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
-    return 0
+    msg = f"process {pid} has no resident set (it has exited)"
+    raise RuntimeError(msg)
 
 
 def machine_busy_s() -> float:
@@ -404,6 +413,8 @@ class OpenLoop:
         self.duration_s = duration_s
         self.seconds = [Second() for _ in range(int(duration_s) + 1)]
         self.pool = Pool(port, MAX_CONNECTIONS)
+        self.started = 0.0
+        self.last_answer = 0.0  # monotonic time of the last answer (or transport failure)
 
     async def _exchange(self, n: int) -> str:
         conn = await self.pool.get()
@@ -426,11 +437,14 @@ class OpenLoop:
             outcome = await asyncio.wait_for(self._exchange(n), REQUEST_TIMEOUT_S)
         except (OSError, TimeoutError, asyncio.IncompleteReadError, ValueError, IndexError) as exc:
             outcome = f"transport:{type(exc).__name__}"
-        bucket.latencies.append(time.monotonic() - scheduled)
+        now = time.monotonic()
+        self.last_answer = max(self.last_answer, now)
+        bucket.latencies.append(now - scheduled)
         bucket.statuses[outcome] += 1
 
     async def run(self, sample: Callable[[int], None]) -> None:
         start = time.monotonic()
+        self.started = start
         tasks: set[asyncio.Task[None]] = set()
         sampler = asyncio.create_task(self._sample(start, sample))
         total = int(self.rate * self.duration_s)
@@ -445,9 +459,7 @@ class OpenLoop:
             tasks.add(task)
             task.add_done_callback(tasks.discard)
         await asyncio.gather(*tasks)
-        sampler.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await sampler
+        await sampler  # every second of the hold is sampled, the last one included
         self.pool.close()
 
     async def _sample(self, start: float, sample: Callable[[int], None]) -> None:
@@ -524,10 +536,18 @@ def hold(served: Service, workload: Workload, rate: float, duration_s: float) ->
 
 def analyse(loop: OpenLoop, duration_s: float, p99_limit: float) -> tuple[dict[str, Any], list[Check]]:
     seconds = loop.seconds[: int(duration_s)]
-    window = 60 if duration_s >= MINUTE_WINDOW_FROM_S else max(1, round(duration_s * 0.2))
-    first = [x for s in seconds[:window] for x in s.latencies]
-    last = [x for s in seconds[-window:] for x in s.latencies]
-    p99_first, p99_last = p99(first), p99(last)
+    minutes = duration_s >= MINUTE_WINDOW_FROM_S
+    window = 60 if minutes else max(1, round(duration_s * 0.5))
+    if minutes:  # the p99 of all the latencies of the first and of the last minute
+        p99_first = p99([x for s in seconds[:window] for x in s.latencies])
+        p99_last = p99([x for s in seconds[-window:] for x in s.latencies])
+    else:
+        # A short hold is judged on its halves, and not by one p99 per half: at 80 % of two cores
+        # queueing episodes of one to ten seconds set it (the last/first 10 s p99 ranged 0.6x to
+        # 4.3x between quiet 50 s runs, with flat RSS). The median of the per-second p99s is the
+        # half's typical tail, which a drift moves and an episode does not.
+        p99_first = statistics.median(p99(s.latencies) for s in seconds[:window])
+        p99_last = statistics.median(p99(s.latencies) for s in seconds[-window:])
     warm = int(duration_s * 0.2)
     rss_warm = statistics.median(s.rss for s in seconds[warm : warm + RSS_MEDIAN_S])
     rss_end = statistics.median(s.rss for s in seconds[-RSS_MEDIAN_S:])
@@ -545,7 +565,7 @@ def analyse(loop: OpenLoop, duration_s: float, p99_limit: float) -> tuple[dict[s
     }
     checks = [
         Check(
-            f"p99 last {window} s <= {p99_limit} x first {window} s",
+            f"p99 last {window} s <= {p99_limit} x first {window} s" + ("" if minutes else " (median per-second p99)"),
             p99_last <= p99_limit * p99_first,
             f"{p99_last * 1000:.1f} ms vs {p99_first * 1000:.1f} ms = {figures['p99_ratio']:.2f}x",
         ),
@@ -620,8 +640,24 @@ def run(
     figures, checks = analyse(loop, duration_s, p99_limit)
     sent = sum(s.sent for s in loop.seconds)
     hold_latencies = sorted(x for s in loop.seconds for x in s.latencies)
+    # What the service answered, not what the schedule sent: a service that cannot keep up leaves
+    # a backlog, still draining after the last send (or it answers 429).
+    hold_ok = sum(s.statuses.get("200", 0) for s in loop.seconds)
+    refused = sum(s.statuses.get("429", 0) for s in loop.seconds)
+    answered_rps = hold_ok / max(loop.last_answer - loop.started, duration_s)
+    drain_s = loop.last_answer - (loop.started + (sent - 1) / rate)
     checks = [
         Check("no errors but intended 429s", not unintended, json.dumps(statuses, sort_keys=True)),
+        Check(
+            f"kept up: last answer <= {MAX_DRAIN_S:.0f} s after the last send",
+            drain_s <= MAX_DRAIN_S,
+            f"{drain_s:.2f} s; {answered_rps:.1f} req/s answered 200 vs {rate:.1f} req/s sent",
+        ),
+        Check(
+            f"429 <= {MAX_REFUSED:.0%} of the hold",
+            refused <= MAX_REFUSED * sent,
+            f"{refused} of {sent} requests refused with 429",
+        ),
         *checks,
         Check("audit rows == successful inferences", audited == successes, f"{audited} rows, {successes} answers"),
         Check("audit chain verifies", verify.returncode == 0, verify.stdout.strip() or verify.stderr.strip()),
@@ -634,6 +670,9 @@ def run(
         "load": load,
         "target_rps": rate,
         "held_rps": sent / duration_s,
+        "answered_rps": answered_rps,
+        "drain_s": drain_s,
+        "refused_429": refused,
         "duration_s": duration_s,
         "requests": sent,
         "statuses": dict(statuses),

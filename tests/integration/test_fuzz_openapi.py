@@ -221,6 +221,7 @@ def test_stateful_scenarios_over_inferred_links(api: OpenApiSchema, target: Targ
                     assert client.post(f"/v1/admin/models/{unloaded.pop()}/load").status_code == 200
 
         def after_call(self, response: Response, case: AnyCase) -> None:
+            super().after_call(response, case)  # records the step for schemathesis' stateful checks
             target.count(f"{case.operation.label} (stateful)", response)
             if case.operation.label.endswith("/unload") and response.status_code == 204:
                 unloaded.add(case.path_parameters["name"])
@@ -233,6 +234,7 @@ def test_stateful_scenarios_over_inferred_links(api: OpenApiSchema, target: Targ
                 excluded_checks=[not_a_server_error],
                 additional_checks=[unserved_model_only],
                 transport_kwargs=kwargs,
+                recorder=self.recorder,
             )
 
     Scenarios.run(
@@ -268,6 +270,9 @@ def test_every_operation_was_fuzzed_and_the_service_is_still_sound(
         print(f"\nschemathesis: {total} cases over {len(operations)} operations (seed {SEED})")
     assert operations <= set(target.cases), f"never fuzzed: {sorted(operations - set(target.cases))}"
     assert total >= MIN_TOTAL_CASES, tally
+    stateful = {label for label in target.cases if label.endswith("(stateful)")}
+    assert any("/unload" in label for label in stateful), f"no stateful scenario unloaded a model: {sorted(stateful)}"
+    assert any("/predict" in label or "/infer" in label for label in stateful), sorted(stateful)
 
     with target.client() as client:
         for name in MODELS:
@@ -278,6 +283,7 @@ def test_every_operation_was_fuzzed_and_the_service_is_still_sound(
 
     time.sleep(0.5)  # the access log line of the last request is written after its answer
     records = [json.loads(line) for line in target.served.log_lines() if line.startswith("{")]
+    assert sum(r.get("event") == "http.request" for r in records) >= total, "the access log is incomplete"
     # The only server errors allowed are the 503s of models the scenarios unloaded.
     errors = [
         r

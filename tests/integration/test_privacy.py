@@ -769,6 +769,7 @@ def test_no_identifier_reaches_logs_metrics_database_files_or_error_bodies(
     scanned.sources += directory_sources("data dir", tmp_path / "var")
     scanned.sources += directory_sources("TMPDIR", service_tmp)
     stray, skipped = stray_sources(before, (tmp_path, logged_pg.root))
+    assert work.spooled, "no sealed instance was caught in the spool: the spool was never scanned"
     scanned.sources += work.spooled
     scanned.stray += stray
     scanned.phi_only += [(f"error answer: {label}", data) for label, data in work.errors]

@@ -95,15 +95,15 @@ def test_livez_stays_responsive_while_the_batcher_is_saturated(
         busy = _livez_latencies(served.base_url, 200)
         finished, _ = load.communicate(timeout=60)
     counts = json.loads(finished)
-    completed = counts["ok"]
-    assert counts["other"] == 0, counts
+    completed = counts.pop("ok")
+    assert counts == {"other": 0}, counts  # no other status, no transport error
 
     ratio = _p99(busy) / _p99(idle)
     print(  # the figure the engine issue asks for, visible with -s
         f"/livez p99 idle {_p99(idle) * 1000:.2f} ms, saturated {_p99(busy) * 1000:.2f} ms, "
         f"ratio {ratio:.1f}, {completed} inferences meanwhile"
     )
-    assert completed > 50, "the load never saturated the batcher"
+    assert completed > 500, "the load never saturated the batcher"  # seen 1,650-2,130 on 2 cores
     assert ratio <= 10.0
 
 

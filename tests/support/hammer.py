@@ -2,7 +2,7 @@
 
 Usage: ``python hammer.py PORT PATH HEADERS_JSON BODY_FILE THREADS``. It posts BODY_FILE to PATH
 from THREADS keep-alive connections until its stdin closes, then prints how many answers were 200
-and how many were anything else, as JSON. Standard library only, so it starts fast.
+and how many were anything else, and any transport errors by type, as JSON. Standard library only, so it starts fast.
 
 In its own process, the load's threads do not hold the measuring process's GIL; niced, they do not
 take a scarce CPU (CI has two) from the server's event loop, whose responsiveness is what is measured.
@@ -31,11 +31,17 @@ def main() -> None:
         connection = http.client.HTTPConnection("127.0.0.1", int(port), timeout=30)
         try:
             while not stop.is_set():
-                connection.request("POST", path, body=body, headers=headers)
-                response = connection.getresponse()
-                response.read()
+                try:
+                    connection.request("POST", path, body=body, headers=headers)
+                    response = connection.getresponse()
+                    response.read()
+                    outcome = "ok" if response.status == 200 else "other"
+                except (OSError, http.client.HTTPException) as exc:  # counted, never lost with the thread
+                    outcome = f"error:{type(exc).__name__}"
+                    connection.close()
+                    connection = http.client.HTTPConnection("127.0.0.1", int(port), timeout=30)
                 with lock:
-                    counts["ok" if response.status == 200 else "other"] += 1
+                    counts[outcome] = counts.get(outcome, 0) + 1
         finally:
             connection.close()
 
