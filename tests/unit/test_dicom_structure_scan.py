@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pydicom
+import pydicom.config
 import pydicom.data
 import pynetdicom
 import pytest
@@ -192,7 +193,12 @@ VALID: dict[str, Callable[[], bytes]] = {
 
 
 def _pydicom_reads_cleanly(data: bytes | Path) -> bool:
-    """pydicom reads every element, sequences included, with no error and no warning."""
+    """pydicom reads every element, sequences included, with no error and no warning.
+
+    With pydicom's own default validation (warn): the service sets it to ignore when it starts,
+    and that setting is process-wide, so tests that ran before would otherwise silence pydicom."""
+    mode = pydicom.config.settings.reading_validation_mode
+    pydicom.config.settings.reading_validation_mode = pydicom.config.WARN
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
@@ -202,6 +208,8 @@ def _pydicom_reads_cleanly(data: bytes | Path) -> bool:
             str(ds)
         except Exception:  # noqa: BLE001 - any failure means "not clean": the file is not used
             return False
+        finally:
+            pydicom.config.settings.reading_validation_mode = mode
     return not caught
 
 
