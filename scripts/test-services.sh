@@ -9,6 +9,7 @@ set -euo pipefail
 
 cmd=${1:?start|stop}
 envfile=${2:?env file}
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
 free_port() {
   python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()'
@@ -57,19 +58,11 @@ ENV
     -c "CREATE ROLE medinfer LOGIN" -c "CREATE DATABASE medinfer_test OWNER medinfer" >/dev/null
 
   mkdir -p "$root/orthanc/db"
-  # Auto-routing, as a hospital PACS does it: every stored image (not SR, not our own results)
-  # is forwarded by C-STORE to the modality "medinfer", which the imaging tests register over
-  # Orthanc's REST API with the port their medinfer listens on. Without it, nothing is routed.
-  cat > "$root/orthanc/route.lua" <<'LUA'
-function OnStoredInstance(instanceId, tags, metadata, origin)
-  if tags["Modality"] ~= "SR" and origin["RequestOrigin"] ~= "Lua" then
-    local ok, err = pcall(SendToModality, instanceId, "medinfer")
-    if not ok then
-      print("medinfer routing skipped: " .. tostring(err))
-    end
-  end
-end
-LUA
+  # Auto-routing, as a hospital PACS does it, with the very script the compose stack deploys:
+  # every stored image (not SR, not our own results) is forwarded by C-STORE to the modality
+  # "medinfer", which the imaging tests register over Orthanc's REST API with the port their
+  # medinfer listens on. Without it, nothing is routed.
+  cp "$repo/deploy/compose/orthanc-route-to-medinfer.lua" "$root/orthanc/route.lua"
   cat > "$root/orthanc/orthanc.json" <<JSON
 {
   "Name": "medinfer-test-pacs",

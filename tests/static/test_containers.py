@@ -33,11 +33,24 @@ GPU_OVERRIDE = COMPOSE_DIR / "gpu.yml"
 PROMETHEUS_CONFIG = COMPOSE_DIR / "prometheus.yml"
 GRAFANA_DATASOURCES = COMPOSE_DIR / "grafana" / "provisioning" / "datasources"
 ORTHANC_CONFIG = COMPOSE_DIR / "orthanc.json"
+ORTHANC_ROUTE = COMPOSE_DIR / "orthanc-route-to-medinfer.lua"
+TEST_SERVICES = REPO / "scripts" / "test-services.sh"
 
 SERVICES = {"medinfer", "postgres", "migrate", "prometheus", "grafana", "orthanc"}
 HTTP_PORT = 8000
 DICOM_PORT = 11112
 RUNTIME_UID = 10001
+#: The settings only the serving container has: its C-STORE SCP and where its SR results go.
+DIMSE_SETTINGS = frozenset(
+    {
+        "MEDINFER_DIMSE_ENABLED",
+        "MEDINFER_DIMSE_HOST",
+        "MEDINFER_DIMSE_PORT",
+        "MEDINFER_DIMSE_AE_TITLE",
+        "MEDINFER_DIMSE_ALLOWED_CALLING_AES",
+        "MEDINFER_PACS_DESTINATION",
+    }
+)
 #: The first onnxruntime-gpu release on PyPI whose CUDA provider links libcudart.so.13
 #: (1.20 to 1.26 link CUDA 12 and cannot use the CUDA 13 base image's libraries).
 ORT_CUDA13_FLOOR = Version("1.27")
@@ -594,7 +607,10 @@ def test_medinfer_keeps_state_in_a_named_volume(compose: dict[str, Any], service
 
 def test_database_url_matches_postgres_service(services: dict[str, dict[str, Any]]) -> None:
     raw_env = services["medinfer"]["environment"]
-    assert raw_env == services["migrate"]["environment"], "migrate and serve use the same settings"
+    migrate_env = services["migrate"]["environment"]
+    # migrate shares every setting it has with serve; serve adds only its DICOM node's.
+    assert {k: raw_env.get(k) for k in migrate_env} == migrate_env, "migrate and serve use the same settings"
+    assert {k for k in raw_env if k not in migrate_env} == DIMSE_SETTINGS
     postgres_env = services["postgres"]["environment"]
     url = re.fullmatch(
         r"postgresql\+psycopg://(?P<user>[^:]+):(?P<password>[^@]+)@(?P<host>[^:/]+):(?P<port>\d+)/(?P<db>\w+)",
@@ -682,6 +698,59 @@ def test_grafana_provisions_the_prometheus_datasource(services: dict[str, dict[s
     assert interpolate(services["grafana"]["environment"]["GF_AUTH_ANONYMOUS_ENABLED"]) == "false"
 
 
+def _dimse_destination(url: str) -> tuple[str, str, int]:
+    """(called AE, host, port) of ``dimse://CALLED_AE@host:port``, the form app/config.py takes."""
+    match = re.fullmatch(r"dimse://(?P<ae>[^@]{1,16})@(?P<host>[\w.-]+):(?P<port>\d+)", url)
+    assert match, f"not a dimse://CALLED_AE@host:port destination: {url}"
+    return match["ae"], match["host"], int(match["port"])
+
+
+def test_medinfer_runs_the_dicom_scp_for_the_compose_orthanc(services: dict[str, dict[str, Any]]) -> None:
+    env = {k: interpolate(str(v)) for k, v in services["medinfer"]["environment"].items()}
+    orthanc = json.loads(ORTHANC_CONFIG.read_text(encoding="utf-8"))
+    modality = orthanc["DicomModalities"]["medinfer"]
+    assert env["MEDINFER_DIMSE_ENABLED"] == "true"
+    assert env["MEDINFER_DIMSE_HOST"] == "0.0.0.0", "inside the container; the port stays unpublished"  # noqa: S104
+    assert int(env["MEDINFER_DIMSE_PORT"]) == DICOM_PORT == modality["Port"]
+    assert env["MEDINFER_DIMSE_AE_TITLE"] == modality["AET"]
+    # Only Orthanc may associate: Orthanc's SendToModality calls with its own AE title.
+    assert json.loads(env["MEDINFER_DIMSE_ALLOWED_CALLING_AES"]) == [orthanc["DicomAet"]]
+    # Results go back to the compose Orthanc, by C-STORE, to the AE title it checks.
+    called_ae, host, port = _dimse_destination(env["MEDINFER_PACS_DESTINATION"])
+    assert (called_ae, host, port) == (orthanc["DicomAet"], "orthanc", orthanc["DicomPort"])
+    assert orthanc["DicomCheckCalledAet"] is True
+    assert orthanc["DicomAlwaysAllowStore"] is True, "Orthanc accepts medinfer's SR without registering it"
+    # Reachable inside the project only: exposed, never published on the host.
+    assert str(DICOM_PORT) in services["medinfer"]["expose"]
+    assert DICOM_PORT not in {port for _, port in published_ports(services["medinfer"])}
+
+
+def test_orthanc_routes_every_stored_image_to_medinfer(services: dict[str, dict[str, Any]]) -> None:
+    config = json.loads(ORTHANC_CONFIG.read_text(encoding="utf-8"))
+    mounts = {
+        source: target
+        for source, target, *mode in (v.split(":") for v in services["orthanc"]["volumes"])
+        if mode == ["ro"]
+    }
+    target = mounts.get(f"./{ORTHANC_ROUTE.relative_to(REPO).as_posix()}")
+    assert target, f"compose's Orthanc does not mount {ORTHANC_ROUTE.name} read-only"
+    assert config["LuaScripts"] == [target], "Orthanc must load the mounted route script"
+    script = ORTHANC_ROUTE.read_text(encoding="utf-8")
+    code = "\n".join(line.split("--", 1)[0] for line in script.splitlines())
+    assert re.search(r"^function OnStoredInstance\(instanceId, tags, metadata, origin\)$", code, re.MULTILINE)
+    modalities = re.findall(r"pcall\(SendToModality, instanceId, \"(\w+)\"\)", code)
+    assert modalities == ["medinfer"]
+    assert modalities[0] in config["DicomModalities"]
+    # Never route medinfer's own results (SR) or what a Lua script stored: no loops.
+    assert 'tags["Modality"] ~= "SR"' in code
+    assert 'origin["RequestOrigin"] ~= "Lua"' in code
+    # The end-to-end test (tests/integration/test_imaging_pacs.py) runs Orthanc with this very file.
+    test_services = TEST_SERVICES.read_text(encoding="utf-8")
+    assert f'cp "$repo/{ORTHANC_ROUTE.relative_to(REPO).as_posix()}" "$root/orthanc/route.lua"' in test_services
+    assert '"LuaScripts": ["$root/orthanc/route.lua"]' in test_services
+    assert "OnStoredInstance" not in test_services, "no second, untested copy of the routing script"
+
+
 def test_orthanc_configuration(services: dict[str, dict[str, Any]]) -> None:
     config = json.loads(ORTHANC_CONFIG.read_text(encoding="utf-8"))
     assert config["AuthenticationEnabled"] is True
@@ -740,7 +809,7 @@ def test_checkov_finds_no_secrets_in_container_files(checkov: Path, tmp_path: Pa
     canary = tmp_path / "canary.yml"
     value = hashlib.sha256(b"medinfer-checkov-canary").hexdigest()
     canary.write_text(f'services:\n  app:\n    environment:\n      DB_PASSWORD: "{value}"\n', encoding="utf-8")
-    scanned = [COMPOSE, GPU_OVERRIDE, PROMETHEUS_CONFIG, ORTHANC_CONFIG, DOCKERFILE, DOCKERIGNORE]
+    scanned = [COMPOSE, GPU_OVERRIDE, PROMETHEUS_CONFIG, ORTHANC_CONFIG, ORTHANC_ROUTE, DOCKERFILE, DOCKERIGNORE]
     scanned += sorted(GRAFANA_DATASOURCES.glob("*.yml"))
     args = ["--framework", "secrets"]
     for path in [*scanned, canary]:
