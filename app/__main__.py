@@ -1,4 +1,4 @@
-"""The ``medinfer`` command line: serve, migrate, keys, clients, models, openapi."""
+"""The ``medinfer`` command line: serve, migrate, keys, clients, models, audit, outbox, encrypt, openapi."""
 
 from __future__ import annotations
 
@@ -254,6 +254,53 @@ def _cmd_audit(settings: Settings, args: argparse.Namespace) -> int:
     return asyncio.run(run())
 
 
+def _cmd_outbox(settings: Settings, args: argparse.Namespace) -> int:
+    import asyncio  # noqa: PLC0415
+    from datetime import UTC, datetime  # noqa: PLC0415
+
+    from app.audit.recorder import AuditWriter, create_audit_engine  # noqa: PLC0415
+    from app.db import create_async_db  # noqa: PLC0415
+    from app.domain import AuditRecord  # noqa: PLC0415
+    from app.imaging.outbox import count_backlog, requeue  # noqa: PLC0415
+    from app.observability.metrics import Metrics  # noqa: PLC0415
+
+    async def run() -> int:
+        engine, sessionmaker = create_async_db(settings)
+        try:
+            if args.outbox_command == "requeue":
+                writer_engine = create_audit_engine(settings.sqlalchemy_url, settings.database_timeout_s)
+                writer = AuditWriter(
+                    writer_engine,
+                    settings.audit_hmac_key.get_secret_value().encode(),
+                    settings.pseudonym_key.get_secret_value().encode(),
+                    Metrics(),
+                )
+                try:
+                    count = await requeue(sessionmaker, args.state, datetime.now(UTC))
+                    await writer.record(
+                        AuditRecord(
+                            action="pacs.outbox.requeue",
+                            outcome="success",
+                            actor="cli",
+                            detail={"states": sorted(args.state), "count": count},
+                        )
+                    )
+                finally:
+                    await writer.aclose()
+                    writer_engine.dispose()
+                print(json.dumps({"requeued": count}))
+                return 0
+            backlog = await count_backlog(sessionmaker)
+            oldest = backlog.oldest_waiting
+            age = None if oldest is None else round((datetime.now(UTC) - oldest).total_seconds(), 1)
+            print(json.dumps({**backlog.by_state, "oldest_waiting_age_s": age}))
+            return 0
+        finally:
+            await engine.dispose()
+
+    return asyncio.run(run())
+
+
 def _cmd_encrypt(_settings: Settings, args: argparse.Namespace) -> int:
     from app.client import encrypt, load_jwks  # noqa: PLC0415
 
@@ -308,6 +355,13 @@ def build_parser() -> argparse.ArgumentParser:
     audit_sub.add_parser("verify", help="walk the hash chain; exit 1 and name the first broken link if any")
     export = audit_sub.add_parser("export", help="write FHIR AuditEvent NDJSON")
     export.add_argument("--output", required=True)
+    outbox = sub.add_parser("outbox", help="the PACS outbox: DICOM SR results not yet delivered")
+    outbox_sub = outbox.add_subparsers(dest="outbox_command", required=True)
+    outbox_sub.add_parser("status", help="undelivered results by state and the oldest one's age (no identifiers)")
+    requeue = outbox_sub.add_parser(
+        "requeue", help="send held (no destination was set) or failed (gave up) results again; audited"
+    )
+    requeue.add_argument("--state", action="append", required=True, choices=["held", "failed"])
     encrypt = sub.add_parser("encrypt", help="seal a payload as compact JWE to a JWKS (for integration engineers)")
     encrypt.add_argument("--jwks", required=True, help="file or URL, e.g. https://host/.well-known/jwks.json")
     encrypt.add_argument("--cty", required=True, help="media type inside, e.g. application/dicom")
@@ -324,6 +378,7 @@ _COMMANDS = {
     "clients": _cmd_clients,
     "models": _cmd_models,
     "audit": _cmd_audit,
+    "outbox": _cmd_outbox,
     "encrypt": _cmd_encrypt,
     "openapi": _cmd_openapi,
 }

@@ -7,6 +7,10 @@ and it is never picked again. A failure schedules a retry with exponential backo
 from ``MEDINFER_PACS_RETRY_BASE_S`` up to five minutes) until ``MEDINFER_PACS_MAX_ATTEMPTS``,
 then ``failed``. A crash between the destination's success and our commit leaves a lease that
 expires and a resend of the *same* SOP Instance UID, which a PACS stores once.
+
+Results the worker gave up on (``failed``) or kept for want of a destination (``held``) are sent
+only when an operator says so (``medinfer outbox requeue``). The backlog gauges count every
+undelivered result, so neither state goes unnoticed.
 """
 
 from __future__ import annotations
@@ -15,7 +19,8 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Final, Protocol
@@ -50,11 +55,20 @@ class Sender(Protocol):
     def send(self, encoded: bytes) -> None: ...
 
 
+#: States of a result that has not reached the PACS; all but ``failed`` are still waiting.
+WAITING: Final = (PENDING, SENDING, HELD)
+#: States an operator may send again (``medinfer outbox requeue``).
+REQUEUABLE: Final = (HELD, FAILED)
+#: How often the backlog gauges are recounted when nothing changed in between.
+BACKLOG_REFRESH_S: Final = 5.0
+
+
 @dataclass(frozen=True, slots=True)
-class OutboxCounts:
-    pending: int
-    delivered: int
-    failed: int
+class Backlog:
+    """Undelivered results in the shared database (every replica's)."""
+
+    by_state: dict[str, int]
+    oldest_waiting: datetime | None
 
 
 def _now() -> datetime:
@@ -73,7 +87,8 @@ class Outbox:
         max_attempts: int,
         clock: Callable[[], datetime] = _now,
     ) -> None:
-        """Without a sender, results are kept (state ``held``) until one is configured."""
+        """Without a sender, results are kept (state ``held``): once a destination is configured, an
+        operator releases them with ``medinfer outbox requeue --state held``."""
         self._sessionmaker = sessionmaker
         self._files = files
         self._sender = sender
@@ -82,6 +97,7 @@ class Outbox:
         self._max_attempts = max_attempts
         self._clock = clock
         self._wakeup = asyncio.Event()
+        self._backlog_stale = True
 
     @property
     def destination(self) -> str:
@@ -113,20 +129,35 @@ class Outbox:
                 log.info("result already in the outbox", extra={"event": "outbox.duplicate"})
                 return
         self._metrics.outbox_events.labels(outcome="queued").inc()
+        self._backlog_stale = True
         self._wakeup.set()
 
     async def run(self, poll_s: float = 1.0) -> None:
-        """Deliver due rows until cancelled; a database outage only delays delivery."""
-        if self._sender is None:
-            return
+        """Deliver due rows and keep the backlog gauges current until cancelled.
+
+        A database outage only delays delivery. Without a sender nothing is delivered, but the
+        gauges still show the held results, so a missing destination is visible.
+        """
+        counted_at = -BACKLOG_REFRESH_S
         while True:
             try:
                 await self.deliver_due()
+                if self._backlog_stale or time.monotonic() - counted_at >= BACKLOG_REFRESH_S:
+                    self._backlog_stale = False
+                    self.publish(await self.backlog())
+                    counted_at = time.monotonic()
             except (SQLAlchemyError, OSError) as exc:
                 log.warning("outbox pass failed", extra={"event": "outbox.pass_failed", "error": type(exc).__name__})
+            except Exception as exc:  # noqa: BLE001 - the worker must outlive any one pass, or results stop
+                log.error(  # noqa: TRY400 - a traceback could quote row contents; the class is enough
+                    "outbox pass failed unexpectedly",
+                    extra={"event": "outbox.pass_error", "error": type(exc).__name__},
+                )
             self._wakeup.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wakeup.wait(), timeout=poll_s)
+                await asyncio.wait_for(
+                    self._wakeup.wait(), timeout=poll_s if self._sender is not None else BACKLOG_REFRESH_S
+                )
 
     async def deliver_due(self, limit: int = 16) -> int:
         """One pass: claim and send the rows that are due. Returns how many were delivered."""
@@ -160,16 +191,14 @@ class Outbox:
             delivered += 1
         return delivered
 
-    async def counts(self) -> OutboxCounts:
-        async with self._sessionmaker() as db:
-            result = dict(
-                (await db.execute(select(PacsOutbox.state, func.count()).group_by(PacsOutbox.state))).tuples().all()
-            )
-        return OutboxCounts(
-            pending=result.get(PENDING, 0) + result.get(SENDING, 0) + result.get(HELD, 0),
-            delivered=result.get(DELIVERED, 0),
-            failed=result.get(FAILED, 0),
-        )
+    async def backlog(self) -> Backlog:
+        return await count_backlog(self._sessionmaker)
+
+    def publish(self, backlog: Backlog) -> None:
+        for state, count in backlog.by_state.items():
+            self._metrics.outbox_backlog.labels(state=state).set(count)
+        age = 0.0 if backlog.oldest_waiting is None else (self._clock() - backlog.oldest_waiting).total_seconds()
+        self._metrics.outbox_oldest_age.set(max(age, 0.0))
 
     async def _claim(self, row_id: int) -> bool:
         now = self._clock()
@@ -194,6 +223,7 @@ class Outbox:
                 .values(state=DELIVERED, delivered_at=self._clock(), last_error=None)
             )
             await db.commit()
+        self._backlog_stale = True
         self._metrics.outbox_events.labels(outcome="delivered").inc()
         log.info("result delivered", extra={"event": "outbox.delivered"})
 
@@ -213,8 +243,46 @@ class Outbox:
                 )
             )
             await db.commit()
+        self._backlog_stale = True
         self._metrics.outbox_events.labels(outcome="failed" if gave_up else "retry").inc()
         log.warning(
             "result delivery failed",
             extra={"event": "outbox.retry", "attempts": attempts, "gave_up": gave_up, "error": type(error).__name__},
         )
+
+
+async def count_backlog(sessionmaker: async_sessionmaker[AsyncSession]) -> Backlog:
+    """Count what has not been delivered; the ``state`` index keeps delivered rows out of it."""
+    async with sessionmaker() as db:
+        rows = (
+            await db.execute(
+                select(PacsOutbox.state, func.count(), func.min(PacsOutbox.created_at))
+                .where(PacsOutbox.state.in_((*WAITING, FAILED)))
+                .group_by(PacsOutbox.state)
+            )
+        ).all()
+    by_state = dict.fromkeys((*WAITING, FAILED), 0)
+    oldest: datetime | None = None
+    for state, count, created_at in rows:
+        by_state[state] = count
+        if state in WAITING and created_at is not None:
+            # SQLite hands back naive datetimes; they were written in UTC.
+            aware = created_at if created_at.tzinfo is not None else created_at.replace(tzinfo=UTC)
+            oldest = aware if oldest is None else min(oldest, aware)
+    return Backlog(by_state=by_state, oldest_waiting=oldest)
+
+
+async def requeue(sessionmaker: async_sessionmaker[AsyncSession], states: Sequence[str], now: datetime) -> int:
+    """Make ``held`` or ``failed`` results due again, with a fresh set of attempts (operator action)."""
+    unknown = set(states) - set(REQUEUABLE)
+    if unknown:
+        msg = f"only {', '.join(REQUEUABLE)} results can be requeued"
+        raise ValueError(msg)
+    async with sessionmaker() as db:
+        result = await db.execute(
+            update(PacsOutbox)
+            .where(PacsOutbox.state.in_(tuple(states)))
+            .values(state=PENDING, attempts=0, next_attempt_at=now, last_error=None)
+        )
+        await db.commit()
+    return int(getattr(result, "rowcount", 0))

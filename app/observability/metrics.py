@@ -215,12 +215,30 @@ class Metrics:
             "medinfer_studies_waiting",
             "Studies received and waiting to settle or be inferred.",
             registry=self.registry,
+            multiprocess_mode="livesum",
         )
         self.outbox_events = Counter(
             "medinfer_pacs_outbox_events_total",
             "PACS outbox events: queued, delivered, retry, failed (gave up).",
             ["outcome"],
             registry=self.registry,
+        )
+        # Both counted in the database every replica shares: each replica reports the same
+        # figure, so aggregate with max, never sum.
+        self.outbox_backlog = Gauge(
+            "medinfer_pacs_outbox_backlog",
+            "DICOM SR results not delivered to the PACS, by state: pending (waiting or retrying), "
+            "sending, held (no destination configured), failed (gave up). Database-wide: aggregate with max.",
+            ["state"],
+            registry=self.registry,
+            multiprocess_mode="livemax",
+        )
+        self.outbox_oldest_age = Gauge(
+            "medinfer_pacs_outbox_oldest_age_seconds",
+            "Age of the oldest SR result still waiting for the PACS (pending, sending or held); 0 when none "
+            "waits. Database-wide: aggregate with max.",
+            registry=self.registry,
+            multiprocess_mode="livemax",
         )
 
     def watch_keys(self, source: Callable[[], Iterable[tuple[str, float]]]) -> None:

@@ -7,6 +7,7 @@ real filesystem that fills up (ENOSPC from the kernel). The "PACS" is a real DIM
 from __future__ import annotations
 
 import io
+import json
 import shutil
 import sqlite3
 import subprocess
@@ -19,6 +20,7 @@ from typing import Any
 import pydicom
 import pytest
 from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
 from pydicom.uid import generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import ComputedRadiographyImageStorage  # type: ignore[attr-defined]
@@ -84,6 +86,18 @@ def _outbox(settings: Settings) -> list[tuple[str, str, int]]:
         return db.execute("SELECT sop_instance_uid, state, attempts FROM pacs_outbox").fetchall()
 
 
+def _backlog(client: TestClient) -> dict[str, float]:
+    """The outbox gauges as /metrics shows them: the count per state, and ``age`` of the oldest."""
+    found: dict[str, float] = {}
+    for family in text_string_to_metric_families(client.get("/metrics").text):
+        for sample in family.samples:
+            if sample.name == "medinfer_pacs_outbox_backlog":
+                found[sample.labels["state"]] = sample.value
+            elif sample.name == "medinfer_pacs_outbox_oldest_age_seconds":
+                found["age"] = sample.value
+    return found
+
+
 def _until(condition: Callable[[], bool], timeout_s: float = 60) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -113,10 +127,16 @@ def test_results_wait_for_a_pacs_that_is_down_and_arrive_exactly_once(
         assert _stow(client, key, study_bytes(seed=1, positive=True, rows=256, study_uid=study)).status_code == 200
         _until(lambda: any(attempts >= 2 for _, _, attempts in _outbox(settings)))
         assert [state for _, state, _ in _outbox(settings)] == ["pending"]
+        # Hospital IT sees the result waiting: one undelivered, and for how long.
+        _until(lambda: _backlog(client).get("age", 0) > 0.5)
+        waiting = _backlog(client)
+        assert waiting["pending"] + waiting["sending"] == 1
+        assert waiting["held"] == waiting["failed"] == 0
         scp.start()
         try:
             _until(lambda: [state for _, state, _ in _outbox(settings)] == ["delivered"])
             time.sleep(1.5)  # several more outbox passes: nothing is sent again
+            _until(lambda: _backlog(client) == {"pending": 0, "sending": 0, "held": 0, "failed": 0, "age": 0})
         finally:
             scp.stop()
     (row,) = _outbox(settings)
@@ -143,8 +163,62 @@ def test_an_accepted_instance_survives_a_restart_before_its_study_settles(
     with TestClient(create_app(fast)) as client:
         wait_ready(client)
         _until(lambda: len(_outbox(fast)) == 1)
+        # No destination configured: the result is held, and the gauges say so.
+        _until(lambda: _backlog(client).get("held") == 1)
+        assert _backlog(client)["pending"] == 0
     assert [state for _, state, _ in _outbox(fast)] == ["held"]
     assert not [p for p in (fast.data_dir / "spool").iterdir() if p.suffix == ".dcm"]
+
+
+# See test_results_wait_for_a_pacs_that_is_down_and_arrive_exactly_once: the PACS is down at first.
+@pytest.mark.filterwarnings("ignore:unclosed <socket.socket:ResourceWarning")
+@pytest.mark.filterwarnings("ignore:Exception ignored in. <socket.socket:pytest.PytestUnraisableExceptionWarning")
+def test_held_and_failed_results_reach_the_pacs_once_an_operator_requeues_them(
+    tmp_path: Path, migrate: Callable[[Settings], str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from app.__main__ import main as cli
+
+    port = free_port()
+    destination = f"dimse://TESTPACS@127.0.0.1:{port}"
+    unset = _settings(tmp_path, study_settle_s=0.2)
+    key = migrate(unset)
+    with TestClient(create_app(unset)) as client:
+        wait_ready(client)
+        assert _stow(client, key, study_bytes(seed=4, positive=True, rows=256)).status_code == 200
+        _until(lambda: _backlog(client).get("held") == 1)
+    # A destination that gives up at once while the PACS is down: the second result fails.
+    impatient = _settings(tmp_path, study_settle_s=0.2, pacs_destination=destination, pacs_max_attempts=1)
+    with TestClient(create_app(impatient)) as client:
+        wait_ready(client)
+        assert _stow(client, key, study_bytes(seed=5, positive=False, rows=256)).status_code == 200
+        _until(lambda: _backlog(client).get("failed") == 1)
+        assert _backlog(client)["held"] == 1  # nothing releases held results on its own
+    assert sorted(state for _, state, _ in _outbox(unset)) == ["failed", "held"]
+
+    capsys.readouterr()
+    assert cli(["outbox", "status"]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert (status["held"], status["failed"], status["pending"]) == (1, 1, 0)
+    assert status["oldest_waiting_age_s"] > 0
+    assert cli(["outbox", "requeue", "--state", "held", "--state", "failed"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"requeued": 2}
+    with sqlite3.connect(unset.data_dir / "medinfer.db") as db:
+        assert db.execute("SELECT count(*) FROM audit_event WHERE action = 'pacs.outbox.requeue'").fetchone() == (1,)
+
+    pacs = CountingPacs()
+    scp = StoreScp(ScpConfig("TESTPACS", "127.0.0.1", port, (), 4), pacs)
+    scp.start()
+    try:
+        delivering = _settings(tmp_path, study_settle_s=0.2, pacs_destination=destination)
+        with TestClient(create_app(delivering)) as client:
+            wait_ready(client)
+            _until(lambda: [state for _, state, _ in _outbox(delivering)] == ["delivered", "delivered"])
+            time.sleep(1.5)  # more outbox passes: nothing is sent twice
+            _until(lambda: _backlog(client) == {"pending": 0, "sending": 0, "held": 0, "failed": 0, "age": 0})
+    finally:
+        scp.stop()
+    assert sorted(sr.SOPInstanceUID for sr in pacs.received) == sorted(uid for uid, _, _ in _outbox(unset))
+    assert len(pacs.received) == 2
 
 
 def test_a_full_spool_refuses_c_store_with_out_of_resources_and_stow_with_a700(

@@ -41,7 +41,9 @@ REQUIRED_ALERTS = {
     "MedinferAuditWriteFailures",  # results withheld
     "MedinferModelVersionNotReady",  # model load failure
     "MedinferModelUnavailable",
-    "MedinferKeyExpiringSoon",  # key expiry (planned metric)
+    "MedinferPacsResultsDelayed",  # PACS outbox backlog: results not reaching radiologists
+    "MedinferPacsResultsUndeliverable",
+    "MedinferKeyExpiringSoon",  # key expiry
     "MedinferKeyExpiryImminent",
 }
 RULE_HEADER = """\
