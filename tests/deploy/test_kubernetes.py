@@ -31,6 +31,7 @@ import yaml
 from pydantic import SecretStr
 
 from app.config import Settings
+from app.transport.dimse.node import pacs_sender
 from tests.deploy import kustomize
 from tests.deploy.support import (
     ADAPTER_VALUES,
@@ -55,8 +56,10 @@ EXPECTED_OBJECTS = {
     ("Cluster", "medinfer-db"),
     ("NetworkPolicy", "medinfer-db"),
     ("Job", "medinfer-migrate"),
+    ("ConfigMap", "medinfer-site"),
     ("Deployment", "medinfer"),
     ("Service", "medinfer"),
+    ("Service", "medinfer-dicom"),
     ("PodDisruptionBudget", "medinfer"),
     ("HorizontalPodAutoscaler", "medinfer"),
     ("NetworkPolicy", "medinfer"),
@@ -67,6 +70,12 @@ NAMESPACE = "medinfer"
 RUNTIME_UID = 10001
 HTTP_PORT = 8000
 DICOM_PORT = 11112
+#: Where the PACS's pods listen, for the outbox's SR deliveries: DICOM (104, Orthanc's 4242, 11112)
+#: and DICOMweb (443, Orthanc's 8042).
+PACS_PORTS = frozenset({104, 4242, 11112, 443, 8042})
+#: The per-site settings, kept out of the Deployment in this ConfigMap.
+SITE_CONFIG = "medinfer-site"
+SITE_SETTINGS = frozenset({"MEDINFER_DIMSE_ALLOWED_CALLING_AES", "MEDINFER_PACS_DESTINATION"})
 HPA_METRIC = "medinfer_inference_queue_depth"
 #: Apply order (docs/operations.md): each stage only needs what earlier stages (or the operator's
 #: Secrets, created between `prerequisites` and `database`) provide.
@@ -620,21 +629,78 @@ def test_gpu_resources_only_in_the_gpu_overlay(rendered: dict[str, list[Object]]
 
 
 @pytest.mark.parametrize("overlay", OVERLAY_NAMES)
-def test_service_exposes_http_and_dicom(rendered: dict[str, list[Object]], overlay: str) -> None:
+def test_http_service_is_balanced_per_connection(rendered: dict[str, list[Object]], overlay: str) -> None:
     objects = rendered[overlay]
     service = find(objects, "Service", "medinfer")
     deployment = find(objects, "Deployment", "medinfer")
     job = find(objects, "Job", "medinfer-migrate")
-    ports = {p["name"]: p for p in service["spec"]["ports"]}
-    assert set(ports) == {"http", "dicom"}
-    assert ports["http"]["port"] == HTTP_PORT
-    assert ports["dicom"]["port"] == DICOM_PORT
-    container_ports = {p["name"] for p in container(deployment)["ports"]}
-    assert {p["targetPort"] for p in ports.values()} <= container_ports
+    (port,) = service["spec"]["ports"]
+    assert (port["name"], port["port"]) == ("http", HTTP_PORT)
+    assert port["targetPort"] in {p["name"] for p in container(deployment)["ports"]}
+    # HIS traffic often arrives from one ingress IP: affinity would pin all of it to one pod.
+    assert service["spec"].get("sessionAffinity", "None") == "None"
     selector = service["spec"]["selector"]
     assert matches(selector, deployment["spec"]["template"]["metadata"]["labels"])
     assert not matches(selector, job["spec"]["template"]["metadata"]["labels"]), "the Job's pod takes no traffic"
     assert service["spec"]["type"] == "ClusterIP"
+
+
+@pytest.mark.parametrize("overlay", OVERLAY_NAMES)
+def test_dicom_service_pins_each_pacs_to_one_pod(rendered: dict[str, list[Object]], overlay: str) -> None:
+    objects = rendered[overlay]
+    service = find(objects, "Service", "medinfer-dicom")
+    deployment = find(objects, "Deployment", "medinfer")
+    job = find(objects, "Job", "medinfer-migrate")
+    (port,) = service["spec"]["ports"]
+    assert (port["name"], port["port"], port["protocol"]) == ("dicom", DICOM_PORT, "TCP")
+    container_ports = {p["name"]: p["containerPort"] for p in container(deployment)["ports"]}
+    assert container_ports[port["targetPort"]] == int(env_of(deployment)["MEDINFER_DIMSE_PORT"]["value"])
+    selector = service["spec"]["selector"]
+    assert matches(selector, deployment["spec"]["template"]["metadata"]["labels"])
+    assert not matches(selector, job["spec"]["template"]["metadata"]["labels"])
+    assert service["spec"]["type"] == "ClusterIP"
+    # A study settles in the memory of the pod that received it; a PACS sends it over several
+    # associations. ClientIP affinity keeps them on one pod, for far longer than a study settles.
+    assert service["spec"]["sessionAffinity"] == "ClientIP"
+    timeout_s = service["spec"]["sessionAffinityConfig"]["clientIP"]["timeoutSeconds"]
+    settle_s = Settings.model_fields["study_settle_s"].default
+    assert 60 * settle_s <= timeout_s <= 10800
+    # No other way in for DICOM that would bypass the affinity.
+    for other in objects:
+        if other["kind"] == "Service" and other is not service:
+            assert DICOM_PORT not in {p["port"] for p in other["spec"]["ports"]}, other["metadata"]["name"]
+
+
+@pytest.mark.parametrize("overlay", OVERLAY_NAMES)
+def test_every_replica_runs_the_scp(
+    rendered: dict[str, list[Object]], overlay: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    objects = rendered[overlay]
+    deployment = find(objects, "Deployment", "medinfer")
+    env = env_of(deployment)
+    assert env["MEDINFER_DIMSE_ENABLED"]["value"] == "true"
+    assert env["MEDINFER_DIMSE_HOST"]["value"] == "0.0.0.0"  # noqa: S104 - inside the pod, behind medinfer-dicom
+    ports = {p["name"]: p["containerPort"] for p in container(deployment)["ports"]}
+    assert int(env["MEDINFER_DIMSE_PORT"]["value"]) == ports["dicom"] == DICOM_PORT
+    # The per-site values come from the ConfigMap, key for key.
+    site = find(objects, "ConfigMap", SITE_CONFIG)
+    assert set(site["data"]) == SITE_SETTINGS
+    for name in SITE_SETTINGS:
+        assert env[name]["valueFrom"]["configMapKeyRef"] == {"name": SITE_CONFIG, "key": name}
+    assert not SITE_SETTINGS & set(env_of(find(objects, "Job", "medinfer-migrate"))), "migrations need no PACS"
+    # The service reads them as the rendered pod would have them.
+    literal = {
+        name: entry["value"] for name, entry in env.items() if name.startswith("MEDINFER_DIMSE_") and "value" in entry
+    }
+    for name, value in {**literal, **{name: site["data"][name] for name in SITE_SETTINGS}}.items():
+        monkeypatch.setenv(name, value)
+    settings = Settings()
+    assert settings.dimse_enabled is True
+    assert settings.dimse_ae_title == "MEDINFER"
+    assert settings.dimse_allowed_calling_aes, "an empty allow-list lets any calling AE associate"
+    assert all(0 < len(ae) <= 16 for ae in settings.dimse_allowed_calling_aes)
+    # Empty holds results in the outbox; anything else must be a destination the sender takes.
+    assert (pacs_sender(settings) is None) == (not settings.pacs_destination)
 
 
 @pytest.mark.parametrize("overlay", OVERLAY_NAMES)
@@ -724,7 +790,13 @@ def test_network_policy(rendered: dict[str, list[Object]], overlay: str) -> None
             frozenset({_peer(namespace={"kubernetes.io/metadata.name": "kube-system"}, pod={"k8s-app": "kube-dns"})}),
             frozenset({("TCP", 53), ("UDP", 53)}),
         ),
+        # The outbox delivers SR results to the PACS, the same namespaces the SCP accepts.
+        (frozenset({_peer(namespace={"medinfer.io/client": "pacs"})}), frozenset(("TCP", p) for p in PACS_PORTS)),
     }
+    destination = find(objects, "ConfigMap", SITE_CONFIG)["data"]["MEDINFER_PACS_DESTINATION"]
+    if destination:
+        port = urlsplit(destination).port or {"https": 443, "http": 80}.get(urlsplit(destination).scheme)
+        assert port in PACS_PORTS, f"the NetworkPolicy does not let the pods reach {destination}"
     database = find(objects, "NetworkPolicy", "medinfer-db")["spec"]
     assert database["podSelector"]["matchLabels"] == {"cnpg.io/cluster": cluster_name}
     from_medinfer = (frozenset({_peer(pod={"app.kubernetes.io/name": "medinfer"})}), frozenset({("TCP", 5432)}))
@@ -800,7 +872,12 @@ def test_service_monitor_scrapes_the_service(rendered: dict[str, list[Object]]) 
     objects = rendered["cpu"]
     monitor = find(objects, "ServiceMonitor", "medinfer")["spec"]
     service = find(objects, "Service", "medinfer")
-    assert matches(monitor["selector"]["matchLabels"], service["metadata"]["labels"])
+    selected = [
+        o
+        for o in objects
+        if o["kind"] == "Service" and matches(monitor["selector"]["matchLabels"], o["metadata"]["labels"])
+    ]
+    assert selected == [service], "only the HTTP Service: the DICOM one has no /metrics"
     (endpoint,) = monitor["endpoints"]
     assert endpoint["port"] in {p["name"] for p in service["spec"]["ports"]}
     assert endpoint["path"] == "/metrics"
