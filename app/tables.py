@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import BigInteger, DateTime, Integer, MetaData, String, Text
+from sqlalchemy import BigInteger, DateTime, Integer, LargeBinary, MetaData, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 NAMING = {
@@ -103,7 +103,12 @@ class PacsOutbox(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     destination: Mapped[str] = mapped_column(String(128))
     sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
-    payload_path: Mapped[str] = mapped_column(Text, doc="Encrypted-at-rest file holding the SR object.")
+    payload: Mapped[bytes | None] = mapped_column(
+        LargeBinary, nullable=True, doc="The SR object, sealed (AES-256-GCM) under the outbox purpose and its UID."
+    )
+    payload_path: Mapped[str | None] = mapped_column(
+        Text, nullable=True, doc="Rows before revision 0004: the sealed file on the replica that made it."
+    )
     state: Mapped[str] = mapped_column(String(16), index=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_attempt_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)

@@ -1,9 +1,10 @@
 """The PACS outbox: DICOM SR results wait in the database until the destination has them.
 
-An SR is sealed to disk and its row committed before anything is sent, so a restart loses no
-result. A sender claims a row by a conditional UPDATE (``pending`` -> ``sending`` with a lease),
-so two workers or replicas never send the same row at once; success marks it ``delivered``
-and it is never picked again. A failure schedules a retry with exponential backoff (doubling
+An SR is sealed (AES-256-GCM, bound to its SOP Instance UID) into its row, and the row committed,
+before anything is sent: a restart loses no result, and any replica can deliver any row. A
+sender claims a row by a conditional UPDATE (``pending`` -> ``sending`` with a lease), so two
+workers or replicas never send the same row at once; success marks it ``delivered``, drops the
+sealed copy, and it is never picked again. A failure schedules a retry with exponential backoff (doubling
 from ``MEDINFER_PACS_RETRY_BASE_S`` up to five minutes) until ``MEDINFER_PACS_MAX_ATTEMPTS``,
 then ``failed``. A crash between the destination's success and our commit leaves a lease that
 expires and a resend of the *same* SOP Instance UID, which a PACS stores once.
@@ -17,12 +18,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Final, Protocol
 
 from sqlalchemy import func, select, update
@@ -43,7 +44,6 @@ SENDING: Final = "sending"
 DELIVERED: Final = "delivered"
 FAILED: Final = "failed"
 HELD: Final = "held"
-_SUFFIX: Final = ".sr"
 
 
 class Sender(Protocol):
@@ -104,10 +104,8 @@ class Outbox:
         return self._sender.destination if self._sender is not None else "none"
 
     async def enqueue(self, sop_instance_uid: str, encoded: bytes) -> None:
-        """Seal the object to disk and commit its row; both before anything is sent."""
-        # File names carry no identifier: a digest of the SOP Instance UID.
-        name = hashlib.sha256(sop_instance_uid.encode()).hexdigest()[:40] + _SUFFIX
-        path = await asyncio.to_thread(self._files.write, name, encoded)
+        """Seal the object into its row and commit it, before anything is sent."""
+        sealed = await asyncio.to_thread(self._files.seal, sop_instance_uid, encoded)
         now = self._clock()
         async with self._sessionmaker() as db:
             db.add(
@@ -115,7 +113,7 @@ class Outbox:
                     created_at=now,
                     destination=self.destination[:128],
                     sop_instance_uid=sop_instance_uid,
-                    payload_path=path.name,
+                    payload=sealed,
                     state=PENDING if self._sender is not None else HELD,
                     attempts=0,
                     next_attempt_at=now,
@@ -168,28 +166,39 @@ class Outbox:
         async with self._sessionmaker() as db:
             rows = (
                 await db.execute(
-                    select(PacsOutbox.id, PacsOutbox.payload_path, PacsOutbox.attempts)
+                    select(PacsOutbox.id, PacsOutbox.sop_instance_uid, PacsOutbox.payload_path, PacsOutbox.attempts)
                     .where(PacsOutbox.state.in_((PENDING, SENDING)), PacsOutbox.next_attempt_at <= now)
                     .order_by(PacsOutbox.id)
                     .limit(limit)
                 )
             ).all()
-        for row_id, name, attempts in rows:
-            path = self._files.directory / name
-            if not path.exists():
-                continue  # another replica's file: it delivers its own rows
+        for row_id, sop_uid, legacy_name, attempts in rows:
+            legacy = self._files.directory / legacy_name if legacy_name else None
+            if legacy is not None and not legacy.exists():
+                continue  # a row from before revision 0004: the replica holding its file delivers it
             if not await self._claim(row_id):
                 continue
             try:
-                encoded = await asyncio.to_thread(self._files.read, path)
+                encoded = await self._load(row_id, sop_uid, legacy)
                 await asyncio.to_thread(self._sender.send, encoded)
             except (MedinferError, SealedFileError, OSError) as exc:
                 await self._failed(row_id, attempts + 1, exc)
                 continue
             await self._delivered(row_id)
-            self._files.remove(path)
+            if legacy is not None:
+                self._files.remove(legacy)
             delivered += 1
         return delivered
+
+    async def _load(self, row_id: int, sop_uid: str, legacy: Path | None) -> bytes:
+        if legacy is not None:
+            return await asyncio.to_thread(self._files.read, legacy)
+        async with self._sessionmaker() as db:
+            sealed = (await db.execute(select(PacsOutbox.payload).where(PacsOutbox.id == row_id))).scalar_one()
+        if sealed is None:
+            msg = "the outbox row holds no result"
+            raise SealedFileError(msg)
+        return await asyncio.to_thread(self._files.unseal, sop_uid, sealed)
 
     async def backlog(self) -> Backlog:
         return await count_backlog(self._sessionmaker)
@@ -220,7 +229,8 @@ class Outbox:
             await db.execute(
                 update(PacsOutbox)
                 .where(PacsOutbox.id == row_id)
-                .values(state=DELIVERED, delivered_at=self._clock(), last_error=None)
+                # Delivered: the PACS has it, so the sealed copy (PHI) is not kept.
+                .values(state=DELIVERED, delivered_at=self._clock(), last_error=None, payload=None)
             )
             await db.commit()
         self._backlog_stale = True

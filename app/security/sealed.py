@@ -1,4 +1,5 @@
-"""Encryption at rest for files that hold PHI: spooled DICOM instances and outbound DICOM SR.
+"""Encryption at rest for what holds PHI: spooled DICOM instances (files) and outbound DICOM SR
+(database rows of the PACS outbox).
 
 Each file is AES-256-GCM under a key derived (HKDF-SHA256) from ``MEDINFER_KEY_ENCRYPTION_KEY``
 with its own purpose label, and its name is bound in as associated data, so a file renamed or
@@ -41,12 +42,28 @@ class SealedFiles:
     def ensure(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
 
+    def seal(self, name: str, data: bytes) -> bytes:
+        """``data`` sealed under this purpose and ``name`` (stored elsewhere, e.g. in a database row)."""
+        nonce = secrets.token_bytes(_NONCE_BYTES)
+        return MAGIC + nonce + self._aead.encrypt(nonce, data, self._aad(name))
+
+    def unseal(self, name: str, blob: bytes) -> bytes:
+        """Open what :meth:`seal` made under the same purpose and ``name``."""
+        if not blob.startswith(MAGIC) or len(blob) < len(MAGIC) + _NONCE_BYTES + 16:
+            msg = "not a sealed file"
+            raise SealedFileError(msg)
+        nonce = blob[len(MAGIC) : len(MAGIC) + _NONCE_BYTES]
+        try:
+            return self._aead.decrypt(nonce, blob[len(MAGIC) + _NONCE_BYTES :], self._aad(name))
+        except InvalidTag as exc:
+            msg = "sealed file does not verify"
+            raise SealedFileError(msg) from exc
+
     def write(self, name: str, data: bytes) -> Path:
         """Seal ``data`` into ``<directory>/<name>``; raises :class:`OSError` (e.g. ENOSPC)."""
         self.ensure()
         path = self.directory / name
-        nonce = secrets.token_bytes(_NONCE_BYTES)
-        blob = MAGIC + nonce + self._aead.encrypt(nonce, data, self._aad(name))
+        blob = self.seal(name, data)
         tmp = path.with_name(f".{name}.{secrets.token_hex(4)}.tmp")
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -62,16 +79,7 @@ class SealedFiles:
         return path
 
     def read(self, path: Path) -> bytes:
-        blob = path.read_bytes()
-        if not blob.startswith(MAGIC) or len(blob) < len(MAGIC) + _NONCE_BYTES + 16:
-            msg = "not a sealed file"
-            raise SealedFileError(msg)
-        nonce = blob[len(MAGIC) : len(MAGIC) + _NONCE_BYTES]
-        try:
-            return self._aead.decrypt(nonce, blob[len(MAGIC) + _NONCE_BYTES :], self._aad(path.name))
-        except InvalidTag as exc:
-            msg = "sealed file does not verify"
-            raise SealedFileError(msg) from exc
+        return self.unseal(path.name, path.read_bytes())
 
     def remove(self, path: Path) -> None:
         with contextlib.suppress(FileNotFoundError):

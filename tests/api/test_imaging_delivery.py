@@ -28,6 +28,7 @@ from pynetdicom.sop_class import ComputedRadiographyImageStorage  # type: ignore
 from app.config import Settings
 from app.domain import Scope
 from app.main import create_app
+from app.security.sealed import SealedFiles
 from app.transport.dimse.scp import ScpConfig, StoreScp
 from tests.conftest import REPO_ROOT, register, wait_ready
 from tests.integration.conftest import free_port
@@ -145,7 +146,79 @@ def test_results_wait_for_a_pacs_that_is_down_and_arrive_exactly_once(
     assert sr.SOPInstanceUID == row[0]
     assert sr.StudyInstanceUID == study
     assert sr.VerificationFlag == "UNVERIFIED"
-    assert not list((settings.data_dir / "outbox").glob("*.sr"))
+    assert not (settings.data_dir / "outbox").exists()  # results live sealed in the database
+
+
+@pytest.mark.filterwarnings("ignore:unclosed <socket.socket:ResourceWarning")
+@pytest.mark.filterwarnings("ignore:Exception ignored in. <socket.socket:pytest.PytestUnraisableExceptionWarning")
+def test_a_result_reaches_the_pacs_from_another_replica_after_its_own_is_gone_with_its_volume(
+    tmp_path: Path, migrate: Callable[[Settings], str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    shared = tmp_path / "shared.db"
+    url = f"sqlite:///{shared}"
+    monkeypatch.setenv("MEDINFER_DATABASE_URL", url)
+    port = free_port()
+    destination = f"dimse://TESTPACS@127.0.0.1:{port}"
+    first = _settings(tmp_path, study_settle_s=0.2, pacs_destination=destination, pacs_retry_base_s=0.2)
+    first = first.model_copy(update={"database_url": url, "data_dir": tmp_path / "replica-a"})
+    key = migrate(first)
+
+    def rows() -> list[tuple[str, str, bytes | None]]:
+        with sqlite3.connect(shared) as db:
+            return db.execute("SELECT sop_instance_uid, state, payload FROM pacs_outbox").fetchall()
+
+    with TestClient(create_app(first), raise_server_exceptions=False) as client:
+        wait_ready(client)
+        assert _stow(client, key, study_bytes(seed=6, positive=True, rows=256)).status_code == 200
+        _until(lambda: len(rows()) == 1 and rows()[0][1] == "pending")
+    ((uid, _, sealed),) = rows()
+    assert sealed is not None
+    assert sealed.startswith(b"MISEAL1\n")  # encrypted at rest, in the row
+    assert uid.encode() not in sealed
+    shutil.rmtree(first.data_dir)  # the replica is replaced, and its volume with it
+
+    pacs = CountingPacs()
+    scp = StoreScp(ScpConfig("TESTPACS", "127.0.0.1", port, (), 4), pacs)
+    scp.start()
+    try:
+        second = first.model_copy(update={"data_dir": tmp_path / "replica-b"})
+        with TestClient(create_app(second)) as client:
+            wait_ready(client)
+            _until(lambda: [state for _, state, _ in rows()] == ["delivered"])
+            time.sleep(1.5)  # more outbox passes: nothing is sent twice
+    finally:
+        scp.stop()
+    assert [sr.SOPInstanceUID for sr in pacs.received] == [uid]
+    assert rows() == [(uid, "delivered", None)]  # the PACS has it: the sealed copy is dropped
+
+
+def test_a_result_queued_before_revision_0004_is_still_delivered_from_its_sealed_file(
+    tmp_path: Path, migrate: Callable[[Settings], str]
+) -> None:
+    port = free_port()
+    settings = _settings(tmp_path, pacs_destination=f"dimse://TESTPACS@127.0.0.1:{port}")
+    migrate(settings)
+    legacy = study_bytes(seed=7, positive=False, rows=64)
+    uid = str(pydicom.dcmread(io.BytesIO(legacy)).SOPInstanceUID)
+    files = SealedFiles(settings.data_dir / "outbox", settings.key_encryption_key.get_secret_value(), "outbox")
+    path = files.write("0123456789abcdef.sr", legacy)
+    with sqlite3.connect(settings.data_dir / "medinfer.db") as db:
+        db.execute(
+            "INSERT INTO pacs_outbox (created_at, destination, sop_instance_uid, payload_path, state, attempts,"
+            " next_attempt_at) VALUES ('2026-11-28 10:00:00', 'old', ?, ?, 'pending', 0, '2026-11-28 10:00:00')",
+            (uid, path.name),
+        )
+    pacs = CountingPacs()
+    scp = StoreScp(ScpConfig("TESTPACS", "127.0.0.1", port, (), 4), pacs)
+    scp.start()
+    try:
+        with TestClient(create_app(settings)) as client:
+            wait_ready(client)
+            _until(lambda: [state for _, state, _ in _outbox(settings)] == ["delivered"])
+    finally:
+        scp.stop()
+    assert [ds.SOPInstanceUID for ds in pacs.received] == [uid]
+    assert not path.exists()
 
 
 def test_an_accepted_instance_survives_a_restart_before_its_study_settles(
