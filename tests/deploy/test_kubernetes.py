@@ -57,9 +57,10 @@ EXPECTED_OBJECTS = {
     ("NetworkPolicy", "medinfer-db"),
     ("Job", "medinfer-migrate"),
     ("ConfigMap", "medinfer-site"),
-    ("Deployment", "medinfer"),
+    ("StatefulSet", "medinfer"),
     ("Service", "medinfer"),
     ("Service", "medinfer-dicom"),
+    ("Service", "medinfer-headless"),
     ("PodDisruptionBudget", "medinfer"),
     ("HorizontalPodAutoscaler", "medinfer"),
     ("NetworkPolicy", "medinfer"),
@@ -73,7 +74,7 @@ DICOM_PORT = 11112
 #: Where the PACS's pods listen, for the outbox's SR deliveries: DICOM (104, Orthanc's 4242, 11112)
 #: and DICOMweb (443, Orthanc's 8042).
 PACS_PORTS = frozenset({104, 4242, 11112, 443, 8042})
-#: The per-site settings, kept out of the Deployment in this ConfigMap.
+#: The per-site settings, kept out of the StatefulSet in this ConfigMap.
 SITE_CONFIG = "medinfer-site"
 SITE_SETTINGS = frozenset({"MEDINFER_DIMSE_ALLOWED_CALLING_AES", "MEDINFER_PACS_DESTINATION"})
 HPA_METRIC = "medinfer_inference_queue_depth"
@@ -87,6 +88,10 @@ ALLOWED_CHECKOV_SKIPS: dict[str, str] = {
     "CKV_K8S_35": "secrets as env: the service reads MEDINFER_* settings (and libpq PGPASSWORD) from the environment",
 }
 PROBE_PATHS = {"startupProbe": "/livez", "livenessProbe": "/livez", "readinessProbe": "/readyz"}
+#: The server: a StatefulSet, so that each pod keeps its DICOM spool on its own volume.
+SERVER = ("StatefulSet", "medinfer")
+#: Where the server's data volume (a claim per pod) is mounted: MEDINFER_DATA_DIR.
+DATA_DIR = "/var/lib/medinfer"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -119,6 +124,10 @@ def env_of(obj: Object) -> dict[str, Object]:
 
 def matches(selector: dict[str, str], labels: dict[str, str]) -> bool:
     return all(labels.get(k) == v for k, v in selector.items())
+
+
+def pod_labels(obj: Object) -> dict[str, str]:
+    return dict(obj["spec"]["template"]["metadata"]["labels"])
 
 
 @pytest.mark.parametrize("overlay", OVERLAY_NAMES)
@@ -203,10 +212,10 @@ def test_builtin_objects_validate_strictly(rendered: dict[str, list[Object]], ov
 
 
 def test_strict_validation_catches_a_misspelt_field(rendered: dict[str, list[Object]]) -> None:
-    deployment = copy.deepcopy(find(rendered["cpu"], "Deployment", "medinfer"))
-    container(deployment)["readinesProbe"] = container(deployment).pop("readinessProbe")
+    server = copy.deepcopy(find(rendered["cpu"], *SERVER))
+    container(server)["readinesProbe"] = container(server).pop("readinessProbe")
     with pytest.raises(kubernetes_validate.ValidationError):
-        kubernetes_validate.validate(deployment, KUBERNETES_VERSIONS[0], strict=True)
+        kubernetes_validate.validate(server, KUBERNETES_VERSIONS[0], strict=True)
 
 
 def _object(properties: dict[str, Any], required: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -419,7 +428,8 @@ def test_stages_come_in_dependency_order(rendered: dict[str, list[Object]]) -> N
     assert stage[("ServiceAccount", "medinfer")] == "prerequisites"
     assert stage[("Cluster", "medinfer-db")] == "database"
     assert stage[("Job", "medinfer-migrate")] == "migration"
-    assert stage[("Deployment", "medinfer")] == "service"
+    assert stage[SERVER] == "service"
+    assert stage[("Service", "medinfer-headless")] == "service", "the StatefulSet's governing Service"
     job = find(objects, "Job", "medinfer-migrate")
     service_account = kustomize.pod_specs(job)[0]["serviceAccountName"]
     assert STAGES.index(stage[("ServiceAccount", service_account)]) < STAGES.index("migration")
@@ -434,7 +444,7 @@ def test_stages_come_in_dependency_order(rendered: dict[str, list[Object]]) -> N
 
 
 # ---------------------------------------------------------------------------------------------
-# The Deployment
+# The server (StatefulSet)
 
 
 def _graceful_shutdown_s() -> int:
@@ -451,8 +461,8 @@ def _dockerfile_env() -> dict[str, str]:
 
 @pytest.mark.parametrize("overlay", OVERLAY_NAMES)
 def test_probes_and_graceful_shutdown(rendered: dict[str, list[Object]], overlay: str) -> None:
-    deployment = find(rendered[overlay], "Deployment", "medinfer")
-    main = container(deployment)
+    server = find(rendered[overlay], *SERVER)
+    main = container(server)
     ports = {p["name"]: p["containerPort"] for p in main["ports"]}
     for probe, path in PROBE_PATHS.items():
         check = main[probe]["httpGet"]
@@ -465,13 +475,19 @@ def test_probes_and_graceful_shutdown(rendered: dict[str, list[Object]], overlay
     assert pre_stop[0] == "sleep"
     sleep_s = int(pre_stop[1])
     assert 5 <= sleep_s <= 15
-    grace = kustomize.pod_specs(deployment)[0]["terminationGracePeriodSeconds"]
-    assert 40 <= grace <= 60
-    assert sleep_s + _graceful_shutdown_s() < grace, "preStop + uvicorn's drain must end before SIGKILL"
+    grace = kustomize.pod_specs(server)[0]["terminationGracePeriodSeconds"]
+    assert grace <= 300, "a rollout waits for each pod's stop: keep it bounded"
+    # After uvicorn's drain the service infers the studies still waiting in its spool, for up to
+    # MEDINFER_STUDY_DRAIN_S; all of it must end before SIGKILL, with room for the batchers, the
+    # audit writer and the outbox to stop.
+    assert "study_drain_s" in Settings.model_fields, "MEDINFER_STUDY_DRAIN_S is no longer a setting"
+    study_drain_s = float(env_of(server)["MEDINFER_STUDY_DRAIN_S"]["value"])
+    assert study_drain_s >= Settings.model_fields["study_drain_s"].default, "Kubernetes gives the drain more, not less"
+    assert sleep_s + _graceful_shutdown_s() + study_drain_s + 10 <= grace, "the study drain must end before SIGKILL"
 
 
 @pytest.mark.parametrize("overlay", OVERLAY_NAMES)
-@pytest.mark.parametrize("kind_name", [("Deployment", "medinfer"), ("Job", "medinfer-migrate")])
+@pytest.mark.parametrize("kind_name", [SERVER, ("Job", "medinfer-migrate")])
 def test_pods_are_hardened(rendered: dict[str, list[Object]], overlay: str, kind_name: tuple[str, str]) -> None:
     obj = find(rendered[overlay], *kind_name)
     pod = kustomize.pod_specs(obj)[0]
@@ -499,11 +515,17 @@ def test_pods_are_hardened(rendered: dict[str, list[Object]], overlay: str, kind
     assert own["seccompProfile"] == {"type": "RuntimeDefault"}
     for key in ("requests", "limits"):
         assert {"cpu", "memory", "ephemeral-storage"} <= set(main["resources"][key]), key
-    # Writable: only /var/lib/medinfer and /tmp, both emptyDir; everything else read-only.
+    # Writable: only the data dir (the server's own claim, the Job's emptyDir) and /tmp (emptyDir);
+    # everything else read-only.
     volumes = {v["name"]: v for v in pod["volumes"]}
+    claims = {c["metadata"]["name"] for c in obj["spec"].get("volumeClaimTemplates", [])}
+    assert not claims & set(volumes), "a pod volume would shadow the claim of the same name"
     writable = {m["mountPath"] for m in main["volumeMounts"] if not m.get("readOnly")}
-    assert writable == {"/var/lib/medinfer", "/tmp"}  # noqa: S108 - the container's own /tmp
+    assert writable == {DATA_DIR, "/tmp"}  # noqa: S108 - the container's own /tmp
     for mount in main["volumeMounts"]:
+        if mount["name"] in claims:
+            assert not mount.get("readOnly"), mount
+            continue
         volume = volumes[mount["name"]]
         if mount.get("readOnly"):
             assert "secret" in volume, mount
@@ -513,8 +535,8 @@ def test_pods_are_hardened(rendered: dict[str, list[Object]], overlay: str, kind
 
 @pytest.mark.parametrize("overlay", OVERLAY_NAMES)
 def test_service_environment(rendered: dict[str, list[Object]], overlay: str) -> None:
-    deployment = find(rendered[overlay], "Deployment", "medinfer")
-    env = env_of(deployment)
+    server = find(rendered[overlay], *SERVER)
+    env = env_of(server)
     image_env = _dockerfile_env()
     assert env["MEDINFER_ENV"]["value"] == "production"
     assert env["MEDINFER_HOST"]["value"] == "0.0.0.0"  # noqa: S104 - inside the pod, behind the Service
@@ -523,13 +545,13 @@ def test_service_environment(rendered: dict[str, list[Object]], overlay: str) ->
     assert env["MEDINFER_DATA_DIR"]["value"] == image_env["MEDINFER_DATA_DIR"]
     assert env["MEDINFER_WORKERS"]["value"] == "1", "one worker per pod: scale with replicas"
     keys_dir = env["MEDINFER_KEYS_DIR"]["value"]
-    keys_mount = next(m for m in container(deployment)["volumeMounts"] if m["mountPath"] == keys_dir)
+    keys_mount = next(m for m in container(server)["volumeMounts"] if m["mountPath"] == keys_dir)
     assert keys_mount["readOnly"] is True
-    volume = next(v for v in kustomize.pod_specs(deployment)[0]["volumes"] if v["name"] == keys_mount["name"])
+    volume = next(v for v in kustomize.pod_specs(server)[0]["volumes"] if v["name"] == keys_mount["name"])
     assert volume["secret"]["secretName"] == "medinfer-jwe-keys"
-    ports = {p["name"]: p["containerPort"] for p in container(deployment)["ports"]}
+    ports = {p["name"]: p["containerPort"] for p in container(server)["ports"]}
     assert ports == {"http": HTTP_PORT, "dicom": DICOM_PORT}
-    assert container(deployment)["command"] == ["medinfer", "serve"]
+    assert container(server)["command"] == ["medinfer", "serve"]
 
 
 def _secret_settings() -> set[str]:
@@ -538,7 +560,7 @@ def _secret_settings() -> set[str]:
 
 
 @pytest.mark.parametrize("overlay", OVERLAY_NAMES)
-@pytest.mark.parametrize("kind_name", [("Deployment", "medinfer"), ("Job", "medinfer-migrate")])
+@pytest.mark.parametrize("kind_name", [SERVER, ("Job", "medinfer-migrate")])
 def test_secrets_come_from_secrets(rendered: dict[str, list[Object]], overlay: str, kind_name: tuple[str, str]) -> None:
     obj = find(rendered[overlay], *kind_name)
     env = env_of(obj)
@@ -557,7 +579,7 @@ def test_database_url_points_at_the_cnpg_cluster(rendered: dict[str, list[Object
     objects = rendered[overlay]
     cluster = find(objects, "Cluster", "medinfer-db")
     initdb = cluster["spec"]["bootstrap"]["initdb"]
-    for kind, name in (("Deployment", "medinfer"), ("Job", "medinfer-migrate")):
+    for kind, name in (SERVER, ("Job", "medinfer-migrate")):
         obj = find(objects, kind, name)
         url = urlsplit(env_of(obj)["MEDINFER_DATABASE_URL"]["value"])
         assert url.scheme == "postgresql+psycopg", "psycopg 3 is the driver the image installs"
@@ -595,17 +617,84 @@ def test_image_is_pinned_to_the_release(rendered: dict[str, list[Object]], overl
 
 @pytest.mark.parametrize("overlay", OVERLAY_NAMES)
 def test_replicas_rollout_and_spread(rendered: dict[str, list[Object]], overlay: str) -> None:
-    deployment = find(rendered[overlay], "Deployment", "medinfer")
-    spec = deployment["spec"]
+    server = find(rendered[overlay], *SERVER)
+    spec = server["spec"]
+    assert server["apiVersion"] == "apps/v1"
     assert spec["replicas"] == 3
-    assert spec["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
-    pod_labels = spec["template"]["metadata"]["labels"]
-    assert matches(spec["selector"]["matchLabels"], pod_labels)
-    constraints = kustomize.pod_specs(deployment)[0]["topologySpreadConstraints"]
+    # Rolling, one pod at a time (each stops, draining its spool, and returns on its volume), and
+    # every ordinal updated: a partition would leave the lower ordinals on the old image.
+    assert spec["updateStrategy"]["type"] == "RollingUpdate"
+    assert spec["updateStrategy"].get("rollingUpdate", {}).get("partition", 0) == 0
+    assert "maxUnavailable" not in spec["updateStrategy"].get("rollingUpdate", {})
+    assert spec["minReadySeconds"] > 0
+    # The ordinals have no roles: a replica that cannot start must not hold back the others.
+    assert spec["podManagementPolicy"] == "Parallel"
+    assert matches(spec["selector"]["matchLabels"], pod_labels(server))
+    constraints = kustomize.pod_specs(server)[0]["topologySpreadConstraints"]
     assert {c["topologyKey"] for c in constraints} == {"kubernetes.io/hostname", "topology.kubernetes.io/zone"}
     for constraint in constraints:
         assert constraint["labelSelector"]["matchLabels"] == spec["selector"]["matchLabels"]
         assert constraint["maxSkew"] == 1
+        # Deployment pods' label: a StatefulSet's pods do not carry it, and are replaced in place.
+        assert "pod-template-hash" not in constraint.get("matchLabelKeys", [])
+        # A pod is bound to its (usually zonal) volume: a hard spread could leave it unschedulable.
+        assert constraint["whenUnsatisfiable"] == "ScheduleAnyway", constraint["topologyKey"]
+
+
+@pytest.mark.parametrize("overlay", OVERLAY_NAMES)
+def test_data_volume_is_a_claim_per_pod(
+    rendered: dict[str, list[Object]], overlay: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server = find(rendered[overlay], *SERVER)
+    spec = server["spec"]
+    env = env_of(server)
+    pod = kustomize.pod_specs(server)[0]
+    data_mount = next(m for m in container(server)["volumeMounts"] if m["mountPath"] == DATA_DIR)
+    assert env["MEDINFER_DATA_DIR"]["value"] == DATA_DIR
+    assert not data_mount.get("readOnly")
+    # The data dir is the pod's own claim, which outlives the pod: not an emptyDir.
+    (claim,) = spec["volumeClaimTemplates"]
+    assert claim["metadata"]["name"] == data_mount["name"]
+    assert data_mount["name"] not in {v["name"] for v in pod["volumes"]}
+    assert not [v for v in pod["volumes"] if "persistentVolumeClaim" in v], "one claim per pod, from the template"
+    assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
+    assert "storageClassName" not in claim["spec"], "the cluster's default class: the site chooses"
+    size = claim["spec"]["resources"]["requests"]["storage"]
+    assert re.fullmatch(r"\d+Gi", size)
+    assert int(size.removesuffix("Gi")) >= 10, "room for a few large studies in flight"
+    # The claims carry the pods' labels: `kubectl get pvc -l app.kubernetes.io/name=medinfer` lists them.
+    assert matches(spec["selector"]["matchLabels"], claim["metadata"]["labels"])
+    # A claim is released only by an operator: after a crash the spool of a scaled-away (or
+    # deleted) ordinal waits on it until that ordinal runs again.
+    assert spec["persistentVolumeClaimRetentionPolicy"] == {"whenDeleted": "Retain", "whenScaled": "Retain"}
+    # The spool lies on that claim, as the service resolves it from the pod's environment, and
+    # not under a read-only mount nested in it (the JWE keys).
+    assert "MEDINFER_DICOM_SPOOL_DIR" not in env or Path(env["MEDINFER_DICOM_SPOOL_DIR"]["value"]).is_relative_to(
+        DATA_DIR
+    )
+    for name in ("MEDINFER_DATA_DIR", "MEDINFER_DICOM_SPOOL_DIR"):
+        if name in env:
+            monkeypatch.setenv(name, env[name]["value"])
+        else:
+            monkeypatch.delenv(name, raising=False)
+    spool = Settings().resolved_spool_dir
+    assert spool.is_relative_to(DATA_DIR)
+    assert spool != Path(DATA_DIR)
+    mounts = sorted(container(server)["volumeMounts"], key=lambda m: len(m["mountPath"]))
+    innermost = [m for m in mounts if spool.is_relative_to(m["mountPath"])][-1]
+    assert innermost is data_mount, f"the spool would be on {innermost['name']}"
+
+
+@pytest.mark.parametrize("overlay", OVERLAY_NAMES)
+def test_statefulset_is_governed_by_a_headless_service(rendered: dict[str, list[Object]], overlay: str) -> None:
+    objects = rendered[overlay]
+    server = find(objects, *SERVER)
+    governing = find(objects, "Service", server["spec"]["serviceName"])
+    assert governing["spec"]["clusterIP"] == "None"
+    assert matches(governing["spec"]["selector"], pod_labels(server))
+    # It names the pods; it serves nothing (HTTP and DICOM have their own Services).
+    assert not governing["spec"].get("ports")
+    assert governing["metadata"]["name"] not in {"medinfer", "medinfer-dicom"}
 
 
 def test_gpu_resources_only_in_the_gpu_overlay(rendered: dict[str, list[Object]]) -> None:
@@ -613,11 +702,11 @@ def test_gpu_resources_only_in_the_gpu_overlay(rendered: dict[str, list[Object]]
     for name in ("cpu", "gpu"):
         job = find(rendered[name], "Job", "medinfer-migrate")
         assert "nvidia.com/gpu" not in container(job)["resources"]["limits"], "migrations need no GPU"
-    deployment = find(rendered["gpu"], "Deployment", "medinfer")
-    resources = container(deployment)["resources"]
+    server = find(rendered["gpu"], *SERVER)
+    resources = container(server)["resources"]
     assert resources["limits"]["nvidia.com/gpu"] == 1
     assert "nvidia.com/gpu" not in resources["requests"], "extended resources are requested through limits"
-    pod = kustomize.pod_specs(deployment)[0]
+    pod = kustomize.pod_specs(server)[0]
     assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
     # Everything else of the base survives the patch.
@@ -632,15 +721,15 @@ def test_gpu_resources_only_in_the_gpu_overlay(rendered: dict[str, list[Object]]
 def test_http_service_is_balanced_per_connection(rendered: dict[str, list[Object]], overlay: str) -> None:
     objects = rendered[overlay]
     service = find(objects, "Service", "medinfer")
-    deployment = find(objects, "Deployment", "medinfer")
+    server = find(objects, *SERVER)
     job = find(objects, "Job", "medinfer-migrate")
     (port,) = service["spec"]["ports"]
     assert (port["name"], port["port"]) == ("http", HTTP_PORT)
-    assert port["targetPort"] in {p["name"] for p in container(deployment)["ports"]}
+    assert port["targetPort"] in {p["name"] for p in container(server)["ports"]}
     # HIS traffic often arrives from one ingress IP: affinity would pin all of it to one pod.
     assert service["spec"].get("sessionAffinity", "None") == "None"
     selector = service["spec"]["selector"]
-    assert matches(selector, deployment["spec"]["template"]["metadata"]["labels"])
+    assert matches(selector, server["spec"]["template"]["metadata"]["labels"])
     assert not matches(selector, job["spec"]["template"]["metadata"]["labels"]), "the Job's pod takes no traffic"
     assert service["spec"]["type"] == "ClusterIP"
 
@@ -649,14 +738,14 @@ def test_http_service_is_balanced_per_connection(rendered: dict[str, list[Object
 def test_dicom_service_pins_each_pacs_to_one_pod(rendered: dict[str, list[Object]], overlay: str) -> None:
     objects = rendered[overlay]
     service = find(objects, "Service", "medinfer-dicom")
-    deployment = find(objects, "Deployment", "medinfer")
+    server = find(objects, *SERVER)
     job = find(objects, "Job", "medinfer-migrate")
     (port,) = service["spec"]["ports"]
     assert (port["name"], port["port"], port["protocol"]) == ("dicom", DICOM_PORT, "TCP")
-    container_ports = {p["name"]: p["containerPort"] for p in container(deployment)["ports"]}
-    assert container_ports[port["targetPort"]] == int(env_of(deployment)["MEDINFER_DIMSE_PORT"]["value"])
+    container_ports = {p["name"]: p["containerPort"] for p in container(server)["ports"]}
+    assert container_ports[port["targetPort"]] == int(env_of(server)["MEDINFER_DIMSE_PORT"]["value"])
     selector = service["spec"]["selector"]
-    assert matches(selector, deployment["spec"]["template"]["metadata"]["labels"])
+    assert matches(selector, server["spec"]["template"]["metadata"]["labels"])
     assert not matches(selector, job["spec"]["template"]["metadata"]["labels"])
     assert service["spec"]["type"] == "ClusterIP"
     # A study settles in the memory of the pod that received it; a PACS sends it over several
@@ -668,7 +757,7 @@ def test_dicom_service_pins_each_pacs_to_one_pod(rendered: dict[str, list[Object
     # No other way in for DICOM that would bypass the affinity.
     for other in objects:
         if other["kind"] == "Service" and other is not service:
-            assert DICOM_PORT not in {p["port"] for p in other["spec"]["ports"]}, other["metadata"]["name"]
+            assert DICOM_PORT not in {p["port"] for p in other["spec"].get("ports", [])}, other["metadata"]["name"]
 
 
 @pytest.mark.parametrize("overlay", OVERLAY_NAMES)
@@ -676,11 +765,11 @@ def test_every_replica_runs_the_scp(
     rendered: dict[str, list[Object]], overlay: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     objects = rendered[overlay]
-    deployment = find(objects, "Deployment", "medinfer")
-    env = env_of(deployment)
+    server = find(objects, *SERVER)
+    env = env_of(server)
     assert env["MEDINFER_DIMSE_ENABLED"]["value"] == "true"
     assert env["MEDINFER_DIMSE_HOST"]["value"] == "0.0.0.0"  # noqa: S104 - inside the pod, behind medinfer-dicom
-    ports = {p["name"]: p["containerPort"] for p in container(deployment)["ports"]}
+    ports = {p["name"]: p["containerPort"] for p in container(server)["ports"]}
     assert int(env["MEDINFER_DIMSE_PORT"]["value"]) == ports["dicom"] == DICOM_PORT
     # The per-site values come from the ConfigMap, key for key.
     site = find(objects, "ConfigMap", SITE_CONFIG)
@@ -707,9 +796,12 @@ def test_every_replica_runs_the_scp(
 def test_pod_disruption_budget(rendered: dict[str, list[Object]], overlay: str) -> None:
     objects = rendered[overlay]
     pdb = find(objects, "PodDisruptionBudget", "medinfer")
-    deployment = find(objects, "Deployment", "medinfer")
+    server = find(objects, *SERVER)
     assert pdb["apiVersion"] == "policy/v1"
-    assert pdb["spec"]["selector"]["matchLabels"] == deployment["spec"]["selector"]["matchLabels"]
+    assert pdb["spec"]["selector"]["matchLabels"] == server["spec"]["selector"]["matchLabels"]
+    assert matches(pdb["spec"]["selector"]["matchLabels"], pod_labels(server))
+    job = find(objects, "Job", "medinfer-migrate")
+    assert not matches(pdb["spec"]["selector"]["matchLabels"], pod_labels(job)), "the Job's pod is not a replica"
     spec = pdb["spec"]
     assert spec.get("maxUnavailable") == 1 or spec.get("minAvailable") == 2
     replicas = find(objects, "HorizontalPodAutoscaler", "medinfer")["spec"]["minReplicas"]
@@ -723,8 +815,9 @@ def test_autoscaler_uses_the_queue_depth_through_prometheus_adapter(
     objects = rendered[overlay]
     hpa = find(objects, "HorizontalPodAutoscaler", "medinfer")
     assert hpa["apiVersion"] == "autoscaling/v2"
-    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "medinfer"}
-    assert hpa["spec"]["minReplicas"] == find(objects, "Deployment", "medinfer")["spec"]["replicas"]
+    kind, name = SERVER
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": kind, "name": name}
+    assert hpa["spec"]["minReplicas"] == find(objects, *SERVER)["spec"]["replicas"]
     assert hpa["spec"]["maxReplicas"] > hpa["spec"]["minReplicas"]
     (metric,) = hpa["spec"]["metrics"]
     assert metric["type"] == "Pods"
@@ -764,7 +857,7 @@ def test_network_policy(rendered: dict[str, list[Object]], overlay: str) -> None
     objects = rendered[overlay]
     policy = find(objects, "NetworkPolicy", "medinfer")["spec"]
     cluster_name = find(objects, "Cluster", "medinfer-db")["metadata"]["name"]
-    for kind, name in (("Deployment", "medinfer"), ("Job", "medinfer-migrate")):
+    for kind, name in (SERVER, ("Job", "medinfer-migrate")):
         labels = find(objects, kind, name)["spec"]["template"]["metadata"]["labels"]
         assert matches(policy["podSelector"]["matchLabels"], labels), f"the policy must cover the {kind}'s pods"
     assert sorted(policy["policyTypes"]) == ["Egress", "Ingress"]
@@ -807,15 +900,15 @@ def test_network_policy(rendered: dict[str, list[Object]], overlay: str) -> None
 def test_migration_job(rendered: dict[str, list[Object]], overlay: str) -> None:
     objects = rendered[overlay]
     job = find(objects, "Job", "medinfer-migrate")
-    deployment = find(objects, "Deployment", "medinfer")
+    server = find(objects, *SERVER)
     spec = job["spec"]
     assert container(job)["command"] == ["medinfer", "migrate"]
     assert 1 <= spec["backoffLimit"] <= 5
     assert spec["ttlSecondsAfterFinished"] > 0
     assert spec["activeDeadlineSeconds"] > 0
     assert kustomize.pod_specs(job)[0]["restartPolicy"] == "Never"
-    assert container(job)["image"] == container(deployment)["image"]
-    job_env, server_env = env_of(job), env_of(deployment)
+    assert container(job)["image"] == container(server)["image"]
+    job_env, server_env = env_of(job), env_of(server)
     for name in ("MEDINFER_ENV", "MEDINFER_DATABASE_URL", "PGPASSWORD", *_secret_settings()):
         assert job_env[name] == server_env[name], f"{name}: the Job migrates the database the service uses"
     assert "probe" not in " ".join(container(job)), "a one-shot Job has nothing to probe"
@@ -889,3 +982,28 @@ def test_base_kustomization_is_the_one_the_overlays_use() -> None:
     for overlay in OVERLAY_NAMES:
         kustomization = load_yaml(OVERLAYS / overlay / "kustomization.yaml")
         assert [(OVERLAYS / overlay / r).resolve() for r in kustomization["resources"]] == [BASE.resolve()]
+
+
+#: ``kubectl`` resource forms a workload is named by: ``deployment/x``, ``deploy/x``, ``sts/x``...
+_WORKLOAD_REF = re.compile(r"\b(deployments?|deploy|statefulsets?|sts|daemonsets?|ds)/medinfer\b")
+
+
+def test_documented_commands_name_the_statefulset(rendered: dict[str, list[Object]]) -> None:
+    """Every `kind/medinfer` in the manifests' comments and in the install and operations part of
+    docs/operations.md (before its metrics and runbooks) names the server's kind."""
+    assert [o["kind"] for o in rendered["cpu"] if kustomize.pod_specs(o) and o["kind"] != "Job"] == [SERVER[0]]
+    docs = OPERATIONS.read_text(encoding="utf-8")
+    texts = {"docs/operations.md": docs[: docs.index("\n## Metrics\n")]}
+    for path in sorted((REPO / "deploy" / "kubernetes").rglob("*.yaml")):
+        texts[str(path.relative_to(REPO))] = path.read_text(encoding="utf-8")
+    wrong = {
+        f"{name}: {match.group(0)}"
+        for name, text in texts.items()
+        for match in _WORKLOAD_REF.finditer(text)
+        if match.group(1) not in {"statefulset", "statefulsets", "sts"}
+    }
+    assert not wrong, sorted(wrong)
+    assert "rollout status statefulset/medinfer" in texts["docs/operations.md"]
+    assert "rollout restart statefulset/medinfer" in texts["docs/operations.md"]
+    for path in sorted(OVERLAYS.rglob("*.yaml")):
+        assert "kind: Deployment" not in path.read_text(encoding="utf-8"), f"{path}: patches a Deployment"
