@@ -122,6 +122,12 @@ class Settings(BaseSettings):
     study_settle_s: float = Field(
         default=5.0, gt=0, description="A study is inferred once no instance of it arrived for this long."
     )
+    study_drain_s: float = Field(
+        default=15.0,
+        ge=0,
+        description="At shutdown, the studies still waiting are inferred at once, for up to this long; what is "
+        "not done stays in the spool for the next start.",
+    )
     dimse_enabled: bool = Field(default=False, description="Run the C-STORE/C-ECHO SCP in the service process.")
     dimse_host: str = "127.0.0.1"
     dimse_port: int = Field(default=11112, ge=0, le=65535, description="0 picks a free port (tests).")

@@ -81,6 +81,7 @@ class ImagingService:
         *,
         limits: DicomLimits,
         settle_s: float,
+        drain_s: float,
         min_free_bytes: int,
         software_version: str,
     ) -> None:
@@ -91,6 +92,7 @@ class ImagingService:
         self._metrics = metrics
         self._limits = limits
         self._settle_s = settle_s
+        self._drain_s = drain_s
         self._min_free_bytes = min_free_bytes
         self._software_version = software_version
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -117,11 +119,31 @@ class ImagingService:
         self._spawn(self.outbox.run(), "pacs-outbox")
 
     async def aclose(self) -> None:
-        """Stop timers and the outbox; spooled studies stay on disk for the next start."""
+        """Infer the studies still waiting, then stop the outbox (called after the transports stop).
+
+        A graceful stop (a rollout, a scale-down) so leaves nothing in the spool of a replica that
+        may not come back. A study not done within ``drain_s``, or one the model or audit trail
+        cannot take now, stays in the spool for the next start, as after a crash.
+        """
         self._closing = True
-        for study in self._studies.values():
+        waiting, self._studies = self._studies, {}
+        self._metrics.studies_waiting.set(0)
+        for key, study in waiting.items():
             if study.timer is not None:
                 study.timer.cancel()
+                study.timer = None
+            if study.files:
+                self._spawn(self._infer(key, study), "study")
+        if waiting:
+            log.info("inferring waiting studies", extra={"event": "imaging.drain", "count": len(waiting)})
+        studies = [task for task in self._tasks if task.get_name() == "study"]
+        if studies:
+            _, late = await asyncio.wait(studies, timeout=self._drain_s)
+            for task in late:
+                task.cancel()  # its spool files stay for the next start
+            if late:
+                log.warning("studies left in the spool", extra={"event": "imaging.drain_late", "count": len(late)})
+        self.outbox.close()
         for task in list(self._tasks):
             if task.get_name() == "pacs-outbox":
                 task.cancel()
@@ -228,8 +250,11 @@ class ImagingService:
             sop_uid, encoded = await asyncio.to_thread(self._sr, instances, prediction, request_id)
             await self.outbox.enqueue(sop_uid, encoded)
         except MedinferError as exc:
-            if exc.kind in _RETRYABLE and not self._closing:
-                self._retry(key, study, exc.code)
+            if exc.kind in _RETRYABLE:
+                if self._closing:
+                    self._done(study, f"deferred:{exc.code}")  # its spool files stay for the next start
+                else:
+                    self._retry(key, study, exc.code)
                 return
             self._finish(study, files, exc.code)
             return

@@ -98,6 +98,7 @@ class Outbox:
         self._clock = clock
         self._wakeup = asyncio.Event()
         self._backlog_stale = True
+        self._closed = False
 
     @property
     def destination(self) -> str:
@@ -137,7 +138,7 @@ class Outbox:
         gauges still show the held results, so a missing destination is visible.
         """
         counted_at = -BACKLOG_REFRESH_S
-        while True:
+        while not self._closed:
             try:
                 await self.deliver_due()
                 if self._backlog_stale or time.monotonic() - counted_at >= BACKLOG_REFRESH_S:
@@ -156,6 +157,15 @@ class Outbox:
                 await asyncio.wait_for(
                     self._wakeup.wait(), timeout=poll_s if self._sender is not None else BACKLOG_REFRESH_S
                 )
+
+    def close(self) -> None:
+        """End :meth:`run` after its current pass.
+
+        Cancelling alone is not enough on Python 3.11: ``asyncio.wait_for`` drops a cancellation
+        that arrives as the event it waits on is set (an SR just queued), and the loop would go on.
+        """
+        self._closed = True
+        self._wakeup.set()
 
     async def deliver_due(self, limit: int = 16) -> int:
         """One pass: claim and send the rows that are due. Returns how many were delivered."""

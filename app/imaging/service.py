@@ -42,6 +42,7 @@ def build_imaging(container: Container, sender: Sender | None) -> ImagingService
         container.metrics,
         limits=dicom_limits(settings),
         settle_s=settings.study_settle_s,
+        drain_s=settings.study_drain_s,
         min_free_bytes=settings.dicom_spool_min_free_bytes,
         software_version=service_version(),
     )

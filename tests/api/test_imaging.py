@@ -286,9 +286,10 @@ def test_stow_stores_all_then_infers_the_study_into_the_outbox(imaging: tuple[Te
     rows = _wait_outbox(settings, 1)
     assert len(rows) == 1
     assert rows[0][1] == "held"  # no PACS destination configured: the SR waits
-    sealed = list((settings.data_dir / "outbox").iterdir())
-    assert len(sealed) == 1
-    assert MARKER_ID.encode() not in sealed[0].read_bytes()
+    with sqlite3.connect(settings.data_dir / "medinfer.db") as db:
+        ((sealed,),) = db.execute("SELECT payload FROM pacs_outbox").fetchall()
+    assert sealed.startswith(b"MISEAL1\n")  # the SR names the patient: sealed in its row
+    assert MARKER_ID.encode() not in sealed
     assert not [p for p in (settings.data_dir / "spool").iterdir() if not p.name.startswith(".")]
 
 

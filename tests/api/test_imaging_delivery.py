@@ -221,10 +221,28 @@ def test_a_result_queued_before_revision_0004_is_still_delivered_from_its_sealed
     assert not path.exists()
 
 
+def test_a_graceful_stop_infers_the_studies_still_waiting_and_leaves_the_spool_empty(
+    tmp_path: Path, migrate: Callable[[Settings], str]
+) -> None:
+    settings = _settings(tmp_path, study_settle_s=3600)
+    key = migrate(settings)
+    with TestClient(create_app(settings)) as client:
+        wait_ready(client)
+        assert _stow(client, key, study_bytes(seed=8, positive=True, rows=256)).status_code == 200
+        assert _stow(client, key, study_bytes(seed=9, positive=False, rows=256)).status_code == 200
+        time.sleep(0.5)
+        assert _outbox(settings) == []  # an hour from settling
+    # The lifespan's shutdown inferred both before it returned: a replica that never comes back
+    # (scaled away) strands nothing.
+    assert sorted(state for _, state, _ in _outbox(settings)) == ["held", "held"]
+    assert not [p for p in (settings.data_dir / "spool").iterdir() if p.suffix == ".dcm"]
+
+
 def test_an_accepted_instance_survives_a_restart_before_its_study_settles(
     tmp_path: Path, migrate: Callable[[Settings], str]
 ) -> None:
-    slow = _settings(tmp_path, study_settle_s=3600)
+    # No time to drain at the stop: as after a crash, the instance waits in the spool.
+    slow = _settings(tmp_path, study_settle_s=3600, study_drain_s=0)
     key = migrate(slow)
     with TestClient(create_app(slow)) as client:
         wait_ready(client)
