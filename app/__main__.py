@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
 import ssl
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,6 +19,9 @@ from app.domain import Scope
 from app.errors import MedinferError
 
 if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncEngine
+
+    from app.audit.recorder import AuditWriter
     from app.security.keystore import KeyStore
 
 
@@ -215,41 +219,58 @@ def _cmd_models(settings: Settings, args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+@contextlib.asynccontextmanager
+async def _cli_audit_writer(settings: Settings) -> AsyncIterator[AuditWriter]:
+    """An audit writer for one command: what an operator does from the CLI is audited too."""
+    from app.audit.recorder import AuditWriter, create_audit_engine  # noqa: PLC0415
+    from app.observability.metrics import Metrics  # noqa: PLC0415
+
+    engine = create_audit_engine(settings.sqlalchemy_url, settings.database_timeout_s)
+    writer = AuditWriter(
+        engine,
+        settings.audit_hmac_key.get_secret_value().encode(),
+        settings.pseudonym_key.get_secret_value().encode(),
+        Metrics(),
+    )
+    try:
+        yield writer
+    finally:
+        await writer.aclose()
+        engine.dispose()
+
+
 def _cmd_audit(settings: Settings, args: argparse.Namespace) -> int:
     import asyncio  # noqa: PLC0415
 
     from app.audit.export import to_ndjson_line  # noqa: PLC0415
     from app.audit.query import EventFilter, iter_events  # noqa: PLC0415
-    from app.audit.recorder import AuditWriter, create_audit_engine, verify_chain  # noqa: PLC0415
+    from app.audit.recorder import verify_chain  # noqa: PLC0415
     from app.db import create_async_db  # noqa: PLC0415
     from app.domain import AuditRecord  # noqa: PLC0415
-    from app.observability.metrics import Metrics  # noqa: PLC0415
-
-    key = settings.audit_hmac_key.get_secret_value().encode()
 
     async def run() -> int:
         engine, _ = create_async_db(settings)
-        writer_engine = create_audit_engine(settings.sqlalchemy_url, settings.database_timeout_s)
-        writer = AuditWriter(writer_engine, key, settings.pseudonym_key.get_secret_value().encode(), Metrics())
         try:
-            if args.audit_command == "verify":
-                result = await verify_chain(engine, key)
-                outcome = "success" if result.valid else "failure"
-                await writer.record(AuditRecord(action="audit.verify", outcome=outcome, actor="cli"))
-                print(json.dumps({
-                    "valid": result.valid, "events": result.events, "head_seq": result.head_seq,
-                    "first_broken_seq": result.first_broken_seq, "reason": result.reason,
-                }))  # fmt: skip
-                return 0 if result.valid else 1
-            await writer.record(AuditRecord(action="audit.export", outcome="success", actor="cli"))
-            with Path(args.output).open("wb") as out:  # noqa: ASYNC230 - one-shot CLI, nothing else on its loop
-                async for row in iter_events(engine, EventFilter()):
-                    out.write(to_ndjson_line(row))
-            return 0
+            async with _cli_audit_writer(settings) as writer:
+                return await _audit(engine, writer)
         finally:
-            await writer.aclose()
-            writer_engine.dispose()
             await engine.dispose()
+
+    async def _audit(engine: AsyncEngine, writer: AuditWriter) -> int:
+        if args.audit_command == "verify":
+            result = await verify_chain(engine, settings.audit_hmac_key.get_secret_value().encode())
+            outcome = "success" if result.valid else "failure"
+            await writer.record(AuditRecord(action="audit.verify", outcome=outcome, actor="cli"))
+            print(json.dumps({
+                "valid": result.valid, "events": result.events, "head_seq": result.head_seq,
+                "first_broken_seq": result.first_broken_seq, "reason": result.reason,
+            }))  # fmt: skip
+            return 0 if result.valid else 1
+        await writer.record(AuditRecord(action="audit.export", outcome="success", actor="cli"))
+        with Path(args.output).open("wb") as out:  # noqa: ASYNC230 - one-shot CLI, nothing else on its loop
+            async for row in iter_events(engine, EventFilter()):
+                out.write(to_ndjson_line(row))
+        return 0
 
     return asyncio.run(run())
 
@@ -258,24 +279,15 @@ def _cmd_outbox(settings: Settings, args: argparse.Namespace) -> int:
     import asyncio  # noqa: PLC0415
     from datetime import UTC, datetime  # noqa: PLC0415
 
-    from app.audit.recorder import AuditWriter, create_audit_engine  # noqa: PLC0415
     from app.db import create_async_db  # noqa: PLC0415
     from app.domain import AuditRecord  # noqa: PLC0415
     from app.imaging.outbox import count_backlog, requeue  # noqa: PLC0415
-    from app.observability.metrics import Metrics  # noqa: PLC0415
 
     async def run() -> int:
         engine, sessionmaker = create_async_db(settings)
         try:
             if args.outbox_command == "requeue":
-                writer_engine = create_audit_engine(settings.sqlalchemy_url, settings.database_timeout_s)
-                writer = AuditWriter(
-                    writer_engine,
-                    settings.audit_hmac_key.get_secret_value().encode(),
-                    settings.pseudonym_key.get_secret_value().encode(),
-                    Metrics(),
-                )
-                try:
+                async with _cli_audit_writer(settings) as writer:
                     count = await requeue(sessionmaker, args.state, datetime.now(UTC))
                     await writer.record(
                         AuditRecord(
@@ -285,9 +297,6 @@ def _cmd_outbox(settings: Settings, args: argparse.Namespace) -> int:
                             detail={"states": sorted(args.state), "count": count},
                         )
                     )
-                finally:
-                    await writer.aclose()
-                    writer_engine.dispose()
                 print(json.dumps({"requeued": count}))
                 return 0
             backlog = await count_backlog(sessionmaker)

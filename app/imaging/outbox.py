@@ -4,10 +4,11 @@ An SR is sealed (AES-256-GCM, bound to its SOP Instance UID) into its row, and t
 before anything is sent: a restart loses no result, and any replica can deliver any row. A
 sender claims a row by a conditional UPDATE (``pending`` -> ``sending`` with a lease), so two
 workers or replicas never send the same row at once; success marks it ``delivered``, drops the
-sealed copy, and it is never picked again. A failure schedules a retry with exponential backoff (doubling
-from ``MEDINFER_PACS_RETRY_BASE_S`` up to five minutes) until ``MEDINFER_PACS_MAX_ATTEMPTS``,
-then ``failed``. A crash between the destination's success and our commit leaves a lease that
-expires and a resend of the *same* SOP Instance UID, which a PACS stores once.
+sealed copy, and it is never picked again. A failure schedules a retry with exponential backoff
+(doubling from ``MEDINFER_PACS_RETRY_BASE_S`` up to five minutes) until
+``MEDINFER_PACS_MAX_ATTEMPTS``, then ``failed``. A crash between the destination's success and
+our commit leaves a lease that expires and a resend of the *same* SOP Instance UID, which a PACS
+stores once.
 
 Results the worker gave up on (``failed``) or kept for want of a destination (``held``) are sent
 only when an operator says so (``medinfer outbox requeue``). The backlog gauges count every
@@ -143,7 +144,7 @@ class Outbox:
                 await self.deliver_due()
                 if self._backlog_stale or time.monotonic() - counted_at >= BACKLOG_REFRESH_S:
                     self._backlog_stale = False
-                    self.publish(await self.backlog())
+                    self._publish(await count_backlog(self._sessionmaker))
                     counted_at = time.monotonic()
             except (SQLAlchemyError, OSError) as exc:
                 log.warning("outbox pass failed", extra={"event": "outbox.pass_failed", "error": type(exc).__name__})
@@ -210,10 +211,7 @@ class Outbox:
             raise SealedFileError(msg)
         return await asyncio.to_thread(self._files.unseal, sop_uid, sealed)
 
-    async def backlog(self) -> Backlog:
-        return await count_backlog(self._sessionmaker)
-
-    def publish(self, backlog: Backlog) -> None:
+    def _publish(self, backlog: Backlog) -> None:
         for state, count in backlog.by_state.items():
             self._metrics.outbox_backlog.labels(state=state).set(count)
         age = 0.0 if backlog.oldest_waiting is None else (self._clock() - backlog.oldest_waiting).total_seconds()

@@ -717,37 +717,36 @@ def test_gpu_resources_only_in_the_gpu_overlay(rendered: dict[str, list[Object]]
     )
 
 
-@pytest.mark.parametrize("overlay", OVERLAY_NAMES)
-def test_http_service_is_balanced_per_connection(rendered: dict[str, list[Object]], overlay: str) -> None:
-    objects = rendered[overlay]
-    service = find(objects, "Service", "medinfer")
+def _in_cluster_service_to_the_server(objects: list[Object], name: str) -> tuple[Object, Object]:
+    """The ClusterIP Service ``name`` and the server it sends to (never the migration Job's pod)."""
+    service = find(objects, "Service", name)
     server = find(objects, *SERVER)
     job = find(objects, "Job", "medinfer-migrate")
+    selector = service["spec"]["selector"]
+    assert matches(selector, server["spec"]["template"]["metadata"]["labels"])
+    assert not matches(selector, job["spec"]["template"]["metadata"]["labels"]), "the Job's pod takes no traffic"
+    assert service["spec"]["type"] == "ClusterIP"
+    return service, server
+
+
+@pytest.mark.parametrize("overlay", OVERLAY_NAMES)
+def test_http_service_is_balanced_per_connection(rendered: dict[str, list[Object]], overlay: str) -> None:
+    service, server = _in_cluster_service_to_the_server(rendered[overlay], "medinfer")
     (port,) = service["spec"]["ports"]
     assert (port["name"], port["port"]) == ("http", HTTP_PORT)
     assert port["targetPort"] in {p["name"] for p in container(server)["ports"]}
     # HIS traffic often arrives from one ingress IP: affinity would pin all of it to one pod.
     assert service["spec"].get("sessionAffinity", "None") == "None"
-    selector = service["spec"]["selector"]
-    assert matches(selector, server["spec"]["template"]["metadata"]["labels"])
-    assert not matches(selector, job["spec"]["template"]["metadata"]["labels"]), "the Job's pod takes no traffic"
-    assert service["spec"]["type"] == "ClusterIP"
 
 
 @pytest.mark.parametrize("overlay", OVERLAY_NAMES)
 def test_dicom_service_pins_each_pacs_to_one_pod(rendered: dict[str, list[Object]], overlay: str) -> None:
     objects = rendered[overlay]
-    service = find(objects, "Service", "medinfer-dicom")
-    server = find(objects, *SERVER)
-    job = find(objects, "Job", "medinfer-migrate")
+    service, server = _in_cluster_service_to_the_server(objects, "medinfer-dicom")
     (port,) = service["spec"]["ports"]
     assert (port["name"], port["port"], port["protocol"]) == ("dicom", DICOM_PORT, "TCP")
     container_ports = {p["name"]: p["containerPort"] for p in container(server)["ports"]}
     assert container_ports[port["targetPort"]] == int(env_of(server)["MEDINFER_DIMSE_PORT"]["value"])
-    selector = service["spec"]["selector"]
-    assert matches(selector, server["spec"]["template"]["metadata"]["labels"])
-    assert not matches(selector, job["spec"]["template"]["metadata"]["labels"])
-    assert service["spec"]["type"] == "ClusterIP"
     # A study settles in the memory of the pod that received it; a PACS sends it over several
     # associations. ClientIP affinity keeps them on one pod, for far longer than a study settles.
     assert service["spec"]["sessionAffinity"] == "ClientIP"
