@@ -204,6 +204,20 @@ class ModelSignatureError(MedinferError):
     kind = ErrorKind.CONFLICT
 
 
+class ModelNotAcknowledgedError(MedinferError):
+    """In production, a version whose model card says "not for clinical use" is not served unless
+    the operator names it in ``MEDINFER_ACKNOWLEDGED_NONCLINICAL_MODELS``. Other versions keep
+    serving; ``/readyz`` details and ``medinfer_model_versions_refused_total`` show the refusal.
+
+    Recovery: serve a model released for clinical use, or acknowledge this one (name@version) for a
+    non-clinical deployment; its results still never reach a PACS or HIS as a coded finding.
+    """
+
+    code = "model-not-acknowledged"
+    title = "Demonstration model not acknowledged"
+    kind = ErrorKind.CONFLICT
+
+
 class ModelLoadError(MedinferError):
     """ONNX Runtime refused the file, or its warm-up run failed.
 

@@ -47,10 +47,60 @@ class TensorSpec(_Strict):
         return shape
 
 
+#: Where an operating point's figures were measured. ``validation`` is the split the threshold was
+#: chosen on (optimistic); ``internal_test`` is held-out data of the training sites;
+#: ``external_test`` is a site the model never saw.
+DataSplit = Literal["validation", "internal_test", "external_test"]
+
+
 class OperatingPoint(_Strict):
     threshold: float = Field(ge=0.0, le=1.0)
     sensitivity: float | None = Field(default=None, ge=0.0, le=1.0)
     specificity: float | None = Field(default=None, ge=0.0, le=1.0)
+    split: DataSplit | None = Field(default=None, description="The data the sensitivity and specificity come from.")
+
+
+class ContentChecks(_Strict):
+    """Cheap checks on the preprocessed image tensor (values in the model's input range)."""
+
+    min_std: float = Field(ge=0.0, description="Below this standard deviation the image is blank or constant.")
+    saturation_fraction: float = Field(
+        gt=0.0, le=1.0, description="At or above this share of pixels at the range's ends the image is saturated."
+    )
+
+
+class OodSpec(_Strict):
+    """How a version recognises input outside what it was validated on (``[ood]`` in model.toml).
+
+    Imaging models declare an ONNX output holding one score per image (higher = further from
+    the training data) and the threshold above which no label is decided; the statistics behind
+    the score live in the graph, so the version's sha256 pins them. Record models declare each
+    feature's training range and a cap on imputed features.
+    """
+
+    method: str = Field(min_length=1, description="What the score is, e.g. 'mahalanobis-penultimate'.")
+    output: str | None = Field(default=None, description="ONNX output with one OOD score per batch row.")
+    threshold: float | None = Field(default=None, description="A score above this is outside the validated input.")
+    content_checks: ContentChecks | None = None
+    training_ranges: dict[str, tuple[float, float]] = Field(
+        default_factory=dict, description="Per feature: the [low, high] seen in training; outside is indeterminate."
+    )
+    max_imputed: int | None = Field(default=None, ge=0, description="More imputed features is indeterminate.")
+    calibration: str = Field(default="", description="How the statistics and threshold were calibrated.")
+    in_distribution_flagged: float | None = Field(
+        default=None, ge=0.0, le=1.0, description="Measured share of the in-distribution test set flagged."
+    )
+
+    @model_validator(mode="after")
+    def _threshold_with_output(self) -> OodSpec:
+        if (self.output is None) != (self.threshold is None):
+            msg = "ood.output and ood.threshold go together"
+            raise ValueError(msg)
+        for name, (low, high) in self.training_ranges.items():
+            if not low <= high:
+                msg = f"ood.training_ranges.{name}: low is above high"
+                raise ValueError(msg)
+        return self
 
 
 class Thresholds(_Strict):
@@ -86,6 +136,7 @@ class VersionEntry(_Strict):
     sha256: str
     created: str | None = None
     notes: str | None = None
+    ood: OodSpec | None = Field(default=None, description="This version's out-of-distribution detector.")
 
     @field_validator("sha256")
     @classmethod
@@ -138,10 +189,20 @@ class ModelSpec(_Strict):
         if self.positive_label is not None and self.positive_label not in self.labels:
             msg = f"positive_label {self.positive_label!r} is not one of labels"
             raise ValueError(msg)
+        outputs = {o.name for o in self.outputs}
+        for number, entry in self.versions.items():
+            if entry.ood is not None and entry.ood.output is not None and entry.ood.output not in outputs:
+                msg = f"versions.{number}.ood.output {entry.ood.output!r} is not one of outputs"
+                raise ValueError(msg)
         if self.policy_versions_missing():
             msg = f"version_policy names versions not declared: {self.policy_versions_missing()}"
             raise ValueError(msg)
         return self
+
+    def ood_of(self, version: str) -> OodSpec | None:
+        """The out-of-distribution detector of one version, if it declares one."""
+        entry = self.versions.get(version)
+        return entry.ood if entry is not None else None
 
     def policy_versions_missing(self) -> list[str]:
         return [v for v in self.version_policy.versions if v not in self.versions]

@@ -187,6 +187,27 @@ class Metrics:
             ["model", "version", "label"],
             registry=self.registry,
         )
+        self.indeterminate = Counter(
+            "medinfer_indeterminate_total",
+            "Answers given without a label decision because the input lay outside the model's validated input, "
+            "by reason: ood_score, content (blank, constant or saturated image), feature_range, imputed.",
+            ["model", "version", "reason"],
+            registry=self.registry,
+        )
+        self.models_refused = Counter(
+            "medinfer_model_versions_refused_total",
+            "Model versions not served by policy (not_acknowledged: a not-for-clinical-use version in production "
+            "that the operator has not acknowledged).",
+            ["model", "version", "reason"],
+            registry=self.registry,
+        )
+        self.results_withheld = Counter(
+            "medinfer_results_withheld_total",
+            "Results kept from a PACS or HIS as a coded finding because the model is not for clinical use, or "
+            "because no routing rule enables the model, by destination (pacs, his).",
+            ["model", "version", "destination"],
+            registry=self.registry,
+        )
         self.decryption_failures = Counter(
             "medinfer_decryption_failures_total",
             "JWE payloads refused, by reason (malformed, alg, enc, zip, crit, cty, kid, decrypt, size).",

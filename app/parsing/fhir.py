@@ -81,12 +81,30 @@ def feature_map(preprocessing: Mapping[str, Any]) -> FeatureMap:
 
 
 @dataclass(frozen=True, slots=True)
+class FeatureUse:
+    """What one feature gave the model, and where it came from: shown to the clinician.
+
+    ``value`` is what the model received in the declared ``unit`` (after unit conversion and
+    code mapping); for an imputed feature it is the imputation value the graph substitutes.
+    ``source`` is a FHIR reference (``Observation/id``, ``Patient/id``), ``"request"`` for plain
+    features, or None when imputed.
+    """
+
+    name: str
+    value: float
+    unit: str | None
+    source: str | None
+    imputed: bool
+
+
+@dataclass(frozen=True, slots=True)
 class ExtractedFeatures:
     """The vector (NaN where missing and imputed by the model), and where each value came from."""
 
     values: list[float]
     names: list[str]
     imputed: list[str] = field(default_factory=list)
+    used: tuple[FeatureUse, ...] = ()
     observation_ids: list[str] = field(default_factory=list)
     patient_id: str | None = None
     patient_reference: str | None = None
@@ -405,6 +423,7 @@ __all__: Sequence[str] = (
     "MAX_JSON_VALUES",
     "ExtractedFeatures",
     "FeatureMap",
+    "FeatureUse",
     "feature_map",
     "from_bundle",
     "from_features",
