@@ -2,18 +2,27 @@
 
 A request that would fail inside ONNX Runtime (or, worse, silently broadcast) is refused here
 with a message naming the input; nothing here echoes tensor values.
+
+A model whose ``[preprocessing]`` declares ``features`` also has a feature contract: every row
+is checked column by column against each feature's ``valid_range`` and ``codes``, and NaN
+("missing") is accepted only in a column the model imputes. This is the same contract the FHIR
+path applies before it builds its vector, so every path into the model (v1 records, ``/v2``
+tensors) meets one set of rules. A refusal names the row and column, never the value.
 """
 
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Final
 
 import numpy as np
 import numpy.typing as npt
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from app.errors import InvalidTensorError, PayloadTooLargeError
+from app.errors import InvalidTensorError, ModelSpecError, PayloadTooLargeError
 from app.inference.spec import ModelSpec
 
 Tensors = dict[str, npt.NDArray[np.generic]]
@@ -93,4 +102,196 @@ def check_inputs(spec: ModelSpec, inputs: Mapping[str, npt.NDArray[np.generic]])
         batch = rows
         if array.dtype.kind == "f" and not tensor.allow_non_finite and not np.isfinite(array).all():
             raise InvalidTensorError(f"input {name!r}: NaN or Inf values, which this model does not accept")
+    contract = feature_contract(spec)
+    if contract is not None:
+        contract.check(inputs[contract.input_name])
     return dict(inputs)
+
+
+#: A feature tensor is [batch, features].
+_FEATURE_RANK: Final = 2
+
+
+class _DeclaredFeature(BaseModel):
+    """The part of ``[[preprocessing.features]]`` the contract reads; other keys belong to parsers."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    index: int = Field(ge=0)
+    name: str = Field(min_length=1)
+    valid_range: tuple[float, float] | None = None
+    codes: dict[str, float] = Field(default_factory=dict)
+
+
+class _DeclaredContract(BaseModel):
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    feature_order: tuple[str, ...] | None = None
+    missing_policy: str = "reject"
+    required: tuple[str, ...] = ()
+    features: tuple[_DeclaredFeature, ...] = Field(min_length=1)
+
+
+@dataclass(frozen=True, slots=True)
+class ColumnRule:
+    """What one column of the feature tensor may hold."""
+
+    index: int
+    name: str
+    valid_range: tuple[float, float] | None
+    codes: tuple[float, ...]
+    #: Why NaN ("missing") is refused here, or "" where it is accepted: the input allows
+    #: non-finite values, the model imputes, and the feature is not required. Inf never is.
+    missing_refusal: str
+
+    def first_misfit(self, column: npt.NDArray[np.generic]) -> tuple[int, str] | None:
+        """The first row whose value breaks this rule, and why (without the value)."""
+        if column.dtype.kind == "f":
+            floats = column
+            low_high = np.asarray(self.valid_range, dtype=column.dtype) if self.valid_range else None
+            codes = np.asarray(self.codes, dtype=column.dtype)
+            # Bounds and codes in the tensor's own precision: a value the FHIR path accepted in
+            # float64 still passes after its cast to float32 (rounding keeps the order).
+            infinite = np.isinf(floats)
+            missing = np.isnan(floats)
+        else:
+            floats = column.astype(np.float64)
+            low_high = np.asarray(self.valid_range, dtype=np.float64) if self.valid_range else None
+            codes = np.asarray(self.codes, dtype=np.float64)
+            infinite = missing = np.zeros(column.shape, dtype=np.bool_)
+        present = ~(infinite | missing)
+        refused_missing = missing if self.missing_refusal else np.zeros_like(missing)
+        with np.errstate(invalid="ignore"):
+            out_of_range = (
+                present & ((floats < low_high[0]) | (floats > low_high[1]))
+                if low_high is not None
+                else np.zeros_like(present)
+            )
+        not_a_code = present & ~np.isin(floats, codes) if self.codes else np.zeros_like(present)
+        bad = infinite | refused_missing | out_of_range | not_a_code
+        if not bad.any():
+            return None
+        row = int(np.argmax(bad))
+        if infinite[row]:
+            reason = "Inf is never a valid feature value"
+        elif refused_missing[row]:
+            reason = self.missing_refusal
+        elif out_of_range[row]:
+            assert self.valid_range is not None  # noqa: S101 - out_of_range is all False otherwise  # nosec B101
+            low, high = self.valid_range
+            reason = f"value outside the plausible range [{low:g}, {high:g}]"
+        else:
+            reason = "value is not one of the declared codes [" + ", ".join(f"{c:g}" for c in self.codes) + "]"
+        return row, reason
+
+
+@dataclass(frozen=True, slots=True)
+class FeatureContract:
+    """A tabular model's declared feature contract, applied to its one 2-D input."""
+
+    input_name: str
+    columns: tuple[ColumnRule, ...]
+
+    def check(self, array: npt.NDArray[np.generic]) -> None:
+        """Raise :class:`InvalidTensorError` naming the first (row, column) that breaks the contract."""
+        if array.dtype.kind not in {"f", "i", "u"}:
+            raise InvalidTensorError(f"input {self.input_name!r}: feature values must be numeric")
+        if array.shape[1] != len(self.columns):
+            raise InvalidTensorError(
+                f"input {self.input_name!r}: {array.shape[1]} columns, the model declares {len(self.columns)} features"
+            )
+        first: tuple[int, int, str] | None = None
+        for rule in self.columns:
+            misfit = rule.first_misfit(array[:, rule.index])
+            if misfit is not None and (first is None or misfit[0] < first[0]):
+                first = (misfit[0], rule.index, f"column {rule.index} ({rule.name}): {misfit[1]}")
+        if first is not None:
+            raise InvalidTensorError(f"input {self.input_name!r}, row {first[0]}, {first[2]}")
+
+
+def parse_feature_contract(spec: ModelSpec) -> FeatureContract | None:
+    """The contract ``spec`` declares, or None if it declares no ``[[preprocessing.features]]``.
+
+    Raises :class:`ModelSpecError` if the declaration cannot be applied to the model's input:
+    call it when a model is loaded so that a bad contract refuses the version, not a request.
+    """
+    preprocessing = spec.preprocessing
+    if not preprocessing.get("features"):
+        return None
+    try:
+        declared = _DeclaredContract.model_validate(dict(preprocessing))
+    except ValidationError as exc:
+        problems = "; ".join(".".join(str(p) for p in err["loc"]) + f": {err['msg']}" for err in exc.errors()[:3])
+        raise ModelSpecError(
+            f"{spec.name}: preprocessing does not declare a usable feature contract ({problems})"
+        ) from exc
+    _check_declaration(spec, declared)
+    (tensor,) = spec.inputs
+    imputes = declared.missing_policy == "impute"
+    if not tensor.allow_non_finite:
+        not_imputed = "NaN (missing) is not accepted by this input"
+    elif not imputes:
+        not_imputed = "NaN (missing) is not accepted: the model does not impute missing features"
+    else:
+        not_imputed = ""
+    columns = tuple(
+        ColumnRule(
+            index=f.index,
+            name=f.name,
+            valid_range=f.valid_range,
+            codes=tuple(sorted(set(f.codes.values()))),
+            missing_refusal=not_imputed
+            or ("NaN (missing) is not accepted: the feature is required" if f.name in declared.required else ""),
+        )
+        for f in sorted(declared.features, key=lambda f: f.index)
+    )
+    return FeatureContract(input_name=tensor.name, columns=columns)
+
+
+def _check_declaration(spec: ModelSpec, declared: _DeclaredContract) -> None:
+    """Refuse a contract that cannot be applied to the model's input as declared."""
+    where = f"{spec.name}: preprocessing.features"
+    if len(spec.inputs) != 1 or len(spec.inputs[0].shape) != _FEATURE_RANK:
+        raise ModelSpecError(f"{where}: the model must take exactly one input of shape [batch, features]")
+    (tensor,) = spec.inputs
+    if tensor.datatype in {"BOOL", "BYTES"}:
+        raise ModelSpecError(f"{where}: input {tensor.name!r} must be numeric, not {tensor.datatype}")
+    names = [f.name for f in declared.features]
+    indices = sorted(f.index for f in declared.features)
+    if len(set(names)) != len(names) or indices != list(range(len(indices))):
+        raise ModelSpecError(f"{where}: names must be unique and indices must be 0..{len(indices) - 1}")
+    width = tensor.shape[1]
+    if width not in (-1, len(indices)):
+        raise ModelSpecError(f"{where}: {len(indices)} features for an input of width {width}")
+    by_index = tuple(f.name for f in sorted(declared.features, key=lambda f: f.index))
+    if declared.feature_order is not None and declared.feature_order != by_index:
+        raise ModelSpecError(f"{where}: feature_order disagrees with the features' indices")
+    unknown = sorted(set(declared.required) - set(names))
+    if unknown:
+        raise ModelSpecError(f"{spec.name}: preprocessing.required names undeclared features {unknown}")
+    for feature in declared.features:
+        if feature.valid_range is not None and not feature.valid_range[0] <= feature.valid_range[1]:
+            raise ModelSpecError(f"{where}: {feature.name}: valid_range low is above high")
+        if not all(math.isfinite(v) for v in (*(feature.valid_range or ()), *feature.codes.values())):
+            raise ModelSpecError(f"{where}: {feature.name}: valid_range and codes must be finite numbers")
+
+
+#: Contracts by spec identity. A ModelSpec is frozen but not hashable (its preprocessing is a
+#: dict), so the cache holds the spec itself beside its contract: while an entry lives, its id
+#: cannot be reused by another object. Bounded, oldest dropped first (reloads make new specs).
+_CONTRACTS: dict[int, tuple[ModelSpec, FeatureContract | None]] = {}
+_CONTRACTS_MAX: Final = 64
+_CONTRACTS_LOCK = threading.Lock()
+
+
+def feature_contract(spec: ModelSpec) -> FeatureContract | None:
+    """:func:`parse_feature_contract`, parsed once per spec object."""
+    cached = _CONTRACTS.get(id(spec))
+    if cached is not None and cached[0] is spec:
+        return cached[1]
+    contract = parse_feature_contract(spec)
+    with _CONTRACTS_LOCK:
+        while len(_CONTRACTS) >= _CONTRACTS_MAX:
+            del _CONTRACTS[next(iter(_CONTRACTS))]
+        _CONTRACTS[id(spec)] = (spec, contract)
+    return contract
