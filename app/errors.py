@@ -459,6 +459,7 @@ ALL_ERRORS: tuple[type[MedinferError], ...] = (
     ModelSpecError,
     ModelIntegrityError,
     ModelSignatureError,
+    ModelNotAcknowledgedError,
     ModelLoadError,
     ModelNotReadyError,
     DatabaseUnavailableError,

@@ -11,7 +11,7 @@ import hashlib
 import logging
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -23,6 +23,7 @@ from app.domain import AuditRecord, RequestContext
 from app.errors import AuditUnavailableError, ErrorKind, InvalidRequestError, MedinferError, StudyMismatchError
 from app.inference.batcher import BatcherPool, BatchTiming, Tensors
 from app.inference.registry import ModelRegistry, ServedVersion
+from app.inference.spec import ModelSpec
 from app.inference.tensors import check_inputs
 from app.observability.metrics import Metrics
 from app.parsing.dicom import AcceptPolicy, DicomInstance, check_policy
@@ -35,6 +36,7 @@ from app.parsing.fhir import (
     parse_features_json,
 )
 from app.postprocess.classification import Classification, classify
+from app.postprocess.ood import OodAssessment, assess_image, assess_record
 from app.preprocess.pixels import PixelRecipe, to_tensor
 
 log = logging.getLogger(__name__)
@@ -59,6 +61,10 @@ def outputs_sha256(outputs: Mapping[str, npt.NDArray[np.generic]]) -> str:
         digest.update(f"{name}:{array.dtype.str}:{array.shape}".encode())
         digest.update(array.tobytes() if array.dtype != object else repr(array.tolist()).encode())
     return digest.hexdigest()
+
+
+#: Sees a version's outputs before they are audited; returns what the audit event adds.
+Judge = Callable[[ServedVersion, Tensors], Mapping[str, object]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,21 +190,25 @@ class Pipeline:
         timing = BatchTiming()
         for start in range(0, len(instances), step):
             chunk = instances[start : start + step]
+            images = batch[start : start + step]
+            assessments: list[OodAssessment | None] = []
+
             result = await self.infer_tensors(
                 model,
                 served.version,
-                {tensor.name: batch[start : start + step]},
+                {tensor.name: images},
                 deadline,
                 _study_context(context, chunk),
                 timing=timing,
+                judge=_image_judge(images, assessments),
             )
             served = result.served
             rows = result.outputs[served.spec.outputs[0].name]
-            for instance, row in zip(chunk, rows, strict=True):
-                decision = classify(served.spec, row.tolist(), operating_point)
+            for instance, row, assessment in zip(chunk, rows, assessments, strict=True):
+                decision = classify(served.spec, row.tolist(), operating_point, assessment)
                 results.append(InstanceResult(instance.sop_instance_uid, instance.series_uid, decision))
-        study = _most_suspicious(results).classification
-        self.metrics.predictions.labels(model=model, version=served.version, label=study.label).inc()
+        study = _study_decision(served.spec, results)
+        self._count_decision(served, study)
         return StudyPrediction(
             served=served,
             classification=study,
@@ -209,6 +219,13 @@ class Pipeline:
             inference_ms=timing.compute_s * 1000,
         )
 
+    def _count_decision(self, served: ServedVersion, decision: Classification) -> None:
+        name = served.spec.name
+        self.metrics.predictions.labels(model=name, version=served.version, label=decision.label).inc()
+        if decision.ood is not None:
+            for reason in decision.ood.reasons:
+                self.metrics.indeterminate.labels(model=name, version=served.version, reason=reason.value).inc()
+
     async def infer_tensors(
         self,
         model: str,
@@ -218,11 +235,14 @@ class Pipeline:
         context: RequestContext,
         *,
         timing: BatchTiming | None = None,
+        judge: Judge | None = None,
     ) -> TensorResult:
         """Run raw tensors through the batcher of the version serving now, then audit.
 
         The version is resolved once, so a reload during the request cannot mix versions. The
-        result is returned only after its audit event is committed (fail closed).
+        result is returned only after its audit event is committed (fail closed). ``judge`` sees
+        the outputs before the audit event is written, and what it returns (the safety verdict)
+        is audited with them.
         """
         served: ServedVersion | None = None
         try:
@@ -232,7 +252,8 @@ class Pipeline:
         except MedinferError as exc:
             await self._record_failure(context, model, served, exc)
             raise
-        await self.record(self._inference_record(context, served, outputs))
+        extra = judge(served, outputs) if judge is not None else {}
+        await self.record(self._inference_record(context, served, outputs, extra))
         return TensorResult(served=served, outputs=outputs)
 
     async def predict_record(
@@ -261,12 +282,20 @@ class Pipeline:
         )
         (tensor,) = served.spec.inputs
         vector = np.asarray([features.values], dtype=np.float32)
+        assessment = assess_record(
+            served.spec.ood_of(served.version), features.names, features.values, features.imputed
+        )
         result = await self.infer_tensors(
-            model, served.version, {tensor.name: vector}, deadline, replace(context, patient_id=features.patient_id)
+            model,
+            served.version,
+            {tensor.name: vector},
+            deadline,
+            replace(context, patient_id=features.patient_id),
+            judge=lambda _version, _outputs: _safety_detail([assessment]),
         )
         probabilities = result.outputs[result.served.spec.outputs[0].name][0]
-        decision = classify(result.served.spec, probabilities.tolist(), operating_point)
-        self.metrics.predictions.labels(model=model, version=result.served.version, label=decision.label).inc()
+        decision = classify(result.served.spec, probabilities.tolist(), operating_point, assessment)
+        self._count_decision(result.served, decision)
         return RecordPrediction(served=result.served, classification=decision, features=features)
 
     async def record(self, record: AuditRecord) -> None:
@@ -275,7 +304,9 @@ class Pipeline:
             await self.audit.record(record)
 
     @staticmethod
-    def _inference_record(context: RequestContext, served: ServedVersion, outputs: Tensors) -> AuditRecord:
+    def _inference_record(
+        context: RequestContext, served: ServedVersion, outputs: Tensors, extra: Mapping[str, object]
+    ) -> AuditRecord:
         small = {
             name: array.tolist()
             for name, array in outputs.items()
@@ -296,7 +327,7 @@ class Pipeline:
             study_uid=context.study_uid,
             series_uid=context.series_uid,
             sop_uids=context.sop_uids,
-            detail={"outputs": small},
+            detail={"outputs": small, **extra},
         )
 
     async def _record_failure(
@@ -328,6 +359,58 @@ class Pipeline:
         serving = {(s.spec.name, s.version, s.sha256) for s in served}
         self._recipes = {k: v for k, v in self._recipes.items() if k in serving}
         self.batchers.retire_unserved(served)
+
+
+def _image_judge(images: npt.NDArray[np.float32], into: list[OodAssessment | None]) -> Judge:
+    """Judges a chunk of images by the outputs they produced; the verdicts land in ``into``."""
+
+    def judge(served: ServedVersion, outputs: Tensors) -> Mapping[str, object]:
+        into.extend(_image_assessments(served, outputs, images))
+        return _safety_detail(into)
+
+    return judge
+
+
+def _image_assessments(
+    served: ServedVersion, outputs: Tensors, images: npt.NDArray[np.float32]
+) -> list[OodAssessment | None]:
+    """One verdict per image: the graph's OOD score (if the version declares one) and content checks."""
+    ood = served.spec.ood_of(served.version)
+    if ood is None:
+        return [None] * len(images)
+    scores: list[float | None] = [None] * len(images)
+    if ood.output is not None:
+        flat = np.asarray(outputs[ood.output], dtype=np.float64).reshape(len(images), -1)
+        scores = [float(row[0]) for row in flat]
+    return [assess_image(ood, score, image) for score, image in zip(scores, images, strict=True)]
+
+
+def _safety_detail(assessments: Sequence[OodAssessment | None]) -> dict[str, object]:
+    """What the audit event keeps of the verdicts: scores, thresholds and reason codes, no values."""
+    judged = [a for a in assessments if a is not None]
+    if not judged:
+        return {}
+    return {
+        "ood": [
+            {"score": a.score, "threshold": a.threshold, "outside": a.outside, "reasons": [r.value for r in a.reasons]}
+            for a in judged
+        ]
+    }
+
+
+def _study_decision(spec: ModelSpec, results: Sequence[InstanceResult]) -> Classification:
+    """A study is indeterminate when any of its images is: a normal study cannot be claimed from
+    the images the model can read while it cannot read another. Otherwise it takes the decision
+    of its most suspicious image."""
+    verdicts = [r.classification.ood for r in results if r.classification.indeterminate]
+    outside = [v for v in verdicts if v is not None]
+    if not outside:
+        return _most_suspicious(results).classification
+    scores = [v.score for v in outside if v.score is not None]
+    findings = tuple(dict.fromkeys(f for v in outside for f in v.findings))
+    merged = OodAssessment(outside[0].method, max(scores) if scores else None, outside[0].threshold, findings)
+    worst = _most_suspicious(results).classification
+    return classify(spec, [worst.probabilities[label] for label in spec.labels], worst.operating_point, merged)
 
 
 def _one_study(instances: Sequence[DicomInstance]) -> str:

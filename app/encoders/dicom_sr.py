@@ -14,6 +14,9 @@ One TID 1501 measurement group carries the result:
 - Probability (DCM 122157), unit ``1`` (UCUM "no units"): the positive label's probability,
   or the decided label's for models without a positive label;
 - a CODE qualitative evaluation "<positive label>: Present/Absent" for thresholded models;
+- for an image outside the model's validated input, instead: Finding "Indeterminate" (SCT
+  82334004), the detector's score as the measurement, no probability and no Present/Absent,
+  and a comment giving the score, the threshold and the reasons;
 - Algorithm Identification (TID 4019) with the threshold, operating point and sha256;
 - TEXT comments (DCM 121106): "NOT FOR CLINICAL USE", the intended use, the request id.
 
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import io
+import math
 import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -71,12 +75,17 @@ _PATIENT_SEX_VALUES: Final = frozenset({"M", "F", "O"})
 #: Groups from here on hold bulk data (overlays, pixel data) that an SR header never needs.
 _FIRST_BULK_GROUP: Final = 0x5000
 _LO_MAX: Final = 64
+_UT_MAX: Final = 1024
 _UTF8: Final = "ISO_IR 192"
 _DEVICE_NAMESPACE: Final = uuid.uuid5(uuid.NAMESPACE_URL, "urn:medinfer:model-device")
 _MODALITY_CODES: Final[dict[str, Code]] = {
     getattr(codes.cid33, name).value: getattr(codes.cid33, name) for name in codes.cid33.dir()
 }
 _COMMENT: Final[Code] = codes.DCM.Comment  # 121106
+#: The finding of an image the model cannot stand behind (SNOMED CT qualifier value).
+INDETERMINATE_FINDING: Final = Code("82334004", "SCT", "Indeterminate")
+#: The detector's score: no standard concept names it, so it has a private code.
+OOD_SCORE: Final = Code("ood-score", PRIVATE_SCHEME, "Out-of-distribution score")
 _PIXELS: Final = hd.sr.CodedConcept("{pixels}", "UCUM", "Pixels")
 
 
@@ -127,21 +136,15 @@ def build_sr(
     )
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier=f"{spec.name} v{served.version}"),
-        finding_type=finding_code(classification.label),
+        finding_type=_finding(classification),
         algorithm_id=algorithm,
-        measurements=[
-            hd.sr.Measurement(
-                name=codes.DCM.Probability,
-                value=_reported_probability(classification),
-                unit=codes.UCUM.NoUnits,
-            )
-        ],
+        measurements=_measurements(classification),
         qualitative_evaluations=_presence(classification),
         source_images=[
             hd.sr.SourceImageForMeasurementGroup(str(h.SOPClassUID), str(h.SOPInstanceUID)) for h in headers
         ],
     )
-    group[0].ContentSequence.extend(_comments(served, request_id))
+    group[0].ContentSequence.extend(_comments(served, classification, request_id))
     observer = hd.sr.ObserverContext(
         observer_type=codes.cid270.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
@@ -155,7 +158,7 @@ def build_sr(
     )
     root = report[0].ContentSequence
     root.insert(len(root) - 1, _image_library(headers))  # TID 1500 row 5, before the measurements
-    private = [] if _all_standard(served) else [_private_scheme()]
+    private = [] if _all_standard(served) and not classification.indeterminate else [_private_scheme()]
     return hd.sr.Comprehensive3DSR(
         evidence=headers,
         content=report,
@@ -236,6 +239,28 @@ def _character_set(first: Dataset, served: ServedVersion, *texts: str) -> str | 
     return _UTF8
 
 
+def _finding(classification: Classification) -> hd.sr.CodedConcept:
+    if classification.indeterminate:
+        return hd.sr.CodedConcept.from_code(INDETERMINATE_FINDING)
+    return finding_code(classification.label)
+
+
+def _measurements(classification: Classification) -> list[hd.sr.Measurement]:
+    """The probability of a decided image; the detector's score (and no probability) otherwise."""
+    ood = classification.ood
+    if classification.indeterminate and ood is not None:
+        if ood.score is None or not math.isfinite(ood.score):
+            return []
+        return [
+            hd.sr.Measurement(name=hd.sr.CodedConcept.from_code(OOD_SCORE), value=ood.score, unit=codes.UCUM.NoUnits)
+        ]
+    return [
+        hd.sr.Measurement(
+            name=codes.DCM.Probability, value=_reported_probability(classification), unit=codes.UCUM.NoUnits
+        )
+    ]
+
+
 def _reported_probability(classification: Classification) -> float:
     label = classification.positive_label or classification.label
     return classification.probabilities[label]
@@ -243,6 +268,9 @@ def _reported_probability(classification: Classification) -> float:
 
 def _parameters(served: ServedVersion, classification: Classification) -> list[str]:
     parameters = [f"sha256={served.sha256}"]
+    ood = classification.ood
+    if ood is not None and ood.threshold is not None:
+        parameters.append(f"ood_threshold={ood.threshold:g}")
     if classification.threshold is not None:
         parameters.append(f"threshold={classification.threshold:g}")
     if classification.operating_point is not None:
@@ -251,15 +279,17 @@ def _parameters(served: ServedVersion, classification: Classification) -> list[s
 
 
 def _presence(classification: Classification) -> list[hd.sr.QualitativeEvaluation]:
-    if classification.positive_label is None or classification.positive is None:
+    if classification.positive_label is None or classification.positive is None or classification.indeterminate:
         return []
     value = codes.DCM.Present if classification.positive else codes.DCM.Absent  # 121053 / 121054
     return [hd.sr.QualitativeEvaluation(name=finding_code(classification.positive_label), value=value)]
 
 
-def _comments(served: ServedVersion, request_id: str) -> list[hd.sr.TextContentItem]:
+def _comments(served: ServedVersion, classification: Classification, request_id: str) -> list[hd.sr.TextContentItem]:
     spec = served.spec
     texts = [f"{NOT_FOR_CLINICAL_USE}."] if spec.not_for_clinical_use else []
+    if classification.indeterminate and classification.ood is not None:
+        texts.append(classification.ood.summary()[:_UT_MAX])
     texts += [
         f"AI result, not reviewed by a physician: {spec.name} v{served.version}.",
         f"Intended use: {spec.intended_use}",

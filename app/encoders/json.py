@@ -1,11 +1,14 @@
-"""The JSON prediction: one shape for every input path (EHR today, imaging next)."""
+"""The JSON prediction: one shape for every input path (EHR records and DICOM studies)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from app.inference.registry import ServedVersion
+from app.parsing.fhir import FeatureUse
 from app.postprocess.classification import Classification
+from app.postprocess.ood import OUTSIDE, OodAssessment
 
 
 def prediction(
@@ -17,6 +20,8 @@ def prediction(
 ) -> dict[str, Any]:
     spec = served.spec
     warnings = ["not for clinical use"] if spec.not_for_clinical_use else []
+    if classification.indeterminate and classification.ood is not None:
+        warnings.append(classification.ood.summary())
     return {
         "request_id": request_id,
         "model": {
@@ -29,11 +34,35 @@ def prediction(
         "probabilities": classification.probabilities,
         "decision": {
             "label": classification.label,
+            "indeterminate": classification.indeterminate,
             "positive": classification.positive,
             "positive_label": classification.positive_label,
             "threshold": classification.threshold,
             "operating_point": classification.operating_point,
         },
+        "validated_input": validated_input(classification.ood),
         "input": input_summary,
         "warnings": warnings,
     }
+
+
+def validated_input(ood: OodAssessment | None) -> dict[str, Any] | None:
+    """The detector's verdict: inside or outside what the model was validated on, and why.
+
+    None when the model version declares no detector (its answers cannot say either way).
+    """
+    if ood is None:
+        return None
+    return {
+        "inside": not ood.outside,
+        "verdict": OUTSIDE if ood.outside else "inside the model's validated input",
+        "method": ood.method,
+        "score": ood.score,
+        "threshold": ood.threshold,
+        "reasons": [{"code": f.reason.value, "text": f.text} for f in ood.findings],
+    }
+
+
+def features_used(used: Sequence[FeatureUse]) -> list[dict[str, Any]]:
+    """Per feature: the value the model received, its unit, where it came from, whether imputed."""
+    return [{"name": u.name, "value": u.value, "unit": u.unit, "source": u.source, "imputed": u.imputed} for u in used]

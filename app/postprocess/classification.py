@@ -3,25 +3,51 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from app.errors import InvalidRequestError
 from app.inference.spec import ModelSpec
+from app.postprocess.ood import INDETERMINATE, OodAssessment
 
 
 @dataclass(frozen=True, slots=True)
 class Classification:
+    """A decision, or none: ``label`` is ``"indeterminate"`` and ``positive`` None when the input
+    lay outside the model's validated input (``ood`` says why)."""
+
     probabilities: dict[str, float]
     label: str
     positive_label: str | None
     positive: bool | None
     threshold: float | None
     operating_point: str | None
+    ood: OodAssessment | None = None
+
+    @property
+    def indeterminate(self) -> bool:
+        return self.ood is not None and self.ood.outside
 
 
-def classify(spec: ModelSpec, probabilities: Sequence[float], operating_point: str | None = None) -> Classification:
+def classify(
+    spec: ModelSpec,
+    probabilities: Sequence[float],
+    operating_point: str | None = None,
+    ood: OodAssessment | None = None,
+) -> Classification:
     """Threshold the positive label's probability at the chosen operating point (default: the
-    model's default threshold); models without a positive label take the most probable class."""
+    model's default threshold); models without a positive label take the most probable class.
+
+    An input the detector put outside the validated input gets no label: the probabilities are
+    kept for the record, the decision is "indeterminate"."""
+    decided = _decide(spec, probabilities, operating_point)
+    if ood is None:
+        return decided
+    if not ood.outside:
+        return replace(decided, ood=ood)
+    return replace(decided, label=INDETERMINATE, positive=None, ood=ood)
+
+
+def _decide(spec: ModelSpec, probabilities: Sequence[float], operating_point: str | None) -> Classification:
     if len(probabilities) != len(spec.labels):
         msg = f"{spec.name}: {len(probabilities)} probabilities for {len(spec.labels)} labels"
         raise ValueError(msg)

@@ -22,7 +22,7 @@ from app.container import Container
 from app.domain import Principal, RequestContext
 from app.encoders.dicom_sr import build_sr, sr_bytes
 from app.encoders.fhir import risk_assessment
-from app.encoders.json import prediction
+from app.encoders.json import features_used, prediction, validated_input
 from app.errors import NotAcceptableError, UnsupportedMediaTypeError
 from app.imaging.service import dicom_limits
 from app.parsing.dicom import DicomInstance, DicomLimits, read_instance
@@ -209,6 +209,7 @@ async def predict(
             classification,
             patient_reference=features.patient_reference,
             observation_ids=features.observation_ids,
+            used=features.used,
             request_id=context.request_id,
         )
         return JSONResponse(resource, media_type=FHIR_JSON)
@@ -217,6 +218,7 @@ async def predict(
         "patient": features.patient_reference,
         "observations": features.observation_ids,
         "imputed": features.imputed,
+        "features": features_used(features.used),
     }
     answer = prediction(served, classification, request_id=context.request_id, input_summary=summary)
     return _answer(principal, answer, wants)
@@ -311,6 +313,7 @@ def _study_summary(result: StudyPrediction) -> dict[str, Any]:
                 "series_instance_uid": i.series_uid,
                 "probabilities": i.classification.probabilities,
                 "label": i.classification.label,
+                "validated_input": validated_input(i.classification.ood),
             }
             for i in result.instances
         ],
