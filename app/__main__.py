@@ -183,17 +183,19 @@ def _cmd_clients(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _cmd_models(settings: Settings, args: argparse.Namespace) -> int:
+    from app.container import clinical_use_policy  # noqa: PLC0415
     from app.inference.registry import load_version  # noqa: PLC0415
     from app.inference.spec import iter_model_dirs, load_spec  # noqa: PLC0415
 
     if args.models_command == "sign":
-        from app.security.keys import sign_file  # noqa: PLC0415
+        from app.inference.release import sign_release  # noqa: PLC0415
 
-        print(f"wrote {sign_file(Path(args.private_key), Path(args.file))}")
+        print(f"wrote {sign_release(Path(args.private_key), Path(args.file))}")
         return 0
     from app.security.keys import load_ed25519_public_key  # noqa: PLC0415
 
     trusted = load_ed25519_public_key(settings.model_signing_public_key) if settings.model_signing_public_key else None
+    policy = clinical_use_policy(settings)
     repository = Path(args.repository) if args.repository else settings.model_repository
     failures = 0
     dirs = list(iter_model_dirs(repository))
@@ -207,14 +209,24 @@ def _cmd_models(settings: Settings, args: argparse.Namespace) -> int:
             print(f"FAIL {model_dir.name}: {exc.detail}")
             continue
         for version in spec.served_versions():
+            if policy.refuses(spec, version):
+                # The production gate: checked before anything is loaded, as the service does.
+                failures += 1
+                print(
+                    f"REFUSED {spec.name} v{version}: [model-not-acknowledged] not_for_clinical_use and not named "
+                    f"in MEDINFER_ACKNOWLEDGED_NONCLINICAL_MODELS ({spec.name}@{version}); production will not serve it"
+                )
+                continue
             try:
                 served = load_version(spec, model_dir, version, trusted)
             except MedinferError as exc:
                 failures += 1
                 print(f"FAIL {spec.name} v{version}: [{exc.code}] {exc.detail}")
             else:
+                withheld = "; results never sent to a PACS" if policy.withholds_results(spec) else ""
                 print(
                     f"ok   {spec.name} v{version} sha256={served.sha256} providers={','.join(served.loaded.providers)}"
+                    f"{withheld}"
                 )
     return 1 if failures else 0
 
@@ -352,13 +364,21 @@ def build_parser() -> argparse.ArgumentParser:
     register.add_argument("--signing-jwk", help="public JWK file: payloads must then be signed, then encrypted")
     models = sub.add_parser("models", help="inspect the model repository")
     models_sub = models.add_subparsers(dest="models_command", required=True)
-    validate = models_sub.add_parser("validate", help="check specs, checksums and loadability offline")
+    validate = models_sub.add_parser(
+        "validate",
+        help="check specs, checksums, release signatures, loadability and (with MEDINFER_ENV=production) the "
+        "not-for-clinical-use gate, offline; exit 1 if any version would not serve",
+    )
     validate.add_argument("--repository", default=None)
-    sign = models_sub.add_parser("sign", help="write FILE.sig, a detached Ed25519 signature (release step)")
+    sign = models_sub.add_parser(
+        "sign",
+        help="write <version>/release.sig: a detached Ed25519 signature over the version's release manifest "
+        "(the ONNX sha256 and model.toml's result-affecting declarations); release step",
+    )
     sign.add_argument(
         "--private-key", required=True, help="PEM Ed25519 private key (openssl genpkey -algorithm ed25519)"
     )
-    sign.add_argument("file")
+    sign.add_argument("file", help="models/NAME/VERSION/model.onnx (must match the sha256 pinned in model.toml)")
     audit = sub.add_parser("audit", help="verify or export the audit trail")
     audit_sub = audit.add_subparsers(dest="audit_command", required=True)
     audit_sub.add_parser("verify", help="walk the hash chain; exit 1 and name the first broken link if any")

@@ -117,7 +117,14 @@ class Settings(BaseSettings):
     imaging_routes: str | None = Field(
         default=None,
         description='JSON list of {"modality": [...], "body_part": [...], "model": name}; first match wins. '
-        "Unset: each DICOM model's own allow-lists in model.toml.",
+        "Unset or []: no model is routed, and every C-STORE or STOW-RS instance is refused (no-route). A "
+        "model's own allow-lists never route by themselves: the site enables each model here.",
+    )
+    acknowledged_nonclinical_models: list[str] = Field(
+        default_factory=list,
+        description='JSON list of "name@version". In production, a version whose model.toml says '
+        "not_for_clinical_use = true is served only if named here; even then its results never go to a "
+        "PACS. Ignored outside production.",
     )
     study_settle_s: float = Field(
         default=5.0, gt=0, description="A study is inferred once no instance of it arrived for this long."
@@ -181,6 +188,20 @@ class Settings(BaseSettings):
         if url.startswith(("postgresql:", "postgres:")):
             return "postgresql+psycopg:" + url.split(":", 1)[1]
         return url
+
+    @model_validator(mode="after")
+    def _acknowledgements(self) -> Settings:
+        for entry in self.acknowledged_nonclinical_models:
+            name, at, number = entry.partition("@")
+            if not (name and at and number.isdigit()):
+                msg = 'MEDINFER_ACKNOWLEDGED_NONCLINICAL_MODELS lists "name@version" entries (version a number)'
+                raise ValueError(msg)
+        return self
+
+    @property
+    def acknowledged(self) -> frozenset[str]:
+        """The acknowledged ``name@version`` entries."""
+        return frozenset(self.acknowledged_nonclinical_models)
 
     @model_validator(mode="after")
     def _pacs_destination(self) -> Settings:

@@ -21,7 +21,7 @@ from app.db import create_async_db, database_reachable
 from app.domain import Readiness
 from app.errors import MedinferError
 from app.inference.batcher import BatcherPool
-from app.inference.registry import ModelRegistry
+from app.inference.registry import ClinicalUsePolicy, ModelRegistry
 from app.inference.spec import iter_model_dirs
 from app.observability.metrics import Metrics
 from app.pipeline import Pipeline
@@ -31,6 +31,11 @@ from app.security.keystore import KeyStore
 from app.security.oauth import OAuthVerifier
 
 log = logging.getLogger(__name__)
+
+
+def clinical_use_policy(settings: Settings) -> ClinicalUsePolicy:
+    """The production gate for not-for-clinical-use models, from the settings."""
+    return ClinicalUsePolicy(production=settings.env == "production", acknowledged=settings.acknowledged)
 
 
 @dataclass
@@ -60,7 +65,9 @@ class Container:
         trusted = (
             load_ed25519_public_key(settings.model_signing_public_key) if settings.model_signing_public_key else None
         )
-        registry = ModelRegistry(settings.model_repository, trusted)
+        registry = ModelRegistry(
+            settings.model_repository, trusted, policy=clinical_use_policy(settings), metrics=metrics
+        )
         metrics.watch_models(registry.statuses)
         audit_engine = create_audit_engine(settings.sqlalchemy_url, settings.database_timeout_s)
         audit = (

@@ -11,6 +11,12 @@ whatever the spool holds. Refusals raise domain errors that each transport maps 
 A study is inferred when no new instance of it arrived for ``MEDINFER_STUDY_SETTLE_S``. If the
 model is overloaded or the audit trail is down, the study waits and is tried again; its spool
 files are removed only after the SR is committed to the outbox (or the study is refused).
+
+In production, the result of a model marked ``not_for_clinical_use`` (served only because the
+operator acknowledged it) is never queued for the PACS: the study is inferred and audited, but
+no SR is built or queued, so no outbox state and no ``medinfer outbox requeue`` can release it
+as a coded finding. A log line (``imaging.result_withheld``) and
+``medinfer_results_withheld_total{destination="pacs"}`` say so.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from app.encoders.dicom_sr import build_sr, sr_bytes
 from app.errors import ErrorKind, MedinferError, OutOfResourcesError, StudyMismatchError
 from app.imaging.outbox import Outbox
 from app.imaging.routing import Router
+from app.inference.registry import ClinicalUsePolicy
 from app.observability.metrics import Metrics
 from app.parsing.dicom import DicomInstance, DicomLimits, check_policy, read_instance
 from app.pipeline import Pipeline, StudyPrediction
@@ -84,8 +91,10 @@ class ImagingService:
         drain_s: float,
         min_free_bytes: int,
         software_version: str,
+        policy: ClinicalUsePolicy | None = None,
     ) -> None:
         self._pipeline = pipeline
+        self._policy = policy or ClinicalUsePolicy()
         self._router = router
         self._spool = spool
         self.outbox = outbox
@@ -247,6 +256,9 @@ class ImagingService:
                     input_sha256=hashlib.sha256("".join(i.sha256 for i in instances).encode()).hexdigest(),
                 ),
             )
+            if self._withheld(prediction):
+                self._finish(study, files, "withheld")
+                return
             sop_uid, encoded = await asyncio.to_thread(self._sr, instances, prediction, request_id)
             await self.outbox.enqueue(sop_uid, encoded)
         except MedinferError as exc:
@@ -263,6 +275,24 @@ class ImagingService:
             self._done(study, "internal-error")
             return
         self._finish(study, files, "inferred")
+
+    def _withheld(self, prediction: StudyPrediction) -> bool:
+        """True (and logged, counted) if this result must not reach the PACS."""
+        served = prediction.served
+        if not self._policy.withholds_results(served.spec):
+            return False
+        log.warning(
+            "result withheld from the PACS: the model is not for clinical use",
+            extra={
+                "event": "imaging.result_withheld",
+                "model": served.spec.name,
+                "version": served.version,
+                "destination": "pacs",
+                "reason": "not_for_clinical_use",
+            },
+        )
+        self._metrics.results_withheld.labels(model=served.spec.name, version=served.version, destination="pacs").inc()
+        return True
 
     def _retry(self, key: tuple[str, str], study: _Study, code: str) -> None:
         study.attempts += 1

@@ -1,18 +1,20 @@
 """Which model reads which image: routing rules on Modality and BodyPartExamined.
 
-Rules come from ``MEDINFER_IMAGING_ROUTES`` (a JSON list, first match wins) or, when that is
-unset, from each served DICOM model's own allow-lists in ``model.toml``, in name order. A rule
-only picks the model; the model's full allow-lists are still checked afterwards.
+Rules come only from the site's configuration, ``MEDINFER_IMAGING_ROUTES`` (a JSON list, first
+match wins). Unset or empty, no model is routed and every C-STORE or STOW-RS instance is refused:
+a model's own allow-lists in ``model.toml`` never enable it for studies a PACS sends, because a
+hospital must decide which model reads its images. A rule only picks the model; the model's
+full allow-lists are still checked afterwards, and in production a rule naming a
+not-for-clinical-use model that is not acknowledged finds it refused (``model-not-acknowledged``).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from app.errors import ModelSpecError, NoRouteError
-from app.inference.spec import ModelSpec
 from app.parsing.dicom import DicomInstance
 
 
@@ -69,29 +71,18 @@ def parse_routes(text: str) -> tuple[Route, ...]:
     return tuple(routes)
 
 
-def routes_from_specs(specs: Iterable[ModelSpec]) -> tuple[Route, ...]:
-    return tuple(
-        Route(
-            spec.name,
-            _codes(spec.preprocessing.get("modalities"), "modalities"),
-            _codes(spec.preprocessing.get("body_parts"), "body_parts"),
-        )
-        for spec in sorted(specs, key=lambda s: s.name)
-        if spec.preprocessing.get("kind") == "dicom"
-    )
-
-
 class Router:
-    def __init__(self, explicit: Sequence[Route] | None, specs: Callable[[], Iterable[ModelSpec]]) -> None:
-        """``specs`` lists the models serving now, so a model loaded later is routed to."""
-        self._explicit = tuple(explicit) if explicit is not None else None
-        self._specs = specs
+    def __init__(self, routes: Sequence[Route]) -> None:
+        """``routes``: the site's rules, first match wins; empty routes nothing."""
+        self._routes = tuple(routes)
 
     def routes(self) -> tuple[Route, ...]:
-        return self._explicit if self._explicit is not None else routes_from_specs(self._specs())
+        return self._routes
 
     def model_for(self, instance: DicomInstance) -> str:
-        for route in self.routes():
+        for route in self._routes:
             if route.matches(instance.modality, instance.body_part):
                 return route.model
-        raise NoRouteError("no routing rule takes this Modality and BodyPartExamined")
+        raise NoRouteError(
+            "no routing rule in MEDINFER_IMAGING_ROUTES enables a model for this Modality and BodyPartExamined"
+        )

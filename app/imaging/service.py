@@ -31,9 +31,7 @@ def build_imaging(container: Container, sender: Sender | None) -> ImagingService
         retry_base_s=settings.pacs_retry_base_s,
         max_attempts=settings.pacs_max_attempts,
     )
-    router = Router(
-        parse_routes(settings.imaging_routes) if settings.imaging_routes else None, container.registry.specs
-    )
+    router = Router(parse_routes(settings.imaging_routes) if settings.imaging_routes else ())
     return ImagingService(
         container.pipeline,
         router,
@@ -45,4 +43,5 @@ def build_imaging(container: Container, sender: Sender | None) -> ImagingService
         drain_s=settings.study_drain_s,
         min_free_bytes=settings.dicom_spool_min_free_bytes,
         software_version=service_version(),
+        policy=container.registry.policy,
     )

@@ -14,7 +14,6 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from app.domain import VersionState, VersionStatus
@@ -22,34 +21,38 @@ from app.errors import (
     MedinferError,
     ModelIntegrityError,
     ModelLoadError,
+    ModelNotAcknowledgedError,
     ModelNotFoundError,
     ModelNotReadyError,
-    ModelSignatureError,
 )
+from app.inference.release import verify_release
 from app.inference.session import LoadedSession, open_session
 from app.inference.spec import ModelSpec, iter_model_dirs, load_spec
+from app.observability.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
 
-SIGNATURE_SUFFIX = ".sig"
+@dataclass(frozen=True, slots=True)
+class ClinicalUsePolicy:
+    """What a deployment may do with a model whose ``model.toml`` says ``not_for_clinical_use``.
 
-
-def verify_signature(data: bytes, signature_path: Path, trusted_key: Ed25519PublicKey, label: str) -> None:
-    """Check a detached Ed25519 signature over the file's bytes.
-
-    Raises :class:`ModelSignatureError` if the signature file is missing or does not verify.
+    In production such a version is served only if the operator names it (``name@version``) in
+    ``MEDINFER_ACKNOWLEDGED_NONCLINICAL_MODELS``, and even then its results never reach a PACS
+    as a coded finding. Outside production (dev, test) nothing is refused or withheld, so the
+    reference models keep serving developers and the test suite.
     """
-    try:
-        signature = signature_path.read_bytes()
-    except FileNotFoundError as exc:
-        raise ModelSignatureError(f"{label}: {signature_path.name} is missing and a signing key is configured") from exc
-    try:
-        trusted_key.verify(signature, data)
-    except InvalidSignature as exc:
-        raise ModelSignatureError(
-            f"{label}: signature does not verify against the trusted key; version refused"
-        ) from exc
+
+    production: bool = False
+    acknowledged: frozenset[str] = frozenset()
+
+    def refuses(self, spec: ModelSpec, version: str) -> bool:
+        """True if this version must not be served here."""
+        return self.production and spec.not_for_clinical_use and f"{spec.name}@{version}" not in self.acknowledged
+
+    def withholds_results(self, spec: ModelSpec) -> bool:
+        """True if this model's results must not be delivered to a PACS or HIS."""
+        return self.production and spec.not_for_clinical_use
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,7 +75,7 @@ class _ModelEntry:
 def load_version(
     spec: ModelSpec, model_dir: Path, version: str, trusted_key: Ed25519PublicKey | None = None
 ) -> ServedVersion:
-    """Verify one version's checksum (and signature, if a key is trusted), then open and warm it.
+    """Verify one version's checksum (and release signature, if a key is trusted), then open and warm it.
 
     The file is read once: the bytes that were checked are the bytes ONNX Runtime gets, so a
     file swapped on disk in between cannot slip through. Raises :class:`ModelIntegrityError`,
@@ -91,7 +94,7 @@ def load_version(
             f"{label}: sha256 {actual[:12]}... does not match the pinned {expected[:12]}...; version refused"
         )
     if trusted_key is not None:
-        verify_signature(data, path.with_name(path.name + SIGNATURE_SUFFIX), trusted_key, label)
+        verify_release(spec, path.parent, actual, trusted_key, label)
     loaded = open_session(spec, data)
     return ServedVersion(spec=spec, version=version, sha256=actual, loaded=loaded)
 
@@ -99,9 +102,18 @@ def load_version(
 class ModelRegistry:
     """All models of one repository and the versions of each that serve now."""
 
-    def __init__(self, repository: Path, trusted_key: Ed25519PublicKey | None = None) -> None:
+    def __init__(
+        self,
+        repository: Path,
+        trusted_key: Ed25519PublicKey | None = None,
+        *,
+        policy: ClinicalUsePolicy | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
         self._repository = repository
         self._trusted_key = trusted_key
+        self._policy = policy or ClinicalUsePolicy()
+        self._metrics = metrics
         self._lock = threading.Lock()
         self._entries: dict[str, _ModelEntry] = {}
         self._failed_specs: dict[str, VersionStatus] = {}
@@ -110,6 +122,10 @@ class ModelRegistry:
     @property
     def repository(self) -> Path:
         return self._repository
+
+    @property
+    def policy(self) -> ClinicalUsePolicy:
+        return self._policy
 
     @property
     def initial_load_done(self) -> bool:
@@ -121,6 +137,8 @@ class ModelRegistry:
             for model_dir in iter_model_dirs(self._repository):
                 try:
                     self.load(model_dir.name)
+                except ModelNotAcknowledgedError:
+                    continue  # a deliberate policy refusal, logged as model.refused
                 except MedinferError as exc:
                     log.exception(
                         "model failed to load",
@@ -159,6 +177,20 @@ class ModelRegistry:
         statuses: list[VersionStatus] = []
         first_error: MedinferError | None = None
         for version in spec.served_versions():
+            if self._policy.refuses(spec, version):
+                refusal = self._refuse(spec, version)
+                first_error = first_error or refusal
+                statuses.append(
+                    VersionStatus(
+                        model=name,
+                        version=version,
+                        state=VersionState.FAILED,
+                        sha256=spec.versions[version].sha256,
+                        error_code=refusal.code,
+                        error=refusal.detail,
+                    )
+                )
+                continue
             try:
                 sv = load_version(spec, model_dir, version, self._trusted_key)
             except MedinferError as exc:
@@ -217,10 +249,15 @@ class ModelRegistry:
             )
 
         if not served and previous is not None:
-            # Nothing new loaded: what served before keeps serving, and the statuses say so.
-            served = dict(previous.served)
+            # Nothing new loaded: what served before keeps serving, and the statuses say so (but
+            # never a version the clinical-use policy now refuses).
+            served = {v: sv for v, sv in previous.served.items() if not self._policy.refuses(spec, v)}
             tried = {s.version for s in statuses}
-            statuses[:0] = [s for s in previous.statuses if s.state is VersionState.READY and s.version not in tried]
+            statuses[:0] = [
+                s
+                for s in previous.statuses
+                if s.state is VersionState.READY and s.version not in tried and s.version in served
+            ]
         with self._lock:
             self._failed_specs.pop(name, None)
             self._entries[name] = _ModelEntry(spec=spec, served=served, statuses=tuple(statuses))
@@ -228,10 +265,33 @@ class ModelRegistry:
             raise first_error
         return tuple(statuses)
 
+    def _refuse(self, spec: ModelSpec, version: str) -> ModelNotAcknowledgedError:
+        """Record a production-gate refusal (log line, metric) and return the error that says why."""
+        log.warning(
+            "model version not served: not for clinical use and not acknowledged",
+            extra={
+                "event": "model.refused",
+                "model": spec.name,
+                "version": version,
+                "reason": "not_acknowledged",
+                "code": ModelNotAcknowledgedError.code,
+            },
+        )
+        if self._metrics is not None:
+            self._metrics.models_refused.labels(model=spec.name, version=version, reason="not_acknowledged").inc()
+        return ModelNotAcknowledgedError(
+            f"{spec.name} v{version} is marked not_for_clinical_use and production serves it only when "
+            f"MEDINFER_ACKNOWLEDGED_NONCLINICAL_MODELS names {spec.name}@{version}; not loaded"
+        )
+
     def fingerprint(self, name: str) -> tuple[tuple[str, int, int], ...]:
         """Names, sizes and mtimes of what a load reads, to notice changes without hashing."""
         model_dir = self._repository / name
-        paths = [model_dir / "model.toml", *sorted(model_dir.glob("*/model.onnx*"))]
+        paths = [
+            model_dir / "model.toml",
+            *sorted(model_dir.glob("*/model.onnx*")),
+            *sorted(model_dir.glob("*/release.sig")),
+        ]
         out = []
         for path in paths:
             try:
@@ -260,10 +320,16 @@ class ModelRegistry:
             raise ModelNotFoundError(f"model {name!r} is not in the repository")
         if version is None:
             if not entry.served:
+                if entry.statuses and all(s.error_code == ModelNotAcknowledgedError.code for s in entry.statuses):
+                    raise ModelNotAcknowledgedError(f"model {name!r} is not served here: not for clinical use")
                 raise ModelNotReadyError(f"model {name!r} has no serving version", retry_after_s=5)
             return entry.served[max(entry.served, key=int)]
         served = entry.served.get(version)
         if served is None:
+            if version in entry.spec.versions and self._policy.refuses(entry.spec, version):
+                raise ModelNotAcknowledgedError(
+                    f"model {name!r} version {version} is not served here: not for clinical use"
+                )
             if version in entry.spec.versions:
                 raise ModelNotReadyError(f"model {name!r} version {version} is not serving", retry_after_s=5)
             raise ModelNotFoundError(f"model {name!r} has no version {version!r}")
@@ -289,13 +355,23 @@ class ModelRegistry:
         return tuple(sorted(rows, key=lambda s: (s.model, s.version)))
 
     def models_ready(self) -> bool:
-        """True once the first load finished and some model serves (or the repository is empty).
+        """True once the first load finished and some model serves (or the repository is empty,
+        or every version was refused by the production gate).
 
         A model refused at start-up does not take the others down: ``/readyz`` reports it in
-        its details, and the metrics count it, but the replica keeps serving the rest.
+        its details, and the metrics count it, but the replica keeps serving the rest. A
+        deliberate policy refusal (``model-not-acknowledged``) is the configured outcome, not a
+        fault: the replica is ready, serves nothing unacknowledged, and ``/readyz`` says why. A
+        version that failed for any other reason keeps readiness red while nothing serves.
         """
         if not self.initial_load_done:
             return False
         with self._lock:
             any_serving = any(entry.served for entry in self._entries.values())
-        return any_serving or not any(True for _ in iter_model_dirs(self._repository))
+            rows = [s for entry in self._entries.values() for s in entry.statuses]
+            rows.extend(self._failed_specs.values())
+        if any_serving:
+            return True
+        if rows and all(s.error_code == ModelNotAcknowledgedError.code for s in rows):
+            return True
+        return not any(True for _ in iter_model_dirs(self._repository))

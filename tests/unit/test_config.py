@@ -60,3 +60,21 @@ def test_tls_settings_come_in_pairs(tmp_path: Path) -> None:
         Settings(tls_certfile=tmp_path / "server.crt")
     with pytest.raises(ValidationError, match="mutual TLS"):
         Settings(tls_client_ca=tmp_path / "ca.crt")
+
+
+def test_acknowledged_nonclinical_models_come_from_a_json_list(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MEDINFER_ACKNOWLEDGED_NONCLINICAL_MODELS", '["cxr-pneumonia@2", "ehr-heart-disease@1"]')
+    assert Settings().acknowledged == frozenset({"cxr-pneumonia@2", "ehr-heart-disease@1"})
+    monkeypatch.delenv("MEDINFER_ACKNOWLEDGED_NONCLINICAL_MODELS")
+    assert Settings().acknowledged == frozenset()  # the default acknowledges nothing
+
+
+@pytest.mark.parametrize("entry", ["cxr-pneumonia", "cxr-pneumonia@", "@1", "cxr-pneumonia@latest"])
+def test_an_acknowledgement_must_name_one_version(entry: str) -> None:
+    with pytest.raises(ValidationError, match="name@version"):
+        Settings(acknowledged_nonclinical_models=[entry])
+
+
+def test_imaging_routes_are_unset_by_default() -> None:
+    """No model reads a PACS's studies until the site names it in MEDINFER_IMAGING_ROUTES."""
+    assert Settings().imaging_routes is None

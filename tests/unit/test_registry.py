@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 
 from app.domain import VersionState
-from app.errors import ModelIntegrityError, ModelNotFoundError, ModelNotReadyError
+from app.errors import ModelIntegrityError, ModelNotAcknowledgedError, ModelNotFoundError, ModelNotReadyError
 from app.inference import session as session_module
-from app.inference.registry import ModelRegistry
+from app.inference.registry import ClinicalUsePolicy, ModelRegistry
+from app.observability.metrics import Metrics
 from tests.support.models import corrupt, write_model
 
 
@@ -174,3 +175,82 @@ def test_missing_cuda_falls_back_to_cpu_with_one_warning(tmp_path: Path, caplog:
     assert loaded[-1] == "CPUExecutionProvider"
     warnings = [r for r in caplog.records if getattr(r, "event", None) == "ort.provider_fallback"]
     assert len(warnings) == (0 if "CUDAExecutionProvider" in loaded else 1)
+
+
+# -- the production gate for not-for-clinical-use models ------------------------------------
+
+
+def _refused_count(metrics: Metrics, model: str, version: str) -> float:
+    value = metrics.registry.get_sample_value(
+        "medinfer_model_versions_refused_total", {"model": model, "version": version, "reason": "not_acknowledged"}
+    )
+    return value or 0.0
+
+
+def test_production_refuses_an_unacknowledged_demo_version_before_loading_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """write_model's models say not_for_clinical_use = true, like the shipped reference models."""
+    write_model(tmp_path, "alpha", {"1": 1})
+    corrupt(write_model(tmp_path, "beta", {"1": 2}) / "1" / "model.onnx")  # never read: refused first
+    metrics = Metrics()
+    registry = ModelRegistry(tmp_path, policy=ClinicalUsePolicy(production=True), metrics=metrics)
+    with caplog.at_level(logging.WARNING, logger="app.inference.registry"):
+        registry.load_all()
+    statuses = {s.model: s for s in registry.statuses()}
+    for name in ("alpha", "beta"):
+        assert statuses[name].state is VersionState.FAILED
+        assert statuses[name].error_code == ModelNotAcknowledgedError.code
+        assert f"MEDINFER_ACKNOWLEDGED_NONCLINICAL_MODELS names {name}@1" in (statuses[name].error or "")
+        assert _refused_count(metrics, name, "1") == 1
+    refused = [r for r in caplog.records if getattr(r, "event", None) == "model.refused"]
+    assert sorted((getattr(r, "model", ""), getattr(r, "reason", "")) for r in refused) == [
+        ("alpha", "not_acknowledged"),
+        ("beta", "not_acknowledged"),
+    ]
+    assert not [r for r in caplog.records if r.exc_info]  # a policy, not a failure: no traceback
+    # Ready: the refusal is the configured outcome, and /readyz details say why.
+    assert registry.models_ready()
+    with pytest.raises(ModelNotAcknowledgedError):
+        registry.get("alpha")
+    with pytest.raises(ModelNotAcknowledgedError):
+        registry.get("alpha", "1")
+
+
+def test_production_serves_an_acknowledged_version_only(tmp_path: Path) -> None:
+    write_model(tmp_path, "alpha", {"1": 1})
+    write_model(tmp_path, "beta", {"1": 2, "2": 3}, latest_n=2)
+    policy = ClinicalUsePolicy(production=True, acknowledged=frozenset({"alpha@1", "beta@2"}))
+    registry = ModelRegistry(tmp_path, policy=policy, metrics=Metrics())
+    registry.load_all()
+    states = {(s.model, s.version): (s.state, s.error_code) for s in registry.statuses()}
+    assert states == {
+        ("alpha", "1"): (VersionState.READY, None),
+        ("beta", "1"): (VersionState.FAILED, ModelNotAcknowledgedError.code),
+        ("beta", "2"): (VersionState.READY, None),
+    }
+    assert registry.get("beta").version == "2"
+    with pytest.raises(ModelNotAcknowledgedError):
+        registry.get("beta", "1")
+    assert policy.withholds_results(registry.get("alpha").spec)  # served, but never to a PACS
+
+
+def test_outside_production_demo_models_serve_as_before(tmp_path: Path) -> None:
+    write_model(tmp_path, "alpha", {"1": 1})
+    policy = ClinicalUsePolicy(production=False)
+    registry = ModelRegistry(tmp_path, policy=policy, metrics=Metrics())
+    registry.load_all()
+    assert [s.state for s in registry.statuses()] == [VersionState.READY]
+    assert not policy.withholds_results(registry.get("alpha").spec)
+
+
+def test_a_real_failure_keeps_readiness_red_even_beside_a_policy_refusal(tmp_path: Path) -> None:
+    write_model(tmp_path, "alpha", {"1": 1})
+    corrupt(write_model(tmp_path, "beta", {"1": 2}) / "1" / "model.onnx")
+    registry = ModelRegistry(
+        tmp_path, policy=ClinicalUsePolicy(production=True, acknowledged=frozenset({"beta@1"})), metrics=Metrics()
+    )
+    registry.load_all()
+    codes = {s.model: s.error_code for s in registry.statuses()}
+    assert codes == {"alpha": ModelNotAcknowledgedError.code, "beta": ModelIntegrityError.code}
+    assert not registry.models_ready()
