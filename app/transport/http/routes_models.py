@@ -7,13 +7,14 @@ from typing import Annotated, Final
 from fastapi import APIRouter, Path
 
 from app.inference.registry import ModelRegistry
-from app.inference.spec import ModelSpec
+from app.inference.spec import ModelSpec, OodSpec
 from app.transport.http.deps import ContainerDep, ModelsReader
 from app.transport.http.problems import COMMON_ERRORS, problem_responses
 from app.transport.http.schemas import (
     ModelList,
     ModelSummary,
     ModelVersionSummary,
+    OodDetector,
     OperatingPoint,
     TensorMetadata,
 )
@@ -42,9 +43,27 @@ def summarise(registry: ModelRegistry, spec: ModelSpec) -> ModelSummary:
         inputs=[TensorMetadata(name=t.name, datatype=t.datatype, shape=list(t.shape)) for t in spec.inputs],
         outputs=[TensorMetadata(name=t.name, datatype=t.datatype, shape=list(t.shape)) for t in spec.outputs],
         versions=[
-            ModelVersionSummary(version=sv.version, sha256=sv.sha256, providers=list(sv.loaded.providers))
+            ModelVersionSummary(
+                version=sv.version,
+                sha256=sv.sha256,
+                providers=list(sv.loaded.providers),
+                ood=_detector(spec.ood_of(sv.version)),
+            )
             for sv in registry.served_versions(spec.name)
         ],
+    )
+
+
+def _detector(ood: OodSpec | None) -> OodDetector | None:
+    if ood is None:
+        return None
+    return OodDetector(
+        method=ood.method,
+        output=ood.output,
+        threshold=ood.threshold,
+        in_distribution_flagged=ood.in_distribution_flagged,
+        training_ranges={name: list(bounds) for name, bounds in ood.training_ranges.items()},
+        max_imputed=ood.max_imputed,
     )
 
 

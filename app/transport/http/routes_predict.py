@@ -41,6 +41,7 @@ from app.transport.http.multipart import iter_parts, parse_related
 from app.transport.http.problems import COMMON_ERRORS, problem_responses
 from app.transport.http.routes_models import ModelName
 from app.transport.http.schemas import (
+    INDETERMINATE_EXAMPLE,
     PREDICTION_EXAMPLE,
     RISK_ASSESSMENT_EXAMPLE,
     SEALED_EXAMPLE,
@@ -160,7 +161,16 @@ _OPENAPI: Final = {
         200: {
             "description": "The prediction",
             "content": {
-                "application/json": {"schema": {"type": "object"}, "example": PREDICTION_EXAMPLE},
+                "application/json": {
+                    "schema": {"type": "object"},
+                    "examples": {
+                        "decision": {"summary": "A decision", "value": PREDICTION_EXAMPLE},
+                        "indeterminate": {
+                            "summary": "Input outside the model's validated input: no label",
+                            "value": INDETERMINATE_EXAMPLE,
+                        },
+                    },
+                },
                 FHIR_JSON: {"schema": {"type": "object"}, "example": RISK_ASSESSMENT_EXAMPLE},
                 DICOM: {"schema": {"type": "string", "format": "binary"}, "example": SR_EXAMPLE},
                 "application/jose": {"schema": {"type": "string"}, "example": SEALED_EXAMPLE},

@@ -32,15 +32,28 @@ MODEL_SUMMARY_EXAMPLE: dict[str, Any] = {
     "not_for_clinical_use": True,
     "labels": ["normal", "pneumonia"],
     "positive_label": "pneumonia",
-    "default_threshold": 0.5,
-    "operating_points": {},
+    "default_threshold": 0.6,
+    "operating_points": {
+        "high_sensitivity": {"threshold": 0.6, "sensitivity": 0.9, "specificity": 0.994, "split": "validation"}
+    },
     "inputs": [{"name": "image", "datatype": "FP32", "shape": [-1, 1, 224, 224]}],
-    "outputs": [{"name": "probabilities", "datatype": "FP32", "shape": [-1, 2]}],
+    "outputs": [
+        {"name": "probabilities", "datatype": "FP32", "shape": [-1, 2]},
+        {"name": "ood_score", "datatype": "FP32", "shape": [-1]},
+    ],
     "versions": [
         {
-            "version": "1",
+            "version": "2",
             "sha256": "9b1c0e4c5d6f7a8b9c0d1e2f3a4b5c6d7e8f9a0b1c2d3e4f5a6b7c8d9e0f1a2b",
             "providers": ["CPUExecutionProvider"],
+            "ood": {
+                "method": "mahalanobis-penultimate",
+                "output": "ood_score",
+                "threshold": 25.0,
+                "in_distribution_flagged": 0.01,
+                "training_ranges": {},
+                "max_imputed": None,
+            },
         }
     ],
 }
@@ -159,6 +172,26 @@ class OperatingPoint(_Wire):
     threshold: float
     sensitivity: float | None = None
     specificity: float | None = None
+    split: Literal["validation", "internal_test", "external_test"] | None = Field(
+        default=None,
+        description="The data the sensitivity and specificity were measured on: `validation` (where the threshold "
+        "was chosen; optimistic), `internal_test` (held out, same sites) or `external_test` (a site never seen). "
+        "None: the model card does not say.",
+    )
+
+
+class OodDetector(_Wire):
+    """How a version recognises input outside what it was validated on; such input is answered
+    "indeterminate" instead of a label."""
+
+    method: str
+    output: str | None = Field(description="The ONNX output holding one score per image.")
+    threshold: float | None = Field(description="A score above it is outside the validated input.")
+    in_distribution_flagged: float | None = Field(
+        description="Measured share of the in-distribution test set the detector flags (the price of safety)."
+    )
+    training_ranges: dict[str, list[float]] = Field(description="Record models: each feature's training range.")
+    max_imputed: int | None = Field(description="Record models: more imputed features is indeterminate.")
 
 
 class TensorMetadata(_Wire):
@@ -171,6 +204,7 @@ class ModelVersionSummary(_Wire):
     version: str
     sha256: str
     providers: list[str]
+    ood: OodDetector | None = Field(default=None, description="None: this version declares no detector.")
 
 
 class ModelSummary(_Wire):
@@ -373,13 +407,61 @@ PREDICTION_EXAMPLE: dict[str, Any] = {
     "probabilities": {"no_cad": 0.31, "cad": 0.69},
     "decision": {
         "label": "cad",
+        "indeterminate": False,
         "positive": True,
         "positive_label": "cad",
         "threshold": 0.4541,
         "operating_point": "default",
     },
-    "input": {"kind": "fhir", "patient": "Patient/p1", "observations": ["bp1"], "imputed": ["chol"]},
+    "validated_input": {
+        "inside": True,
+        "verdict": "inside the model's validated input",
+        "method": "training-range",
+        "score": 0.0,
+        "threshold": 0.0,
+        "reasons": [],
+    },
+    "input": {
+        "kind": "fhir",
+        "patient": "Patient/p1",
+        "observations": ["bp1"],
+        "imputed": ["chol"],
+        "features": [
+            {"name": "age", "value": 61.0, "unit": "a", "source": "Patient/p1", "imputed": False},
+            {"name": "trestbps", "value": 148.0, "unit": "mm[Hg]", "source": "Observation/bp1", "imputed": False},
+            {"name": "chol", "value": 240.0, "unit": "mg/dL", "source": None, "imputed": True},
+        ],
+    },
     "warnings": ["not for clinical use"],
+}
+
+#: A real chest radiograph sent to the phantom-trained demonstration model.
+INDETERMINATE_EXAMPLE: dict[str, Any] = {
+    **PREDICTION_EXAMPLE,
+    "model": {**PREDICTION_EXAMPLE["model"], "name": "cxr-pneumonia", "version": "2"},
+    "probabilities": {"normal": 0.0, "pneumonia": 1.0},
+    "decision": {
+        "label": "indeterminate",
+        "indeterminate": True,
+        "positive": None,
+        "positive_label": "pneumonia",
+        "threshold": 0.6049,
+        "operating_point": "default",
+    },
+    "validated_input": {
+        "inside": False,
+        "verdict": "indeterminate: outside the model's validated input",
+        "method": "mahalanobis-penultimate",
+        "score": 4210.5,
+        "threshold": 25.0,
+        "reasons": [{"code": "ood_score", "text": "mahalanobis-penultimate score above the validated threshold"}],
+    },
+    "input": {"kind": "dicom", "study_instance_uid": "1.2.3", "series_instance_uids": ["1.2.3.4"]},
+    "warnings": [
+        "not for clinical use",
+        "indeterminate: outside the model's validated input (score 4210, threshold 25): "
+        "mahalanobis-penultimate score above the validated threshold",
+    ],
 }
 
 RISK_ASSESSMENT_EXAMPLE: dict[str, Any] = {
@@ -392,7 +474,29 @@ RISK_ASSESSMENT_EXAMPLE: dict[str, Any] = {
         {"outcome": {"text": "no_cad"}, "probabilityDecimal": 31.0},
         {"outcome": {"text": "cad"}, "probabilityDecimal": 69.0},
     ],
-    "note": [{"text": "Not for clinical use."}],
+    "extension": [
+        {
+            "url": "urn:medinfer:fhir:StructureDefinition:feature-used",
+            "extension": [
+                {"url": "name", "valueString": "trestbps"},
+                {
+                    "url": "value",
+                    "valueQuantity": {
+                        "value": 148.0,
+                        "unit": "mm[Hg]",
+                        "system": "http://unitsofmeasure.org",
+                        "code": "mm[Hg]",
+                    },
+                },
+                {"url": "source", "valueReference": {"reference": "Observation/bp1"}},
+                {"url": "imputed", "valueBoolean": False},
+            ],
+        }
+    ],
+    "note": [
+        {"text": "Not for clinical use."},
+        {"text": "Inputs used by the model: age = 61 a (Patient/p1); trestbps = 148 mm[Hg] (Observation/bp1)"},
+    ],
 }
 
 #: A result sealed to the client's registered key (``Accept: application/jose``), shortened.
