@@ -75,6 +75,26 @@ def test_json_outputs_are_flattened_row_major_with_the_id_echoed() -> None:
     }
 
 
+PROVENANCE = {"model_sha256": "ab" * 32, "not_for_clinical_use": True, "intended_use": "Tests only."}
+
+
+@pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
+def test_provenance_parameters_ride_in_the_json_header_of_both_forms(binary: bool) -> None:
+    request: dict[str, object] = {"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1]}]}
+    if binary:
+        request["parameters"] = {"binary_data_output": True}
+    decoded = decode_request(json.dumps(request).encode(), None, CAP)
+    outputs = {"y": np.array([[0.25, 0.75]], np.float32), "score": np.array([3.5], np.float32)}
+    payload, json_length = encode_response("m", "2", None, outputs, decoded, parameters=PROVENANCE)
+    header = json.loads(payload if json_length is None else payload[:json_length])
+    assert header["parameters"] == PROVENANCE
+    assert [o["name"] for o in header["outputs"]] == ["y", "score"]  # every output when none is named
+    assert (json_length is not None) is binary
+    if binary:
+        assert json_length is not None
+        assert np.frombuffer(payload[json_length:], np.float32).tolist() == [0.25, 0.75, 3.5]
+
+
 @pytest.mark.parametrize(
     ("body", "length", "error", "message"),
     [

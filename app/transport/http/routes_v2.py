@@ -2,6 +2,10 @@
 
 This route family answers errors as ``{"error": "..."}`` (the protocol's format) instead of
 problem+json; ``problems.py`` chooses the format by path, with the same status table.
+
+Every infer answer, and the model metadata, carries the model's provenance as ``parameters``
+(``model_sha256``, ``not_for_clinical_use``, ``intended_use``): a v2 client sees which file
+answered and whether it may inform care, as a v1 client does.
 """
 
 from __future__ import annotations
@@ -51,10 +55,16 @@ _INFER_EXAMPLE: Final = {
     ],
     "outputs": [{"name": "probabilities"}],
 }
+_PROVENANCE_EXAMPLE: Final = {
+    "model_sha256": "cc1d5a7f5975e1ae696837d4c3f65d676982cb637375a4061af6259f2e5f12f7",
+    "not_for_clinical_use": True,
+    "intended_use": "Demonstration and integration testing of medinfer's FHIR path. Not a medical device.",
+}
 _INFER_RESPONSE_EXAMPLE: Final = {
     "model_name": "ehr-heart-disease",
     "model_version": "1",
     "id": "42",
+    "parameters": _PROVENANCE_EXAMPLE,
     "outputs": [{"name": "probabilities", "datatype": "FP32", "shape": [1, 2], "data": [0.31, 0.69]}],
 }
 
@@ -69,10 +79,20 @@ _METADATA_RESPONSE: Final = {
                 "platform": "onnxruntime_onnx",
                 "inputs": [{"name": "features", "datatype": "FP32", "shape": [-1, 13]}],
                 "outputs": [{"name": "probabilities", "datatype": "FP32", "shape": [-1, 2]}],
+                "parameters": _PROVENANCE_EXAMPLE,
             }
         }
     },
 }
+
+
+def provenance(served: ServedVersion) -> dict[str, Any]:
+    """The response ``parameters`` naming the model behind an answer."""
+    return {
+        "model_sha256": served.sha256,
+        "not_for_clinical_use": served.spec.not_for_clinical_use,
+        "intended_use": served.spec.intended_use,
+    }
 
 
 def _tensor_meta(spec: ModelSpec) -> dict[str, Any]:
@@ -82,12 +102,16 @@ def _tensor_meta(spec: ModelSpec) -> dict[str, Any]:
     }
 
 
-def _model_metadata(served: list[ServedVersion], spec: ModelSpec) -> dict[str, Any]:
+def _model_metadata(versions: list[ServedVersion], default: ServedVersion) -> dict[str, Any]:
+    """The protocol's metadata, plus ``parameters``: the provenance of ``default``, the version
+    an infer request without a version gets (MLServer's REST metadata has a parameters object
+    too; tritonclient returns the body as a dict and ignores keys it does not know)."""
     return {
-        "name": spec.name,
-        "versions": [sv.version for sv in served],
+        "name": default.spec.name,
+        "versions": [sv.version for sv in versions],
         "platform": "onnxruntime_onnx",
-        **_tensor_meta(spec),
+        **_tensor_meta(default.spec),
+        "parameters": provenance(default),
     }
 
 
@@ -147,7 +171,7 @@ async def server_ready(container: ContainerDep) -> Response:
 async def model_metadata(name: ModelName, container: ContainerDep, _principal: ModelsReader) -> dict[str, Any]:
     registry = container.registry
     served = registry.get(name)
-    return _model_metadata(registry.served_versions(name), served.spec)
+    return _model_metadata(registry.served_versions(name), served)
 
 
 @router.get(
@@ -161,7 +185,7 @@ async def model_version_metadata(
     name: ModelName, version: Version, container: ContainerDep, _principal: ModelsReader
 ) -> dict[str, Any]:
     served = container.registry.get(name, version)
-    return _model_metadata([served], served.spec)
+    return _model_metadata([served], served)
 
 
 async def _ready(container: ContainerDep, name: str, version: str | None) -> Response:
@@ -262,7 +286,12 @@ async def _infer(
     context = request_context(request, principal, hashlib.sha256(body).hexdigest())
     result = await container.pipeline.infer_tensors(name, version, decoded.tensors, deadline, context)
     payload, json_length = encode_response(
-        result.served.spec.name, result.served.version, decoded.request.id, result.outputs, decoded
+        result.served.spec.name,
+        result.served.version,
+        decoded.request.id,
+        result.outputs,
+        decoded,
+        parameters=provenance(result.served),
     )
     media = "application/json" if json_length is None else "application/octet-stream"
     headers = {} if json_length is None else {"Inference-Header-Content-Length": str(json_length)}

@@ -58,12 +58,22 @@ class V2OutputTensor(BaseModel):
     data: list[Any] | None = Field(default=None, description="Row-major values; absent for binary outputs.")
 
 
+class V2Provenance(BaseModel):
+    """The model behind an answer, as response ``parameters`` (the protocol allows a parameters
+    object on the response; clients that do not know these keys ignore them)."""
+
+    model_sha256: str = Field(description="sha256 of the ONNX file that produced the outputs.")
+    not_for_clinical_use: bool = Field(description="The model must not inform care.")
+    intended_use: str = Field(description="The model's declared intended use.")
+
+
 class V2InferResponse(BaseModel):
     """Documentation of the response shape (the encoder writes it directly, for speed)."""
 
     model_name: str
     model_version: str
     id: str | None = None
+    parameters: V2Provenance
     outputs: list[V2OutputTensor]
 
 
@@ -186,8 +196,14 @@ def encode_response(
     request_id: str | None,
     outputs: Mapping[str, npt.NDArray[np.generic]],
     decoded: DecodedRequest,
+    *,
+    parameters: Mapping[str, Any] | None = None,
 ) -> tuple[bytes, int | None]:
-    """The response body, and the JSON header length when binary outputs follow it."""
+    """The response body, and the JSON header length when binary outputs follow it.
+
+    ``parameters`` (the model's provenance) goes in the JSON header in both forms, so a client of
+    the binary extension reads it where it reads the output descriptions.
+    """
     names = decoded.requested if decoded.requested is not None else tuple(outputs)
     unknown = [n for n in names if n not in outputs]
     if unknown:
@@ -209,6 +225,8 @@ def encode_response(
     response: dict[str, Any] = {"model_name": model, "model_version": version, "outputs": entries}
     if request_id is not None:
         response["id"] = request_id
+    if parameters is not None:
+        response["parameters"] = dict(parameters)
     header = json.dumps(response, separators=(",", ":"), allow_nan=True).encode()
     if not blobs:
         return header, None
