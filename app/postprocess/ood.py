@@ -49,8 +49,10 @@ class OodFinding:
 class OodAssessment:
     """The verdict of one version's detector on one input (an image or a record).
 
-    ``score`` and ``threshold`` are the detector's own (a distance for images; for records the
-    furthest a feature lies outside its training range, as a share of the range's width).
+    ``score`` and ``threshold`` are the detector's own: a distance for images; for records the
+    number of features outside their training range (threshold 0). A record's score is a count on
+    purpose: a distance would let anyone who knows the range work the patient's value back out of
+    the audit trail.
     """
 
     method: str
@@ -113,7 +115,6 @@ def assess_record(
     if ood is None:
         return None
     findings = []
-    furthest = 0.0
     for name, value in zip(names, values, strict=True):
         bounds = ood.training_ranges.get(name)
         if bounds is None or math.isnan(value):
@@ -121,8 +122,6 @@ def assess_record(
         low, high = bounds
         if low <= value <= high:
             continue
-        width = high - low or 1.0
-        furthest = max(furthest, (low - value if value < low else value - high) / width)
         findings.append(
             OodFinding(OodReason.FEATURE_RANGE, f"{name} outside the range seen in training [{low:g}, {high:g}]")
         )
@@ -133,4 +132,5 @@ def assess_record(
                 f"{len(imputed)} features imputed; the model is validated with at most {ood.max_imputed}",
             )
         )
-    return OodAssessment(ood.method, furthest if ood.training_ranges else None, 0.0, tuple(findings))
+    outside = sum(f.reason is OodReason.FEATURE_RANGE for f in findings)
+    return OodAssessment(ood.method, float(outside) if ood.training_ranges else None, 0.0, tuple(findings))
