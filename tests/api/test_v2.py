@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -213,7 +213,7 @@ def ehr_client(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tupl
         yield client, key
 
 
-def _ehr_body(*rows: list[object]) -> dict[str, object]:
+def _ehr_body(*rows: Sequence[object]) -> dict[str, object]:
     flat = [value for row in rows for value in row]
     return {"inputs": [{"name": "features", "shape": [len(rows), 13], "datatype": "FP32", "data": flat}]}
 

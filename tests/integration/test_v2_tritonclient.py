@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,13 +14,19 @@ import pytest
 import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
+from tests.conftest import REPO_ROOT
 from tests.integration.conftest import Served, base_env, medinfer, serve
 
 pytestmark = pytest.mark.integration
 
+EHR = "ehr-heart-disease"
+#: age, sex, cp, trestbps, chol, fbs, restecg, thalach, exang, oldpeak, slope, ca, thal
+EHR_ROW = [63, 1, 1, 145, 233, 1, 2, 150, 0, 2.3, 3, 0, 6]
+
 
 @pytest.fixture
 def server(tmp_path: Path, model_repo: Path) -> Iterator[tuple[Served, dict[str, str]]]:
+    shutil.copytree(REPO_ROOT / "models" / EHR, model_repo / EHR)
     env = base_env(tmp_path, model_repo, None)
     assert medinfer(env, "migrate").returncode == 0
     registered = medinfer(
@@ -75,5 +83,45 @@ def test_tritonclient_sees_protocol_errors(server: tuple[Served, dict[str, str]]
         good.set_data_from_numpy(np.zeros((1, 3), np.float32))
         with pytest.raises(InferenceServerException, match="'gamma' is not in the repository"):
             client.infer("gamma", [good], headers=headers)
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
+def test_tritonclient_reads_the_models_provenance_from_the_response_parameters(
+    server: tuple[Served, dict[str, str]], binary: bool
+) -> None:
+    served, headers = server
+    sha256 = hashlib.sha256((REPO_ROOT / "models" / EHR / "1" / "model.onnx").read_bytes()).hexdigest()
+    client = triton.InferenceServerClient(url=served.base_url.removeprefix("http://"))
+    try:
+        x = np.array([EHR_ROW], dtype=np.float32)
+        tensor = triton.InferInput("features", list(x.shape), "FP32")
+        tensor.set_data_from_numpy(x, binary_data=binary)
+        wanted = triton.InferRequestedOutput("probabilities", binary_data=binary)
+        result = client.infer(EHR, [tensor], outputs=[wanted], headers=headers)
+        parameters = result.get_response()["parameters"]
+        assert parameters["model_sha256"] == sha256
+        assert parameters["not_for_clinical_use"] is True
+        assert parameters["intended_use"]
+        assert result.as_numpy("probabilities").sum() == pytest.approx(1.0, abs=1e-6)
+        assert client.get_model_metadata(EHR, headers=headers)["parameters"] == parameters
+    finally:
+        client.close()
+
+
+def test_tritonclient_sees_the_feature_contract_name_the_column(server: tuple[Served, dict[str, str]]) -> None:
+    served, headers = server
+    client = triton.InferenceServerClient(url=served.base_url.removeprefix("http://"))
+    try:
+        row = list(EHR_ROW)
+        row[0] = 200
+        tensor = triton.InferInput("features", [1, 13], "FP32")
+        tensor.set_data_from_numpy(np.array([row], dtype=np.float32), binary_data=True)
+        with pytest.raises(
+            InferenceServerException, match=r"column 0 \(age\): value outside the plausible range"
+        ) as caught:
+            client.infer(EHR, [tensor], headers=headers)
+        assert "200" not in str(caught.value.message())
     finally:
         client.close()
