@@ -550,3 +550,10 @@ def test_send_cstore_of_a_sop_class_the_pacs_lacks_names_the_cause(plain_pacs: t
     with pytest.raises(e.DeliveryError, match="accepts none of the presentation contexts"):
         send_cstore(DimseDestination("PACS", "127.0.0.1", port), sample("CT_small.dcm").read_bytes(), timeout_s=5)
     assert not received
+
+
+def test_a_route_to_an_unacknowledged_demo_model_is_a_permanent_refusal_of_its_own() -> None:
+    status = st.cstore_status(e.ModelNotAcknowledgedError("x"))
+    assert status == st.MODEL_NOT_ACKNOWLEDGED
+    assert status & 0xF000 == 0xC000  # not 0xA7xx: a PACS must not resend it for ever
+    assert st.error_comment(e.ModelNotAcknowledgedError("x")) == "model-not-acknowledged"

@@ -45,6 +45,7 @@ TOO_LARGE: Final = 0xC213
 NOT_ACCEPTED: Final = 0xC214
 NO_ROUTE: Final = 0xC215
 STUDY_MISMATCH: Final = 0xC216
+MODEL_NOT_ACKNOWLEDGED: Final = 0xC217
 
 #: Refused: Not Authorised, a general status (PS3.7 Annex C) pynetdicom lists for C-STORE.
 NOT_AUTHORISED: Final = 0x0124
@@ -67,8 +68,11 @@ STATUS_BY_ERROR: Final[Mapping[type[e.MedinferError], int]] = {
     e.DicomTooLargeError: TOO_LARGE,
     # A valid instance that the served models are not intended for (their allow-lists).
     e.DicomNotAcceptedError: NOT_ACCEPTED,
-    # No routing rule names a model for this Modality and BodyPartExamined.
+    # No routing rule (MEDINFER_IMAGING_ROUTES) enables a model for this Modality and BodyPartExamined.
     e.NoRouteError: NO_ROUTE,
+    # The route names a not-for-clinical-use model that production does not serve unacknowledged.
+    # Permanent until an operator changes the settings: resending cannot succeed.
+    e.ModelNotAcknowledgedError: MODEL_NOT_ACKNOWLEDGED,
     # The instance disagrees with the study already received on this association.
     e.StudyMismatchError: STUDY_MISMATCH,
 }

@@ -84,6 +84,9 @@ FAILURE_REASON_BY_ERROR: Final[Mapping[type[e.MedinferError], int]] = {
     # BodyPartExamined rather than the SOP Class.
     e.DicomNotAcceptedError: FailureReason.SOP_CLASS_NOT_SUPPORTED,
     e.NoRouteError: FailureReason.SOP_CLASS_NOT_SUPPORTED,
+    # The routed model is not for clinical use and not acknowledged in production: the service
+    # does not take this kind of instance here either.
+    e.ModelNotAcknowledgedError: FailureReason.SOP_CLASS_NOT_SUPPORTED,
     e.StudyMismatchError: FailureReason.STUDY_MISMATCH,
     e.DicomTooLargeError: FailureReason.OUT_OF_RESOURCES,
     e.PayloadTooLargeError: FailureReason.OUT_OF_RESOURCES,
