@@ -36,6 +36,7 @@ from training.dicom_studies import study_bytes
 
 MODEL = "cxr-pneumonia"
 BOUNDARY = "delivery-test"
+CXR_ROUTE = json.dumps([{"modality": ["CR", "DX"], "body_part": ["CHEST"], "model": MODEL}])
 
 
 class CountingPacs:
@@ -55,6 +56,7 @@ def _settings(tmp_path: Path, **overrides: Any) -> Settings:
     repo = tmp_path / "models"
     if not repo.exists():
         shutil.copytree(REPO_ROOT / "models" / MODEL, repo / MODEL)
+    overrides.setdefault("imaging_routes", CXR_ROUTE)  # studies reach a model only through a site rule
     return Settings(env="test", data_dir=tmp_path / "var", model_repository=repo, **overrides)
 
 
@@ -405,3 +407,30 @@ def test_a_spool_on_a_filesystem_that_fills_up_refuses_and_recovers_when_space_r
         filler.unlink()
         assert c_store() == 0x0000
         assert len(list((small_filesystem / "spool").glob("*.dcm"))) == 1
+
+
+def test_without_a_routing_rule_no_model_takes_a_study_even_one_its_allow_lists_fit(
+    tmp_path: Path, migrate: Callable[[Settings], str]
+) -> None:
+    """The model's own allow-lists (CR/DX chest) never route by themselves: the site enables it."""
+    settings = _settings(tmp_path, imaging_routes=None, dimse_enabled=True, dimse_port=0)
+    key = migrate(settings)
+    encoded = study_bytes(seed=3, positive=True, rows=256)  # exactly what cxr-pneumonia is intended for
+    with TestClient(create_app(settings)) as client:
+        wait_ready(client)
+        response = _stow(client, key, encoded)
+        assert response.status_code == 409
+        failed = pydicom.Dataset.from_json(response.json()).FailedSOPSequence
+        assert [int(item.FailureReason) for item in failed] == [0x0122]
+        ae = AE(ae_title="MODALITY")
+        ae.add_requested_context(ComputedRadiographyImageStorage, "1.2.840.10008.1.2.1")
+        assoc = ae.associate("127.0.0.1", client.app.state.dimse_port, ae_title="MEDINFER")  # type: ignore[attr-defined]
+        assert assoc.is_established
+        try:
+            status = assoc.send_c_store(pydicom.dcmread(io.BytesIO(encoded)))
+        finally:
+            assoc.release()
+        assert status.Status == 0xC215
+        assert status.ErrorComment == "no-route"
+    assert _outbox(settings) == []
+    assert not list((settings.data_dir / "spool").glob("*.dcm"))

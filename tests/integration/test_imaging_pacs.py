@@ -7,6 +7,7 @@ is driven by the same package."""
 from __future__ import annotations
 
 import io
+import json
 import subprocess
 import time
 from collections.abc import Iterator
@@ -28,6 +29,7 @@ from training.dicom_studies import write_phantom_study
 pytestmark = pytest.mark.integration
 
 MARKER_ID = "MRN-PACS-5521-QV"
+CXR_ROUTE = json.dumps([{"modality": ["CR", "DX"], "body_part": ["CHEST"], "model": "cxr-pneumonia"}])
 MARKER_NAME = "Pacsmarker^Ottoline"
 
 
@@ -44,6 +46,8 @@ def node(tmp_path: Path) -> Iterator[tuple[Served, int, dict[str, str]]]:
         "MEDINFER_PACS_DESTINATION": f"dimse://{require_env('MEDINFER_TEST_ORTHANC_AET')}@127.0.0.1:"
         + require_env("MEDINFER_TEST_ORTHANC_DICOM_PORT"),
         "MEDINFER_STUDY_SETTLE_S": "1.0",
+        # Routing is the site's choice: nothing is routed unless a rule names the model.
+        "MEDINFER_IMAGING_ROUTES": CXR_ROUTE,
     }
     assert medinfer(env, "migrate").returncode == 0
     served = serve(env, tmp_path / "medinfer.log")

@@ -737,6 +737,9 @@ def test_no_identifier_reaches_logs_metrics_database_files_or_error_bodies(
         "MEDINFER_DIMSE_AE_TITLE": "MEDINFER",
         "MEDINFER_DIMSE_ALLOWED_CALLING_AES": json.dumps([CALLING_AE]),
         "MEDINFER_STUDY_SETTLE_S": "0.5",
+        "MEDINFER_IMAGING_ROUTES": json.dumps(
+            [{"modality": ["CR", "DX"], "body_part": ["CHEST"], "model": "cxr-pneumonia"}]
+        ),
         # Nobody listens there: every SR is retried, so delivery failures are written and logged too.
         "MEDINFER_PACS_DESTINATION": f"dimse://NOWHERE@127.0.0.1:{free_port()}",
         "MEDINFER_PACS_RETRY_BASE_S": "0.2",
