@@ -134,7 +134,12 @@ class _DeclaredContract(BaseModel):
 
 @dataclass(frozen=True, slots=True)
 class ColumnRule:
-    """What one column of the feature tensor may hold."""
+    """What one column of the feature tensor may hold.
+
+    A coded feature's column must hold one of its codes; its ``valid_range``, where it declares
+    one, is not applied to the tensor: it may describe the quantity a code is derived from (the
+    glucose behind ``fbs``), and the code table is the stricter rule anyway.
+    """
 
     index: int
     name: str
@@ -144,69 +149,76 @@ class ColumnRule:
     #: non-finite values, the model imputes, and the feature is not required. Inf never is.
     missing_refusal: str
 
-    def first_misfit(self, column: npt.NDArray[np.generic]) -> tuple[int, str] | None:
-        """The first row whose value breaks this rule, and why (without the value)."""
-        if column.dtype.kind == "f":
-            floats = column
-            low_high = np.asarray(self.valid_range, dtype=column.dtype) if self.valid_range else None
-            codes = np.asarray(self.codes, dtype=column.dtype)
-            # Bounds and codes in the tensor's own precision: a value the FHIR path accepted in
-            # float64 still passes after its cast to float32 (rounding keeps the order).
-            infinite = np.isinf(floats)
-            missing = np.isnan(floats)
-        else:
-            floats = column.astype(np.float64)
-            low_high = np.asarray(self.valid_range, dtype=np.float64) if self.valid_range else None
-            codes = np.asarray(self.codes, dtype=np.float64)
-            infinite = missing = np.zeros(column.shape, dtype=np.bool_)
-        present = ~(infinite | missing)
-        refused_missing = missing if self.missing_refusal else np.zeros_like(missing)
-        with np.errstate(invalid="ignore"):
-            out_of_range = (
-                present & ((floats < low_high[0]) | (floats > low_high[1]))
-                if low_high is not None
-                else np.zeros_like(present)
-            )
-        not_a_code = present & ~np.isin(floats, codes) if self.codes else np.zeros_like(present)
-        bad = infinite | refused_missing | out_of_range | not_a_code
-        if not bad.any():
-            return None
-        row = int(np.argmax(bad))
-        if infinite[row]:
-            reason = "Inf is never a valid feature value"
-        elif refused_missing[row]:
-            reason = self.missing_refusal
-        elif out_of_range[row]:
-            assert self.valid_range is not None  # noqa: S101 - out_of_range is all False otherwise  # nosec B101
-            low, high = self.valid_range
-            reason = f"value outside the plausible range [{low:g}, {high:g}]"
-        else:
-            reason = "value is not one of the declared codes [" + ", ".join(f"{c:g}" for c in self.codes) + "]"
-        return row, reason
+    def reason(self, value: float) -> str:
+        """Why ``value`` breaks this rule, in words that do not repeat it."""
+        if math.isinf(value):
+            return "Inf is never a valid feature value"
+        if math.isnan(value):
+            return self.missing_refusal
+        if self.codes:
+            return "value is not one of the declared codes [" + ", ".join(f"{c:g}" for c in self.codes) + "]"
+        low, high = self.valid_range or (-math.inf, math.inf)
+        return f"value outside the plausible range [{low:g}, {high:g}]"
 
 
 @dataclass(frozen=True, slots=True)
 class FeatureContract:
-    """A tabular model's declared feature contract, applied to its one 2-D input."""
+    """A tabular model's declared feature contract, applied to its one 2-D input.
+
+    The rules are also laid out as per-column arrays, so that a whole batch is checked in a few
+    vectorised operations; a column's words are looked up only to explain a refusal.
+    """
 
     input_name: str
     columns: tuple[ColumnRule, ...]
+    low: npt.NDArray[np.float64]
+    high: npt.NDArray[np.float64]
+    missing_ok: npt.NDArray[np.bool_]
+    coded: npt.NDArray[np.bool_]
+    #: One row of codes per column, padded with NaN (which equals nothing).
+    codes: npt.NDArray[np.float64]
+
+    @classmethod
+    def of(cls, input_name: str, columns: tuple[ColumnRule, ...]) -> FeatureContract:
+        unbounded = (-math.inf, math.inf)
+        ranges = [unbounded if c.codes else (c.valid_range or unbounded) for c in columns]
+        width = max((len(c.codes) for c in columns), default=0) or 1
+        return cls(
+            input_name=input_name,
+            columns=columns,
+            low=np.asarray([r[0] for r in ranges], dtype=np.float64),
+            high=np.asarray([r[1] for r in ranges], dtype=np.float64),
+            missing_ok=np.asarray([not c.missing_refusal for c in columns], dtype=np.bool_),
+            coded=np.asarray([bool(c.codes) for c in columns], dtype=np.bool_),
+            codes=np.asarray([[*c.codes] + [math.nan] * (width - len(c.codes)) for c in columns], dtype=np.float64),
+        )
 
     def check(self, array: npt.NDArray[np.generic]) -> None:
-        """Raise :class:`InvalidTensorError` naming the first (row, column) that breaks the contract."""
+        """Raise :class:`InvalidTensorError` naming the first row, then column, that breaks the contract."""
         if array.dtype.kind not in {"f", "i", "u"}:
             raise InvalidTensorError(f"input {self.input_name!r}: feature values must be numeric")
         if array.shape[1] != len(self.columns):
             raise InvalidTensorError(
                 f"input {self.input_name!r}: {array.shape[1]} columns, the model declares {len(self.columns)} features"
             )
-        first: tuple[int, int, str] | None = None
-        for rule in self.columns:
-            misfit = rule.first_misfit(array[:, rule.index])
-            if misfit is not None and (first is None or misfit[0] < first[0]):
-                first = (misfit[0], rule.index, f"column {rule.index} ({rule.name}): {misfit[1]}")
-        if first is not None:
-            raise InvalidTensorError(f"input {self.input_name!r}, row {first[0]}, {first[2]}")
+        # Bounds and codes in the tensor's own precision: a value the FHIR path accepted in
+        # float64 still passes after its cast to float32 (rounding keeps the order).
+        dtype = array.dtype if array.dtype.kind == "f" else np.dtype(np.float64)
+        values = array.astype(dtype, copy=False)
+        with np.errstate(invalid="ignore"):
+            bad = (values < self.low.astype(dtype)) | (values > self.high.astype(dtype))  # False for NaN
+            bad |= self.coded & ~(values[:, :, np.newaxis] == self.codes.astype(dtype)).any(axis=2)
+            if dtype.kind == "f":
+                bad |= np.isinf(values) | (np.isnan(values) & ~self.missing_ok)
+                bad &= ~(np.isnan(values) & self.missing_ok)  # an accepted NaN is no code either
+        if not bad.any():
+            return
+        row, column = divmod(int(np.argmax(bad)), len(self.columns))
+        rule = self.columns[column]
+        raise InvalidTensorError(
+            f"input {self.input_name!r}, row {row}, column {rule.index} ({rule.name}): "
+            f"{rule.reason(float(values[row, column]))}"
+        )
 
 
 def parse_feature_contract(spec: ModelSpec) -> FeatureContract | None:
@@ -245,7 +257,7 @@ def parse_feature_contract(spec: ModelSpec) -> FeatureContract | None:
         )
         for f in sorted(declared.features, key=lambda f: f.index)
     )
-    return FeatureContract(input_name=tensor.name, columns=columns)
+    return FeatureContract.of(tensor.name, columns)
 
 
 def _check_declaration(spec: ModelSpec, declared: _DeclaredContract) -> None:

@@ -180,3 +180,16 @@ def test_integer_feature_tensors_are_checked_too(tmp_path: Path) -> None:
     row[2] = 9
     with pytest.raises(InvalidTensorError, match=re.escape("column 2 (cp)")):
         check_inputs(spec, {"features": np.array([row], np.int64)})
+
+
+def test_a_coded_column_is_judged_by_its_codes_not_by_a_range_of_its_source(ehr: ModelSpec) -> None:
+    """fbs is derived from a glucose whose plausible range (mg/dL) says nothing about the 0/1 code."""
+    raw = ehr.model_dump()
+    (fbs,) = [f for f in raw["preprocessing"]["features"] if f["name"] == "fbs"]
+    fbs["valid_range"] = [10.0, 2000.0]
+    spec = ModelSpec.model_validate(raw)
+    check_inputs(spec, _rows(_with(5, 0.0), _with(5, 1.0)))
+    with pytest.raises(
+        InvalidTensorError, match=re.escape("column 5 (fbs): value is not one of the declared codes [0, 1]")
+    ):
+        check_inputs(spec, _rows(_with(5, 120.0)))
