@@ -85,11 +85,18 @@ RUN install -d -o 10001 -g 10001 -m 0750 /var/lib/medinfer \
     && if [ -n "$missing" ]; then echo "CUDA provider has unresolved libraries: $missing" >&2; exit 1; fi \
     && ldconfig -p | grep -q 'libcudnn\.so\.9'
 
+# Production, as shipped: the two reference models under /opt/medinfer/models are demonstration
+# models (not_for_clinical_use = true), so with nothing acknowledged they are not served (/readyz
+# names them `model-not-acknowledged`), no routing rule sends a PACS's studies to any model, and
+# nothing a demonstration model produced reaches a PACS. A site enables a model by setting
+# MEDINFER_IMAGING_ROUTES (and, only for a knowingly non-clinical deployment,
+# MEDINFER_ACKNOWLEDGED_NONCLINICAL_MODELS; such results are still never sent to a PACS).
 ENV PATH="/opt/venv/bin:${PATH}" \
     VIRTUAL_ENV=/opt/venv \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     MEDINFER_ENV=production \
+    MEDINFER_ACKNOWLEDGED_NONCLINICAL_MODELS=[] \
     MEDINFER_HOST=0.0.0.0 \
     MEDINFER_PORT=8000 \
     MEDINFER_DATA_DIR=/var/lib/medinfer \

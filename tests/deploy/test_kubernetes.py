@@ -16,6 +16,8 @@ No cluster, no network.
 from __future__ import annotations
 
 import copy
+import json
+import os
 import re
 import shutil
 import subprocess
@@ -31,6 +33,9 @@ import yaml
 from pydantic import SecretStr
 
 from app.config import Settings
+from app.container import clinical_use_policy
+from app.imaging.routing import parse_routes
+from app.inference.spec import iter_model_dirs, load_spec
 from app.transport.dimse.node import pacs_sender
 from tests.deploy import kustomize
 from tests.deploy.support import (
@@ -76,7 +81,14 @@ DICOM_PORT = 11112
 PACS_PORTS = frozenset({104, 4242, 11112, 443, 8042})
 #: The per-site settings, kept out of the StatefulSet in this ConfigMap.
 SITE_CONFIG = "medinfer-site"
-SITE_SETTINGS = frozenset({"MEDINFER_DIMSE_ALLOWED_CALLING_AES", "MEDINFER_PACS_DESTINATION"})
+SITE_SETTINGS = frozenset(
+    {
+        "MEDINFER_DIMSE_ALLOWED_CALLING_AES",
+        "MEDINFER_PACS_DESTINATION",
+        "MEDINFER_IMAGING_ROUTES",
+        "MEDINFER_ACKNOWLEDGED_NONCLINICAL_MODELS",
+    }
+)
 HPA_METRIC = "medinfer_inference_queue_depth"
 #: Apply order (docs/operations.md): each stage only needs what earlier stages (or the operator's
 #: Secrets, created between `prerequisites` and `database`) provide.
@@ -789,6 +801,35 @@ def test_every_replica_runs_the_scp(
     assert all(0 < len(ae) <= 16 for ae in settings.dimse_allowed_calling_aes)
     # Empty holds results in the outbox; anything else must be a destination the sender takes.
     assert (pacs_sender(settings) is None) == (not settings.pacs_destination)
+
+
+@pytest.mark.parametrize("overlay", OVERLAY_NAMES)
+def test_as_shipped_no_demonstration_model_serves_and_nothing_is_routed_to_one(
+    rendered: dict[str, list[Object]], overlay: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A hospital that applies the manifests as shipped sends nothing a demonstration model made
+    to its PACS: production, nothing acknowledged, no routing rule, and every model in the image
+    (models/) is not_for_clinical_use, so the production gate serves none of them."""
+    objects = rendered[overlay]
+    env = env_of(find(objects, *SERVER))
+    site = find(objects, "ConfigMap", SITE_CONFIG)["data"]
+    assert env["MEDINFER_ENV"]["value"] == "production"
+    assert json.loads(site["MEDINFER_IMAGING_ROUTES"]) == []
+    assert json.loads(site["MEDINFER_ACKNOWLEDGED_NONCLINICAL_MODELS"]) == []
+    for name in [k for k in os.environ if k.startswith("MEDINFER_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("MEDINFER_ENV", "production")
+    for name in _secret_settings():
+        monkeypatch.setenv(name, "a-real-secret-of-at-least-forty-characters-long")
+    for name in ("MEDINFER_IMAGING_ROUTES", "MEDINFER_ACKNOWLEDGED_NONCLINICAL_MODELS"):
+        monkeypatch.setenv(name, site[name])
+    settings = Settings()
+    assert not (parse_routes(settings.imaging_routes) if settings.imaging_routes else ())
+    policy = clinical_use_policy(settings)
+    specs = [load_spec(d) for d in iter_model_dirs(REPO / "models")]
+    assert specs
+    assert all(policy.refuses(spec, v) for spec in specs for v in spec.served_versions())
+    assert all(policy.withholds_results(spec) for spec in specs)
 
 
 @pytest.mark.parametrize("overlay", OVERLAY_NAMES)

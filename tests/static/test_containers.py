@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
+import os
 import re
 import shlex
 import tomllib
@@ -40,9 +41,12 @@ SERVICES = {"medinfer", "postgres", "migrate", "prometheus", "grafana", "orthanc
 HTTP_PORT = 8000
 DICOM_PORT = 11112
 RUNTIME_UID = 10001
-#: The settings only the serving container has: its C-STORE SCP and where its SR results go.
+#: The settings only the serving container has: its C-STORE SCP, which model reads which study,
+#: which demonstration models it acknowledges, and where its SR results go.
 DIMSE_SETTINGS = frozenset(
     {
+        "MEDINFER_IMAGING_ROUTES",
+        "MEDINFER_ACKNOWLEDGED_NONCLINICAL_MODELS",
         "MEDINFER_DIMSE_ENABLED",
         "MEDINFER_DIMSE_HOST",
         "MEDINFER_DIMSE_PORT",
@@ -818,3 +822,69 @@ def test_checkov_finds_no_secrets_in_container_files(checkov: Path, tmp_path: Pa
     flagged = {Path(c["file_abs_path"]).resolve() for r in reports for c in r["results"].get("failed_checks", [])}
     assert canary.resolve() in flagged, "checkov's secrets scan did not flag the canary: it is not scanning"
     assert flagged == {canary.resolve()}, _failures(reports)
+
+
+# -- the production gate, as shipped -------------------------------------------------------------
+
+STRONG_SECRETS = {
+    "MEDINFER_AUDIT_HMAC_KEY": "a-real-audit-hmac-key-of-forty-characters",
+    "MEDINFER_PSEUDONYM_KEY": "a-real-pseudonym-key-of-forty-characters!",
+    "MEDINFER_KEY_ENCRYPTION_KEY": "a-real-key-encryption-key-forty-chars-!!",
+}
+
+
+def _served_and_routed(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> tuple[list[str], list[str], bool]:
+    """What the service would serve and route with ``env`` and the shipped models: (served
+    name@version, routed model names, whether production withholds results from the PACS)."""
+    from app.config import Settings
+    from app.container import clinical_use_policy
+    from app.imaging.routing import parse_routes
+    from app.inference.spec import iter_model_dirs, load_spec
+
+    for name in [k for k in os.environ if k.startswith("MEDINFER_")]:
+        monkeypatch.delenv(name)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    settings = Settings()
+    policy = clinical_use_policy(settings)
+    specs = [load_spec(d) for d in iter_model_dirs(REPO / "models")]
+    assert specs, "the image ships the reference models"
+    served = [f"{s.name}@{v}" for s in specs for v in s.served_versions() if not policy.refuses(s, v)]
+    routes = parse_routes(settings.imaging_routes) if settings.imaging_routes else ()
+    withholds = all(policy.withholds_results(s) for s in specs if s.not_for_clinical_use)
+    return served, [r.model for r in routes], withholds and settings.env == "production"
+
+
+def test_the_image_as_shipped_serves_no_demonstration_model_and_routes_nothing(
+    runtime: Stage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    env = env_of(runtime)
+    assert env["MEDINFER_ENV"] == "production"
+    assert json.loads(env["MEDINFER_ACKNOWLEDGED_NONCLINICAL_MODELS"]) == []
+    assert "MEDINFER_IMAGING_ROUTES" not in env, "routing is the site's choice"
+    image_env = {k: v for k, v in env.items() if k.startswith("MEDINFER_")} | STRONG_SECRETS
+    served, routed, withholds = _served_and_routed(image_env, monkeypatch)
+    assert served == [], "every shipped model is not_for_clinical_use: production serves none unacknowledged"
+    assert routed == []
+    assert withholds
+
+
+def test_compose_round_trip_runs_only_outside_production(
+    services: dict[str, dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As shipped, compose is a dev stack whose round trip routes chest CR/DX to the demonstration
+    CXR model. Started with MEDINFER_ENV=production, it serves no demonstration model, so its
+    route finds the model refused and no SR reaches Orthanc."""
+    raw = services["medinfer"]["environment"]
+    env = {k: interpolate(str(v)) for k, v in raw.items()}
+    assert env["MEDINFER_ENV"] == "dev"
+    assert json.loads(env["MEDINFER_ACKNOWLEDGED_NONCLINICAL_MODELS"]) == []
+    dev_served, routed, _ = _served_and_routed(env, monkeypatch)
+    assert routed == ["cxr-pneumonia"]
+    assert any(s.startswith("cxr-pneumonia@") for s in dev_served)
+
+    production = env | {"MEDINFER_ENV": "production"} | STRONG_SECRETS
+    served, routed, withholds = _served_and_routed(production, monkeypatch)
+    assert served == []
+    assert routed == ["cxr-pneumonia"]  # the rule stays, and finds its model refused
+    assert withholds
