@@ -533,41 +533,67 @@ def _metric_samples(client: TestClient, prefix: str) -> dict[str, float]:
     return samples
 
 
-def production_case(repo: Path) -> list[Row]:
-    """The shipped models and settings in production: what is served, and what a STOW-RS gets."""
-    overrides: dict[str, Any] = {
-        "env": "production",
-        "pacs_destination": "dimse://HOSPITALPACS@127.0.0.1:1",  # set, but nothing listens: counted, never sent
-        "dimse_enabled": False,
-        "study_settle_s": 0.2,
-        **SECRETS,
-    }
-    with service(repo, (CXR, EHR), **overrides) as svc:
-        ready = svc.client.get("/readyz")
-        states = []
-        for row in _get(ready.json(), "models") or []:
-            state = f"{row.get('model')}@{row.get('version', '-')} {row.get('state')}"
-            if row.get("error_code"):
-                state += f" ({row['error_code']})"
-            states.append(state)
-        served = f"/readyz {ready.status_code}: {'; '.join(states) or '-'}"
+PRODUCTION: dict[str, Any] = {
+    "env": "production",
+    "pacs_destination": "dimse://HOSPITALPACS@127.0.0.1:1",  # set, but nothing listens: counted, never sent
+    "dimse_enabled": False,
+    "study_settle_s": 0.2,
+    **SECRETS,
+}
 
-        boundary = "safety-cases"
-        part = f"--{boundary}\r\nContent-Type: {DICOM}\r\n\r\n".encode() + _testdata("RG1_UNCR.dcm") + b"\r\n"
-        stow = svc.client.post(
-            "/dicomweb/studies",
-            content=part + f"--{boundary}--\r\n".encode(),
-            headers=svc.auth(**{"Content-Type": f'multipart/related; type="{DICOM}"; boundary={boundary}'}),
-        )
-        answer = f"{stow.status_code}"
-        with contextlib.suppress(ValueError, KeyError, TypeError):
-            result = Dataset.from_json(stow.json())
-            accepted = len(result.get("ReferencedSOPSequence", []))
-            failed = [f"0x{int(f.FailureReason):04X}" for f in result.get("FailedSOPSequence", [])]
-            answer += f" accepted={accepted} failed={','.join(failed) or '0'}"
-            if accepted:
-                answer += "; after settling: " + _study_outcome(svc.client)
-    return [("18a. production, shipped models + settings: served?", served), ("18b. production STOW-RS of RG1", answer)]
+
+def _readiness(svc: Service) -> str:
+    ready = svc.client.get("/readyz")
+    states = []
+    for row in _get(ready.json(), "models") or []:
+        state = f"{row.get('model')}@{row.get('version', '-')} {row.get('state')}"
+        if row.get("error_code"):
+            state += f" ({row['error_code']})"
+        states.append(state)
+    return f"/readyz {ready.status_code}: {'; '.join(states) or '-'}"
+
+
+def _stow(svc: Service, instance: bytes) -> str:
+    """STOW-RS one instance; if accepted, what became of its study (inferred, queued, withheld)."""
+    boundary = "safety-cases"
+    part = f"--{boundary}\r\nContent-Type: {DICOM}\r\n\r\n".encode() + instance + b"\r\n"
+    stow = svc.client.post(
+        "/dicomweb/studies",
+        content=part + f"--{boundary}--\r\n".encode(),
+        headers=svc.auth(**{"Content-Type": f'multipart/related; type="{DICOM}"; boundary={boundary}'}),
+    )
+    answer = f"{stow.status_code}"
+    with contextlib.suppress(ValueError, KeyError, TypeError):
+        result = Dataset.from_json(stow.json())
+        accepted = len(result.get("ReferencedSOPSequence", []))
+        failed = [f"0x{int(f.FailureReason):04X}" for f in result.get("FailedSOPSequence", [])]
+        answer += f" accepted={accepted} failed={','.join(failed) or '0'}"
+        if accepted:
+            answer += "; then: " + _study_outcome(svc.client)
+    return answer
+
+
+def _latest_version(repo: Path, model: str) -> str:
+    return max((p.name for p in (repo / "models" / model).iterdir() if p.name.isdigit()), key=int)
+
+
+def production_case(repo: Path) -> list[Row]:
+    """The shipped models and settings in production: what is served, and what a STOW-RS gets.
+
+    Then the operator's two deliberate steps: the CXR model acknowledged and a routing rule set
+    (settings an older checkout does not know are ignored by its ``extra="ignore"``).
+    """
+    rows: list[Row] = []
+    with service(repo, (CXR, EHR), **PRODUCTION) as svc:
+        rows.append(("18a. production, shipped models + settings: served?", _readiness(svc)))
+        rows.append(("18b. production STOW-RS of RG1", _stow(svc, _testdata("RG1_UNCR.dcm"))))
+    route = json.dumps([{"modality": ["CR", "DX"], "body_part": ["CHEST"], "model": CXR}])
+    acknowledged = [f"{CXR}@{_latest_version(repo, CXR)}"]
+    extra = {"acknowledged_nonclinical_models": acknowledged, "imaging_routes": route}
+    with service(repo, (CXR, EHR), **PRODUCTION, **extra) as svc:
+        case = "18c. production, CXR acknowledged + routing rule: STOW-RS of a positive phantom"
+        rows.append((case, _stow(svc, phantom(7, positive=True))))
+    return rows
 
 
 def _study_outcome(client: TestClient, timeout_s: float = 30.0) -> str:
