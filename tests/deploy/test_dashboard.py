@@ -32,6 +32,7 @@ REQUIRED_ROWS = [
     "Audit",
     "GPU",
     "Imaging",
+    "Clinical safety",
 ]
 #: Grafana's variables, replaced by something PromQL accepts before promtool parses a query.
 VARIABLE_VALUES = {"$__rate_interval": "5m", "$__interval": "1m", "$__range": "1h", "$instance": ".*", "$model": ".*"}
