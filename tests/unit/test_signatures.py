@@ -181,3 +181,19 @@ def test_cli_signs_and_validates_with_the_trusted_key(
     toml.write_text(toml.read_text(encoding="utf-8").replace("default = 0.5", "default = 0.2"), encoding="utf-8")
     assert cli(["models", "validate", "--repository", str(tmp_path / "repo")]) == 1
     assert "[model-signature]" in capsys.readouterr().out
+
+
+def test_validate_with_production_settings_reports_the_gate(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    write_model(tmp_path / "repo", "alpha", {"1": 1})  # not_for_clinical_use = true
+    monkeypatch.setenv("MEDINFER_ENV", "production")
+    for name in ("AUDIT_HMAC_KEY", "PSEUDONYM_KEY", "KEY_ENCRYPTION_KEY"):
+        monkeypatch.setenv(f"MEDINFER_{name}", "a-real-secret-of-at-least-forty-characters-long")
+    assert cli(["models", "validate", "--repository", str(tmp_path / "repo")]) == 1
+    out = capsys.readouterr().out
+    assert "REFUSED alpha v1: [model-not-acknowledged]" in out
+    assert "alpha@1" in out
+    monkeypatch.setenv("MEDINFER_ACKNOWLEDGED_NONCLINICAL_MODELS", '["alpha@1"]')
+    assert cli(["models", "validate", "--repository", str(tmp_path / "repo")]) == 0
+    assert "results never sent to a PACS" in capsys.readouterr().out
