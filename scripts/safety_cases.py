@@ -185,7 +185,7 @@ def decision(response: Response, *, imputed: bool = False) -> str:
     parts = [f"{response.status_code} {label}", f"p({_text(positive)})={_text(probability)}"]
     verdict = _verdict(body)
     if verdict is not None and verdict.startswith("indeterminate"):
-        parts = [f"{response.status_code} {verdict}"]
+        parts = [f"{response.status_code} {verdict}", f"p({_text(positive)})={_text(probability)}"]
     elif verdict is not None:
         parts.append(verdict)
     if imputed:
@@ -202,11 +202,30 @@ def _imputed(body: Any) -> str:
 
 def _used(body: Any, feature: str) -> str:
     """What the answer says went into the model for one feature (value, source, imputed)."""
-    for row in _get(body, "input", "features") or []:
+    rows = _get(body, "input", "features")
+    if rows is None:
+        return "features used: -"
+    for row in rows:
         if isinstance(row, dict) and row.get("name") == feature:
             source = row.get("source") or "-"
             return f"{feature}={_text(row.get('value'))} from {source}{' (imputed)' if row.get('imputed') else ''}"
     return f"{feature}: not listed"
+
+
+def risk_summary(response: Response) -> str:
+    """A FHIR RiskAssessment: each prediction's outcome (coded or text only), probability, basis."""
+    if response.status_code >= 400:  # noqa: PLR2004
+        return _error(response)
+    body = response.json()
+    predictions = []
+    for prediction in _get(body, "prediction") or []:
+        outcome = _get(prediction, "outcome") or {}
+        text = _short(str(outcome.get("text", "-")), 60)
+        coded = "coded" if outcome.get("coding") else "text only"
+        percent = prediction.get("probabilityDecimal")
+        predictions.append(f"{text} ({coded}, p={_text(percent)}%)")
+    basis = len(_get(body, "basis") or [])
+    return f"{response.status_code} RiskAssessment: {'; '.join(predictions) or '-'}; basis {basis} refs"
 
 
 # ----------------------------------------------------------------------------- imaging inputs
@@ -362,9 +381,9 @@ def blood_pressure_panel() -> dict[str, Any]:
 
 
 def cholesterol(*, si: bool = False, absent: bool = False) -> dict[str, Any]:
-    if si:  # 6.03 mmol/L x 38.67 = 233 mg/dL
+    if si:  # 5.79 mmol/L x 38.67 = 224 mg/dL, the same as the mass-concentration reading
         code = _loinc("14647-2", "Cholesterol [Moles/volume] in Serum or Plasma")
-        return _observation("chol", "laboratory", code, "Cholesterol", LAB_DAY, **_quantity(6.03, "mmol/L"))
+        return _observation("chol", "laboratory", code, "Cholesterol", LAB_DAY, **_quantity(5.79, "mmol/L"))
     code = _loinc("2093-3", "Cholesterol [Mass/volume] in Serum or Plasma")
     if absent:
         reason = {"dataAbsentReason": {"coding": [{"system": ABSENT, "code": "not-performed"}], "text": "Not done"}}
@@ -472,10 +491,10 @@ def ehr_cases(repo: Path) -> list[Row]:
     rows: list[Row] = []
     with service(repo, (EHR,)) as svc:
 
-        def predict(document: dict[str, Any]) -> Response:
+        def predict(document: dict[str, Any], **headers: str) -> Response:
             body = json.dumps(document).encode()
             return svc.client.post(
-                f"/v1/models/{EHR}/predict", content=body, headers=svc.auth(**{"Content-Type": FHIR_JSON})
+                f"/v1/models/{EHR}/predict", content=body, headers=svc.auth(**{"Content-Type": FHIR_JSON, **headers})
             )
 
         def ehr(case: str, document: dict[str, Any], feature: str | None = None) -> None:
@@ -488,12 +507,20 @@ def ehr_cases(repo: Path) -> list[Row]:
         ehr("8a. complete record, HR = ward 8867-4 vital-signs 72/min", bundle(record(heart_rate=[ward_heart_rate()])))
         ehr("8b. same record without the ward HR", bundle(record(heart_rate=[])))
         ehr("8c. same record with the stress test's peak HR 150 (method 165079009)", bundle(record()), "thalach")
+        fhir = predict(bundle(record(heart_rate=[ward_heart_rate()])), Accept=FHIR_JSON)
+        rows.append(("8d. case 8a as FHIR (Accept: application/fhir+json)", risk_summary(fhir)))
         ehr("9. BP as US Core panel 85354-9 (components 8480-6/8462-4)", bundle(record(bp=blood_pressure_panel)))
         ehr("10. cholesterol with dataAbsentReason", bundle(record(chol=cholesterol(absent=True))))
         ehr("11. searchset Bundle (search.mode match/include)", bundle(record(), searchset=True))
         ehr("12. fasting glucose 1558-6 without a unit", bundle(record(glucose=fasting_glucose(unit=False))))
-        ehr("13. cholesterol SI LOINC 14647-2, 6.03 mmol/L", bundle(record(chol=cholesterol(si=True))), "chol")
+        ehr(
+            "13. cholesterol SI LOINC 14647-2, 5.79 mmol/L (= 224 mg/dL)",
+            bundle(record(chol=cholesterol(si=True))),
+            "chol",
+        )
         ehr("14. only age, sex, cp (10 of 13 missing)", bundle(record()[:1]))
+        fhir = predict(bundle(record()[:1]), Accept=FHIR_JSON)
+        rows.append(("14b. case 14 as FHIR (Accept: application/fhir+json)", risk_summary(fhir)))
 
         def infer(row: list[float]) -> Response:
             body = {"inputs": [{"name": "features", "shape": [1, 13], "datatype": "FP32", "data": row}]}
