@@ -9,6 +9,7 @@ import sqlite3
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -70,7 +71,7 @@ def _reference(vector: list[float]) -> np.ndarray:
     return np.asarray(_session().run(None, {"features": np.asarray([vector], np.float32)})[0][0])
 
 
-def _post(client: TestClient, key: str, body: object, media: str = FHIR, **headers: str) -> object:
+def _post(client: TestClient, key: str, body: object, media: str = FHIR, **headers: str) -> Any:
     return client.post(
         f"/v1/models/{MODEL}/predict",
         content=json.dumps(body).encode(),
@@ -123,8 +124,8 @@ def test_the_latest_observation_wins(ehr: tuple[TestClient, str, Settings]) -> N
     assert body["probabilities"]["cad"] == pytest.approx(float(_reference(FULL_VECTOR)[1]), abs=1e-6)
 
 
-def _used(body: dict[str, object], name: str) -> dict[str, object]:
-    (use,) = [u for u in body["input"]["features"] if u["name"] == name]  # type: ignore[attr-defined,index]
+def _used(body: dict[str, Any], name: str) -> dict[str, Any]:
+    (use,) = [u for u in body["input"]["features"] if u["name"] == name]
     return use  # type: ignore[no-any-return]
 
 

@@ -141,3 +141,70 @@ def test_retrained_split_and_threshold_match_committed(reference) -> None:
     assert len(splits.y_test) == metrics["internal_test"]["n"]
     p_val = model.predict_proba(splits.X_val)[:, 1]
     assert threshold_for_sensitivity(splits.y_val, p_val, TARGET_SENSITIVITY) == metrics["threshold"]
+
+
+def test_every_feature_has_a_plausibility_range_and_the_recipe_loads(spec: dict) -> None:
+    from app.parsing.fhir import feature_map
+
+    pre = spec["preprocessing"]
+    fmap = feature_map(pre)
+    for feature in fmap.features:
+        assert feature.valid_range is not None, feature.name
+        if feature.codes and not feature.derived:  # a coded feature's range is its code table's
+            assert feature.valid_range == (min(feature.codes.values()), max(feature.codes.values()))
+    assert fmap.selection == "most_recent_within"
+    assert fmap.lookback_days == 365
+    by_name = {f.name: f for f in fmap.features}
+    thalach = by_name["thalach"].context
+    assert thalach is not None
+    assert ("http://snomed.info/sct", "76746007") in {(c.system, c.code) for c in thalach.methods}
+    assert by_name["chol"].alternative_loinc == {"14647-2": "mmol/L"}
+    assert by_name["fbs"].alternative_loinc == {"14771-0": "mmol/L"}
+
+
+def test_operating_points_name_the_split_they_were_measured_on(spec: dict) -> None:
+    metrics = json.loads((MODEL_DIR / "metrics.json").read_text())
+    points = spec["thresholds"]["operating_points"]
+    assert {p["split"] for p in points.values()} == {"validation"}
+    high = points["high_sensitivity"]
+    assert high["sensitivity"] == round(metrics["validation"]["sensitivity"], 4)
+    assert high["specificity"] == round(metrics["validation"]["specificity"], 4)
+
+
+def test_record_ood_statistics_are_the_training_split_and_flag_at_most_5_percent(spec: dict, reference) -> None:
+    from app.inference.spec import OodSpec
+    from training.ehr_heart_disease import FEATURES, NUMERIC
+
+    _, splits, _, _, _ = reference
+    ood = OodSpec.model_validate(spec["versions"]["1"]["ood"])
+    assert ood.method == "training-range"
+    assert set(ood.training_ranges) == set(NUMERIC)
+    for name, (low, high) in ood.training_ranges.items():
+        column = splits.X_train[:, FEATURES.index(name)]
+        assert (low, high) == (np.nanmin(column), np.nanmax(column)), name
+    # The share of the internal test set flagged, recomputed the way the service checks a record.
+    x = splits.X_test
+    flagged = np.isnan(x).sum(axis=1) > ood.max_imputed
+    for name, (low, high) in ood.training_ranges.items():
+        value = x[:, FEATURES.index(name)]
+        flagged |= ~np.isnan(value) & ((value < low) | (value > high))
+    assert ood.in_distribution_flagged == round(float(flagged.mean()), 4)
+    assert ood.in_distribution_flagged is not None
+    assert ood.in_distribution_flagged <= 0.05
+
+
+def test_the_card_reports_each_site_and_each_sex_with_its_split() -> None:
+    card = (MODEL_DIR / "card.md").read_text()
+    metrics = json.loads((MODEL_DIR / "metrics.json").read_text())
+    for site, split in (
+        ("Cleveland", "internal test"),
+        ("Hungary", "internal test"),
+        ("Switzerland", "internal test"),
+        ("VA Long Beach", "external test"),
+    ):
+        assert f"| {site} | {split} | {metrics['subgroups'][f'site:{site}']['n']} |" in card
+    for sex in ("male", "female"):
+        for split in ("internal_test", "external_test"):
+            n = metrics["subgroups"][f"sex:{sex}:{split}"]["n"]
+            assert f"| {sex} | {split.replace('_', ' ')} | {n} |" in card
+    assert "internal test 4.2 %" in card
