@@ -104,3 +104,20 @@ class RequestContext:
     study_uid: str | None = None
     series_uid: str | None = None
     sop_uids: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class FeatureUse:
+    """What one feature gave the model, and where it came from: shown to the clinician.
+
+    ``value`` is what the model received in the declared ``unit`` (after unit conversion and
+    code mapping); for an imputed feature it is the imputation value the graph substitutes.
+    ``source`` is a FHIR reference (``Observation/id``, ``Patient/id``), ``"request"`` for plain
+    features, or None when imputed.
+    """
+
+    name: str
+    value: float
+    unit: str | None
+    source: str | None
+    imputed: bool

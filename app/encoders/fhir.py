@@ -8,8 +8,8 @@ from typing import Any, Final
 
 from fhir.resources.R4B.riskassessment import RiskAssessment
 
+from app.domain import FeatureUse
 from app.inference.registry import ServedVersion
-from app.parsing.fhir import FeatureUse
 from app.postprocess.classification import Classification
 
 NOT_FOR_CLINICAL_USE: Final = "Not for clinical use."

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from app.domain import FeatureUse
 from app.inference.registry import ServedVersion
-from app.parsing.fhir import FeatureUse
 from app.postprocess.classification import Classification
 from app.postprocess.ood import OUTSIDE, OodAssessment
 

@@ -34,6 +34,7 @@ from fhir.resources.R4B.patient import Patient
 from fhir.resources.R4B.quantity import Quantity
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from app.domain import FeatureUse
 from app.errors import (
     InvalidRequestError,
     MalformedBodyError,
@@ -213,23 +214,6 @@ def feature_map(preprocessing: Mapping[str, Any]) -> FeatureMap:
             f"{'.'.join(str(p) for p in err['loc']) or 'preprocessing'}: {err['msg']}" for err in exc.errors()
         )
         raise ModelSpecError(f"preprocessing: {problems}") from exc
-
-
-@dataclass(frozen=True, slots=True)
-class FeatureUse:
-    """What one feature gave the model, and where it came from: shown to the clinician.
-
-    ``value`` is what the model received in the declared ``unit`` (after unit conversion and
-    code mapping); for an imputed feature it is the imputation value the graph substitutes.
-    ``source`` is a FHIR reference (``Observation/id``, ``Patient/id``), ``"request"`` for plain
-    features, or None when imputed.
-    """
-
-    name: str
-    value: float
-    unit: str | None
-    source: str | None
-    imputed: bool
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,12 +15,12 @@ from fhir.resources.R4B.riskassessment import RiskAssessment
 from pydicom import Dataset
 from pydicom.data import get_testdata_file
 
+from app.domain import FeatureUse
 from app.encoders.dicom_sr import INDETERMINATE_FINDING, OOD_SCORE, build_sr, sr_bytes
 from app.encoders.fhir import FEATURE_USED_EXTENSION, risk_assessment
 from app.encoders.json import prediction
 from app.inference.registry import ServedVersion, load_version
 from app.inference.spec import ContentChecks, OodSpec, load_spec
-from app.parsing.fhir import FeatureUse
 from app.postprocess.classification import classify
 from app.postprocess.ood import INDETERMINATE, OUTSIDE, OodReason, assess_image, assess_record, content_findings
 
