@@ -38,8 +38,10 @@ async def livez() -> Liveness:
     summary="Readiness probe",
     description=(
         "200 when the database answers and the model repository has finished loading with at least one "
-        "model serving; 503 with the same body otherwise. `models` lists each version and, for refused "
-        "ones, the error code (for example `model-integrity`)."
+        "model serving, or with every version not serving refused by the production gate (a "
+        "not-for-clinical-use version that MEDINFER_ACKNOWLEDGED_NONCLINICAL_MODELS does not name: a policy, "
+        "not a fault); 503 with the same body otherwise. `models` lists each version and, for refused ones, "
+        "the error code (for example `model-integrity`, or `model-not-acknowledged`) and why."
     ),
     responses={
         503: {
