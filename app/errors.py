@@ -408,10 +408,11 @@ class StudyMismatchError(MedinferError):
 
 
 class NoRouteError(MedinferError):
-    """No imaging routing rule (``MEDINFER_IMAGING_ROUTES``, or the models' own allow-lists)
-    names a model for this instance's Modality and BodyPartExamined, so it is not accepted.
+    """No imaging routing rule of the site (``MEDINFER_IMAGING_ROUTES``) enables a model for this
+    instance's Modality and BodyPartExamined, so it is not accepted. A model's own allow-lists
+    never route by themselves: the site decides which models see its studies.
 
-    Recovery: add a routing rule, or send only images a served model is intended for.
+    Recovery: add a routing rule, or send only images a routed model is intended for.
     """
 
     code = "no-route"

@@ -220,6 +220,7 @@ def service(workdir: Path, pacs_port: int, settle_s: float) -> Iterator[Service]
         "MEDINFER_PORT": str(port),
         "MEDINFER_LOG_LEVEL": "WARNING",
         "MEDINFER_STUDY_SETTLE_S": str(settle_s),
+        "MEDINFER_IMAGING_ROUTES": '[{"modality": ["CR", "DX"], "body_part": ["CHEST"], "model": "cxr-pneumonia"}]',
         "MEDINFER_PACS_DESTINATION": f"dimse://{PACS_AE}@127.0.0.1:{pacs_port}",
         "MEDINFER_PACS_RETRY_BASE_S": "0.2",
         "PYTHONUNBUFFERED": "1",
