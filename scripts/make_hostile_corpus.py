@@ -1462,7 +1462,7 @@ def fhir_family(corpus: Corpus) -> None:
     wrong: dict[str, Callable[[dict[str, Any]], Any]] = {
         "resource-type-number": lambda d: d.update(resourceType=1),
         "type-list": lambda d: d.update(type=["collection"]),
-        "type-unknown": lambda d: d.update(type="searchset"),
+        "type-unknown": lambda d: d.update(type="nonsense"),
         "entry-object": lambda d: d.update(entry={"resource": d["entry"][0]["resource"]}),
         "entry-strings": lambda d: d.update(entry=["Patient/p1"]),
         "entry-null-items": lambda d: d.update(entry=[None, None]),
