@@ -28,6 +28,7 @@ from app.errors import (
 from app.inference.release import verify_release
 from app.inference.session import LoadedSession, open_session
 from app.inference.spec import ModelSpec, iter_model_dirs, load_spec
+from app.inference.tensors import parse_feature_contract
 from app.observability.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -79,7 +80,8 @@ def load_version(
 
     The file is read once: the bytes that were checked are the bytes ONNX Runtime gets, so a
     file swapped on disk in between cannot slip through. Raises :class:`ModelIntegrityError`,
-    :class:`ModelSignatureError`, or :class:`ModelLoadError` if the file is missing or will not run.
+    :class:`ModelSignatureError`, :class:`ModelSpecError` if its feature contract cannot apply, or
+    :class:`ModelLoadError` if the file is missing or will not run.
     """
     label = f"{spec.name} v{version}"
     path = model_dir / version / "model.onnx"
@@ -95,6 +97,7 @@ def load_version(
         )
     if trusted_key is not None:
         verify_release(spec, path.parent, actual, trusted_key, label)
+    parse_feature_contract(spec)  # a contract that cannot apply refuses the version, not each request
     loaded = open_session(spec, data)
     return ServedVersion(spec=spec, version=version, sha256=actual, loaded=loaded)
 

@@ -254,3 +254,22 @@ def test_a_real_failure_keeps_readiness_red_even_beside_a_policy_refusal(tmp_pat
     codes = {s.model: s.error_code for s in registry.statuses()}
     assert codes == {"alpha": ModelNotAcknowledgedError.code, "beta": ModelIntegrityError.code}
     assert not registry.models_ready()
+
+
+def test_a_feature_contract_that_cannot_apply_refuses_the_version_at_load(tmp_path: Path) -> None:
+    model_dir = write_model(tmp_path, "alpha", {"1": 1})
+    toml = model_dir / "model.toml"
+    # Four declared features for a three-column input: refused when loading, not on each request.
+    toml.write_text(
+        toml.read_text(encoding="utf-8")
+        + '\n[preprocessing]\nkind = "fhir"\nfeature_order = ["a", "b", "c", "d"]\n'
+        + "".join(f'\n[[preprocessing.features]]\nindex = {i}\nname = "{n}"\n' for i, n in enumerate("abcd")),
+        encoding="utf-8",
+    )
+    registry = ModelRegistry(tmp_path)
+    registry.load_all()
+    (status,) = registry.statuses()
+    assert status.state is VersionState.FAILED
+    assert status.error_code == "model-spec-invalid"
+    assert status.version == "1"
+    assert "feature" in (status.error or "")
