@@ -1,9 +1,10 @@
 """Train, evaluate and export the ``cxr-pneumonia`` reference model (synthetic data only).
 
-Run from the repository root (CPU only, about 15-20 min on 2 cores)::
+Run from the repository root (CPU only, about 30 min on 2 cores)::
 
     python -m training.cxr_pneumonia                  # writes models/cxr-pneumonia/... and the checkpoint
     python -m training.cxr_pneumonia --out DIR --checkpoint-dir DIR2   # scratch copy
+    python -m training.cxr_pneumonia --export-only    # version 2 from the committed checkpoint, no training
 
 No real chest X-ray data can be had offline, so the model learns from procedurally
 generated phantoms (``training.phantoms``). It is a demonstration model for the service's
@@ -18,7 +19,10 @@ photometric interpretations and transfer syntaxes, read back and preprocessed ex
 Model: ResNet-18 layout (BasicBlock x [2, 2, 2, 2]) at base width 32, one input channel,
 per-image standardisation as the first layer, softmax appended for export.
 Training: AdamW + cosine, 6 epochs at 112 x 112 (2x2 mean-pooled phantoms) then 2 epochs
-at 224 x 224. Export: ``torch.onnx.export`` (opset 18, dynamic batch axis).
+at 224 x 224. Export: ``torch.onnx.export`` (opset 18, dynamic batch axis) of version 2:
+outputs ``probabilities`` [N, 2], ``embedding`` [N, 256] and ``ood_score`` [N], the
+out-of-distribution detector of ``training.cxr_ood`` (fitted on the ``ood_fit`` phantoms,
+threshold from ``ood_cal``). Version 1 was the same weights with ``probabilities`` only.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import argparse
 import datetime as _dt
 import io
 import json
+import math
 import multiprocessing as mp
 import time
 from pathlib import Path
@@ -41,14 +46,14 @@ from torch import nn
 from torch.nn import functional as tnf
 from torch.utils.flop_counter import FlopCounterMode
 
-from training import phantoms
+from training import cxr_ood, phantoms
 from training.common import (
     MODELS_DIR,
     REPO_ROOT,
+    binary_metrics,
     dump_json,
     environment_info,
     evaluate_split,
-    run_onnx,
     save_plots,
     sha256_file,
     threshold_for_sensitivity,
@@ -59,8 +64,11 @@ from training.common import (
 from training.dicom_studies import SOP_CLASSES, reference_preprocess, study_bytes
 
 NAME = "cxr-pneumonia"
-VERSION = 1
-CREATED = "2026-11-28"
+VERSION = 2
+CREATED = "2026-12-04"
+#: The weights were trained for version 1 (2026-11-28); version 2 is the same checkpoint
+#: re-exported with the out-of-distribution outputs, so the file keeps its name.
+CHECKPOINT_NAME = "cxr_pneumonia_v1.pt"
 SEED = 20261128
 LABELS = ["normal", "pneumonia"]
 SIZE = 224
@@ -70,11 +78,14 @@ THREADS = 2
 OPSET = 18
 TARGET_SENSITIVITY = 0.90
 CHECKPOINT_DIR = REPO_ROOT / "training" / "checkpoints"
-CHECKPOINT_NAME = f"cxr_pneumonia_v{VERSION}.pt"
 
 # disjoint seed ranges per split
 SPLITS = {"train": (1_000_000, 8000), "val": (2_000_000, 1000), "test": (3_000_000, 2000)}
 DICOM_SPLIT = (4_000_000, 160)
+# the out-of-distribution detector's own phantoms (training.cxr_ood): statistics fitted on
+# ood_fit, threshold set on ood_cal; disjoint from the above and from the seeds the tests
+# use (5_000_000+, 6_000_000+)
+OOD_SPLITS = {"ood_fit": (7_000_000, 3000), "ood_cal": (7_500_000, 2000)}
 EPOCHS_LOW, EPOCHS_HIGH = 6, 2
 BATCH_LOW, BATCH_HIGH = 64, 32
 LR_LOW, LR_HIGH = 2e-3, 4e-4
@@ -135,22 +146,16 @@ class CXRResNet(nn.Module):
             if isinstance(m, BasicBlock):
                 nn.init.zeros_(m.bn2.weight)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The penultimate features: the last stage globally average-pooled, [N, 8 * width]."""
         mean = x.mean(dim=(2, 3), keepdim=True)
         var = ((x - mean) ** 2).mean(dim=(2, 3), keepdim=True)
         x = (x - mean) / torch.sqrt(var + 1e-5)
         x = self.layers(self.stem(x))
-        x = x.mean(dim=(2, 3))
-        return self.fc(x)
+        return x.mean(dim=(2, 3))
 
-
-class CXRExport(nn.Module):
-    def __init__(self, net: CXRResNet) -> None:
-        super().__init__()
-        self.net = net
-
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.net(image), dim=1)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(x))
 
 
 def load_checkpoint(path: Path | str | None = None) -> CXRResNet:
@@ -174,7 +179,7 @@ def count_flops(net: nn.Module, size: int = SIZE) -> int:
 
 
 def split_seeds(split: str) -> tuple[np.ndarray, np.ndarray]:
-    base, n = SPLITS[split]
+    base, n = SPLITS[split] if split in SPLITS else OOD_SPLITS[split]
     seeds = base + np.arange(n)
     labels = (np.arange(n) % 2).astype(np.int64)
     return seeds, labels
@@ -182,10 +187,14 @@ def split_seeds(split: str) -> tuple[np.ndarray, np.ndarray]:
 
 def generate_split(split: str, pool: Any) -> tuple[np.ndarray, np.ndarray]:
     seeds, labels = split_seeds(split)
+    return generate_seeds(seeds, labels, pool), labels
+
+
+def generate_seeds(seeds: np.ndarray, labels: np.ndarray, pool: Any) -> np.ndarray:
     chunk = 250
     jobs = [(seeds[i : i + chunk].tolist(), labels[i : i + chunk].tolist(), SIZE) for i in range(0, len(seeds), chunk)]
     parts = pool.starmap(phantoms.batch, jobs)
-    return np.concatenate(parts).astype(np.float16), labels
+    return np.concatenate(parts).astype(np.float16)
 
 
 def downsample2(x: torch.Tensor) -> torch.Tensor:
@@ -274,10 +283,13 @@ def _strip_export_metadata(onx: onnx.ModelProto) -> None:
         del init.metadata_props[:]
 
 
-def export_onnx(net: CXRResNet, path: Path) -> str:
+OUTPUT_NAMES = ["probabilities", cxr_ood.EMBEDDING, cxr_ood.OUTPUT]
 
+
+def export_onnx(net: CXRResNet, path: Path, gaussian: cxr_ood.Gaussian) -> str:
+    """Export the classifier with its embedding and OOD score (``cxr_ood.OodExport``)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    model = CXRExport(net).eval()
+    model = cxr_ood.OodExport(net, gaussian.mean, gaussian.whiten).eval()
     dummy = torch.zeros(2, 1, SIZE, SIZE)
     try:  # torch.export-based exporter (the default since torch 2.9); folds BatchNorm into Conv
         program = torch.onnx.export(
@@ -285,7 +297,7 @@ def export_onnx(net: CXRResNet, path: Path) -> str:
             (dummy,),
             None,
             input_names=["image"],
-            output_names=["probabilities"],
+            output_names=OUTPUT_NAMES,
             dynamic_shapes={"image": {0: torch.export.Dim("batch", min=1, max=4096)}},
             opset_version=OPSET,
             dynamo=True,
@@ -301,18 +313,21 @@ def export_onnx(net: CXRResNet, path: Path) -> str:
             (dummy,),
             buf,
             input_names=["image"],
-            output_names=["probabilities"],
-            dynamic_axes={"image": {0: "batch"}, "probabilities": {0: "batch"}},
+            output_names=OUTPUT_NAMES,
+            dynamic_axes={"image": {0: "batch"}, **{name: {0: "batch"} for name in OUTPUT_NAMES}},
             opset_version=OPSET,
             dynamo=False,
             do_constant_folding=True,
         )
         onx = onnx.load_from_string(buf.getvalue())
         exporter = "torch.onnx.export(dynamo=False)"
+    dim = int(gaussian.mean.shape[0])
     onx.doc_string = (
-        "cxr-pneumonia v1: ResNet-18-layout CNN (width 32) trained on synthetic chest-radiograph "
-        "phantoms. Input image[N,1,224,224] FP32 in [0,1], bright = dense. Output probabilities[N,2] "
-        "for labels normal, pneumonia. Demonstration only, NOT FOR CLINICAL USE."
+        f"cxr-pneumonia v{VERSION}: ResNet-18-layout CNN (width 32) trained on synthetic chest-radiograph "
+        "phantoms. Input image[N,1,224,224] FP32 in [0,1], bright = dense. Outputs: probabilities[N,2] "
+        f"for labels normal, pneumonia; embedding[N,{dim}] (penultimate features); ood_score[N] = "
+        "Mahalanobis distance (not squared) of the embedding to the in-distribution phantoms' mean "
+        "(Ledoit-Wolf covariance), statistics held as constants. Demonstration only, NOT FOR CLINICAL USE."
     )
     onx.producer_name = "medinfer-training"
     del onx.metadata_props[:]
@@ -321,6 +336,8 @@ def export_onnx(net: CXRResNet, path: Path) -> str:
         "version": str(VERSION),
         "labels": ",".join(LABELS),
         "training_data": "synthetic phantoms (training.phantoms)",
+        "ood_method": cxr_ood.METHOD,
+        "ood_output": cxr_ood.OUTPUT,
         "not_for_clinical_use": "true",
     }.items():
         p = onx.metadata_props.add()
@@ -329,6 +346,21 @@ def export_onnx(net: CXRResNet, path: Path) -> str:
     onnx.checker.check_model(onx, full_check=True)
     onnx.save_model(onx, str(path))
     return exporter
+
+
+def onnx_outputs(path: Path, x: np.ndarray, batch: int = 250) -> dict[str, np.ndarray]:
+    """All outputs of the exported graph on a [N, 1, 224, 224] batch (CPU, in chunks)."""
+    import onnxruntime as ort  # noqa: PLC0415 - only the export steps run the graph
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    parts: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    for i in range(0, len(x), batch):
+        for n, v in zip(names, sess.run(None, {"image": np.asarray(x[i : i + batch], np.float32)}), strict=True):
+            parts[n].append(v)
+    return {n: np.concatenate(v) for n, v in parts.items()}
 
 
 DICOM_VARIANTS = [
@@ -364,10 +396,129 @@ def dicom_roundtrip_inputs(rows: int = 512) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate(xs), np.asarray(ys, dtype=np.int64)
 
 
+def content_check_thresholds(std: np.ndarray, saturated: np.ndarray) -> dict[str, float]:
+    """Content-check limits from the in-distribution images' own statistics, with margin.
+
+    ``min_std``: a tenth of the smallest standard deviation seen, rounded down to 3 decimals
+    (a blank or constant image has 0; an image that low in contrast is "nearly blank", not just
+    unusual, which the score judges). ``saturation_fraction``: twice the largest share of
+    pixels at 0 or 1 seen, rounded up to 0.05, and at least 0.25.
+    """
+    min_std = math.floor(100.0 * float(std.min())) / 1000.0
+    sat = max(0.25, math.ceil(20.0 * 2.0 * float(saturated.max())) / 20.0)
+    return {"min_std": min_std, "saturation_fraction": min(sat, 1.0)}
+
+
+def calibrate_ood(
+    net: CXRResNet, pool: Any, onnx_path: Path, Xt: np.ndarray, Xd: np.ndarray
+) -> tuple[str, dict[str, Any], dict[str, np.ndarray]]:
+    """Fit the detector, export the graph with it, set the threshold and measure it.
+
+    Returns the exporter used, ``metrics["ood"]`` and the graph's outputs on the test split.
+    """
+    t0 = time.perf_counter()
+    fit_seeds, fit_labels = split_seeds("ood_fit")
+    gaussian = cxr_ood.fit_gaussian(cxr_ood.embeddings(net, generate_seeds(fit_seeds, fit_labels, pool)))
+    exporter = export_onnx(net, onnx_path, gaussian)
+
+    def score(x: np.ndarray) -> np.ndarray:
+        return onnx_outputs(onnx_path, x)[cxr_ood.OUTPUT].reshape(len(x)).astype(np.float64)
+
+    cal_seeds, cal_labels = split_seeds("ood_cal")
+    Xc = generate_seeds(cal_seeds, cal_labels, pool)
+    threshold = cxr_ood.threshold_at_quantile(score(Xc))
+    out_test = onnx_outputs(onnx_path, Xt)
+    s_test = out_test[cxr_ood.OUTPUT].astype(np.float64)
+    graph_vs_numpy = float(np.max(np.abs(s_test - gaussian.distance(out_test[cxr_ood.EMBEDDING])) / s_test))
+    if graph_vs_numpy > 1e-4:
+        raise SystemExit(f"ood_score in the graph differs from the numpy distance: {graph_vs_numpy}")
+    s_dicom = score(Xd)
+
+    stats = [cxr_ood.content_stats(x) for x in (Xt, Xd, Xc)]
+    std_id = np.concatenate([a for a, _ in stats])
+    sat_id = np.concatenate([b for _, b in stats])
+    checks = content_check_thresholds(std_id, sat_id)
+    limits = (checks["min_std"], checks["saturation_fraction"])
+    test_content = cxr_ood.content_flags(Xt, *limits)
+    if test_content.any():
+        raise SystemExit(f"{int(test_content.sum())} in-distribution test phantoms trip the content checks")
+
+    groups = cxr_ood.ood_groups(SEED)
+    evaluated = cxr_ood.evaluate_groups(score, s_test, groups, threshold, limits)
+    by_variant = []
+    for k, (modality, pi, bits, ts) in enumerate(DICOM_VARIANTS):
+        sv = s_dicom[k :: len(DICOM_VARIANTS)]
+        by_variant.append(
+            {
+                "variant": f"{modality} {pi} {bits}-bit {ts}",
+                "n": len(sv),
+                "score_max": round(float(sv.max()), 3),
+                "ratio_max": round(float(sv.max()) / threshold, 3),
+                "flagged": int(np.sum(sv > threshold)),
+            }
+        )
+    ood = {
+        "method": cxr_ood.METHOD,
+        "output": cxr_ood.OUTPUT,
+        "output_shape": [-1],
+        "score": "Mahalanobis distance (not squared) of the embedding to the ood_fit mean, Ledoit-Wolf covariance",
+        "embedding_dim": int(gaussian.mean.shape[0]),
+        "fit": {"first_seed": OOD_SPLITS["ood_fit"][0], "n": gaussian.n, "shrinkage": round(gaussian.shrinkage, 6)},
+        "calibration_split": {"first_seed": OOD_SPLITS["ood_cal"][0], "n": len(Xc)},
+        "quantile": cxr_ood.QUANTILE,
+        "threshold": threshold,
+        "id_test_n": len(s_test),
+        "id_test_flagged_n": int(np.sum(s_test > threshold)),
+        "id_test_flagged": round(float(np.mean(s_test > threshold)), 4),
+        "id_test_content_flagged_n": int(test_content.sum()),
+        "id_test_score_median": round(float(np.median(s_test)), 3),
+        "id_test_score_p99": round(float(np.quantile(s_test, 0.99)), 3),
+        "id_test_score_max": round(float(s_test.max()), 3),
+        "dicom_roundtrip_n": len(s_dicom),
+        "dicom_roundtrip_flagged_n": int(np.sum(s_dicom > threshold)),
+        "dicom_roundtrip_flagged": round(float(np.mean(s_dicom > threshold)), 4),
+        "dicom_roundtrip_by_variant": by_variant,
+        "graph_vs_numpy_max_rel_diff": graph_vs_numpy,
+        "content_checks": {
+            **checks,
+            "id_min_std": round(float(std_id.min()), 4),
+            "id_max_saturated": round(float(sat_id.max()), 4),
+            "measured_on": "test, DICOM round trip and ood_cal phantoms",
+        },
+        "groups": evaluated,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    print(
+        f"[{NAME}] OOD threshold {threshold:.3f}; ID test flagged {ood['id_test_flagged']:.4f}; "
+        + "; ".join(f"{k} AUROC {v['auroc']:.3f}" for k, v in evaluated.items()),
+        flush=True,
+    )
+    return exporter, ood, out_test
+
+
 # ----------------------------------------------------------------------------- artefacts
 
 
-def render_model_toml(*, sha256: str, threshold: float, op_points: dict[str, dict[str, float]]) -> str:
+def ood_calibration_text(ood: dict[str, Any]) -> str:
+    fit, cal = ood["fit"], ood["calibration_split"]
+    rg1 = ood["groups"]["real_radiographs"]["per_file"]
+    rg1_above = sum(f["ratio"] > 1.0 for f in rg1)
+    return (
+        f"Mahalanobis distance (not squared) of the {ood['embedding_dim']} penultimate features to their mean "
+        f"over {fit['n']} held-out in-distribution phantoms (seeds {fit['first_seed']}+), Ledoit-Wolf covariance "
+        f"(shrinkage {fit['shrinkage']:.4f}), computed inside the graph from constants; threshold = "
+        f"{100 * ood['quantile']:.0f}th percentile over {cal['n']} other phantoms (seeds {cal['first_seed']}+), "
+        f"rounded up. Measured: {100 * ood['id_test_flagged']:.2f} % of the {ood['id_test_n']} test phantoms "
+        f"flagged; {rg1_above} of {len(rg1)} real chest radiographs (pydicom-data RG1, each encoding) above it, "
+        f"the lowest at {min(f['ratio'] for f in rg1):.2f} x the threshold. Content checks: std below "
+        f"min_std = blank or constant; a share of pixels at 0 or 1 at or above saturation_fraction = "
+        f"saturated (limits from the in-distribution phantoms, with margin)."
+    )
+
+
+def render_model_toml(
+    *, sha256: str, threshold: float, op_points: dict[str, dict[str, Any]], ood: dict[str, Any]
+) -> str:
 
     parts = [
         toml_table(
@@ -388,6 +539,12 @@ def render_model_toml(*, sha256: str, threshold: float, op_points: dict[str, dic
         ),
         toml_table("inputs", {"name": "image", "datatype": "FP32", "shape": [-1, 1, SIZE, SIZE]}, array=True),
         toml_table("outputs", {"name": "probabilities", "datatype": "FP32", "shape": [-1, 2]}, array=True),
+        toml_table(
+            "outputs",
+            {"name": cxr_ood.EMBEDDING, "datatype": "FP32", "shape": [-1, ood["embedding_dim"]]},
+            array=True,
+        ),
+        toml_table("outputs", {"name": cxr_ood.OUTPUT, "datatype": "FP32", "shape": ood["output_shape"]}, array=True),
         toml_table("thresholds", {"default": threshold}),
     ]
     for op_name, op in op_points.items():
@@ -436,9 +593,24 @@ def render_model_toml(*, sha256: str, threshold: float, op_points: dict[str, dic
             {
                 "sha256": sha256,
                 "created": CREATED,
-                "notes": "Initial demonstration model: ResNet-18 layout at width 32, trained on synthetic "
-                "chest-radiograph phantoms (training/phantoms.py).",
+                "notes": "Version 1's weights (ResNet-18 layout at width 32, trained on synthetic chest-radiograph "
+                "phantoms, training/phantoms.py) re-exported with two more outputs: the penultimate "
+                "embedding and an out-of-distribution score. Probabilities unchanged.",
             },
+        ),
+        toml_table(
+            f"versions.{VERSION}.ood",
+            {
+                "method": ood["method"],
+                "output": ood["output"],
+                "threshold": ood["threshold"],
+                "calibration": ood_calibration_text(ood),
+                "in_distribution_flagged": ood["id_test_flagged"],
+            },
+        ),
+        toml_table(
+            f"versions.{VERSION}.ood.content_checks",
+            {k: ood["content_checks"][k] for k in ("min_std", "saturation_fraction")},
         ),
     ]
     header = (
@@ -493,13 +665,20 @@ def render_card(m: dict[str, Any]) -> str:
             f"point trades a little specificity for sensitivity."
         )
     variants = ", ".join(f"{a} {b} {c}-bit {d}" for a, b, c, d in DICOM_VARIANTS)
+    o = m["ood"]
+    ood_section = cxr_ood.render_card_section(m)
+    ood_min = max(1.0, t.get("reexport_seconds", o["seconds"] + 120.0) / 60.0)
+    prev = m.get("probabilities_vs_previous_version_max_abs_diff")
+    prev_note = "" if prev is None else f" (max |delta p| vs version 1 on the test phantoms: {prev:.1e})"
     return f"""# Model card: cxr-pneumonia (version {VERSION})
 
 > **Trained on synthetic data. Demonstration only. Not for clinical use.**
 > This network has never seen a real chest radiograph. Its outputs on real images mean
 > nothing clinically. It exists so that medinfer's DICOM imaging path (decode, windowing,
 > MONOCHROME1, resize, batching, inference, DICOM SR) can be built and tested end to end.
-> `model.toml` says `not_for_clinical_use = true`.
+> `model.toml` says `not_for_clinical_use = true`. A real radiograph is outside the model's
+> validated input: its out-of-distribution detector flags it, and the service answers
+> "indeterminate" instead of a label (see "Out-of-distribution detection").
 
 ## Summary
 
@@ -510,8 +689,9 @@ def render_card(m: dict[str, Any]) -> str:
 | Parameters | {m["parameters"]:,} |
 | FLOPs at 224 x 224 | **{m["flops"] / 1e9:.3f} GFLOPs** per image ({m["flops"] / 2e9:.3f} GMACs; counted with `torch.utils.flop_counter`, convolutions and the linear layer, one multiply-add = 2 FLOPs) |
 | Input | `image`, FP32 `[-1, 1, 224, 224]`, values in [0, 1], bright = dense (see `[preprocessing]` in `model.toml`) |
-| Output | `probabilities`, FP32 `[-1, 2]`, labels `["normal", "pneumonia"]` |
-| Default threshold | **{m["threshold"]:.4f}** on P(pneumonia), chosen on validation for sensitivity >= {TARGET_SENSITIVITY:.2f} (validation sensitivity {va["sensitivity"]:.3f}, specificity {va["specificity"]:.3f}) |
+| Outputs | `probabilities`, FP32 `[-1, 2]`, labels `["normal", "pneumonia"]`; `embedding`, FP32 `[-1, {o["embedding_dim"]}]` (penultimate features); `ood_score`, FP32 `[-1]` (out-of-distribution score, threshold {o["threshold"]:.3f}) |
+| Default threshold | **{m["threshold"]:.4f}** on P(pneumonia), chosen on validation for sensitivity >= {TARGET_SENSITIVITY:.2f} (operating point `high_sensitivity`; its sensitivity {va["sensitivity"]:.3f} and specificity {va["specificity"]:.3f} are measured on the **validation** split, where the threshold was chosen, so they are optimistic; held-out test figures below) |
+| Version | {VERSION}: version 1's weights (trained 2026-11-28) re-exported with the out-of-distribution outputs; probabilities unchanged{prev_note} |
 | Format | ONNX opset {m["onnx_opset"]} (`{m["onnx_exporter"]}`, BatchNorm folded into the convolutions), dynamic batch axis; {m["onnx_bytes"] / 1e6:.2f} MB; SHA-256 `{m["sha256"]}` |
 | Checkpoint | `training/checkpoints/{CHECKPOINT_NAME}` (fp32 state_dict, {m["checkpoint_bytes"] / 1e6:.2f} MB) |
 | Training wall time | **{t["total_seconds"] / 60:.1f} min** for the whole script on {THREADS} CPU threads: data {t["data_seconds"]:.0f} s, training {t["train_low_res_seconds"]:.0f} s at {LOW_RES} px + {t["train_full_res_seconds"]:.0f} s at {SIZE} px, evaluation/export {t["eval_seconds"]:.0f} s |
@@ -550,7 +730,9 @@ Threshold {m["threshold"]:.4f}; 95 % CIs from {N_BOOT} bootstrap resamples.
 Confusion matrix (test): TP {te["tp"]}, FN {te["fn"]}, TN {te["tn"]}, FP {te["fp"]}.
 {sens_note}
 Other operating point in `model.toml`: `youden` (threshold {yj["threshold"]:.4f}; validation
-sensitivity {yj["sensitivity"]:.3f}, specificity {yj["specificity"]:.3f}).
+sensitivity {yj["sensitivity"]:.3f}, specificity {yj["specificity"]:.3f}). Both operating points in
+`model.toml` carry `split = "validation"`: their sensitivity and specificity come from the
+validation split the thresholds were chosen on; the table above is the held-out test split.
 Figures: `roc_curve.png`, `calibration_curve.png`, `confusion_matrix.png`.
 
 ONNX vs PyTorch on all {te["n"]} test phantoms: max |delta p| = {m["onnx_parity_max_abs_diff"]:.1e} (float32
@@ -568,18 +750,22 @@ Training history:
 - **Synthetic only.** These figures measure how well the network finds the generator's
   consolidations among the generator's anatomy. They say nothing about real pneumonia,
   real radiographs, other findings (effusion, atelectasis, masses, devices) or real
-  populations. Expect arbitrary outputs on real images.
+  populations. Expect arbitrary outputs on real images; the out-of-distribution detector
+  is there so that the service does not show them.
 - The phantoms mimic a PA view. `model.toml` lets AP studies through (the service's
   allow-list), but AP, lateral, paediatric and strongly rotated films are not modelled.
 - Calibration is measured on phantoms only.
 - Sensitivity on test phantoms by consolidation size (terciles of the area it covers):
 {size_rows}
 
+{ood_section}
 ## Reproduce
 
 `python -m training.cxr_pneumonia` (about {t["total_seconds"] / 60:.0f} min on 2 cores) regenerates the data,
-retrains, and rewrites `1/model.onnx`, `model.toml` (SHA-256), this card, `metrics.json`,
-the plots and the checkpoint. Seeds, data order and thread count are fixed
+retrains, fits and calibrates the out-of-distribution detector, and rewrites `{VERSION}/model.onnx`,
+`model.toml` (SHA-256), this card, `metrics.json`, the plots and the checkpoint.
+`python -m training.cxr_pneumonia --export-only` (about {ood_min:.0f} min) does the export, the
+detector and the card from the committed checkpoint, without retraining. Seeds, data order and thread count are fixed
 (`torch.use_deterministic_algorithms(True)`, {THREADS} threads); oneDNN kernels can still
 differ between CPU types, so `python -m training.reproduce --model {NAME}` compares metrics
 within a tolerance rather than bytes. Parity tests: `tests/models/`.
@@ -608,7 +794,16 @@ def save_examples(path: Path) -> None:
 
 
 def reexport(models_root: Path, checkpoint_dir: Path) -> dict[str, Any]:
-    """Export the committed checkpoint again (e.g. after an exporter change) without retraining."""
+    """Export the committed checkpoint again as version VERSION, with the out-of-distribution
+    detector fitted and calibrated, without retraining (about 5 min on 2 cores).
+
+    The classification figures of ``metrics.json`` stay as they are; the graph's probabilities on
+    the test split are checked against the checkpoint (1e-4) and must give the same test
+    confusion matrix and AUROC as ``metrics.json`` records.
+    """
+    t_start = time.perf_counter()
+    torch.set_num_threads(THREADS)
+    torch.manual_seed(SEED)
     out_dir = models_root / NAME
     metrics: dict[str, Any] = json.loads((out_dir / "metrics.json").read_text(encoding="utf-8"))
     ckpt = checkpoint_dir / CHECKPOINT_NAME
@@ -616,23 +811,43 @@ def reexport(models_root: Path, checkpoint_dir: Path) -> dict[str, Any]:
         raise SystemExit("checkpoint does not match metrics.json; retrain instead")
     net = load_checkpoint(ckpt)
     onnx_path = out_dir / str(VERSION) / "model.onnx"
-    metrics["onnx_exporter"] = export_onnx(net, onnx_path)
-    seeds, labels = split_seeds("test")
-    x = phantoms.batch(seeds[:64].tolist(), labels[:64].tolist(), SIZE)
-    diff = float(np.max(np.abs(run_onnx(onnx_path, {"image": x})[0][:, 1] - predict(net, x))))
+    with mp.get_context("spawn").Pool(THREADS) as pool:
+        Xt, yt = generate_split("test", pool)
+        exporter, ood, out_test = calibrate_ood(net, pool, onnx_path, Xt, dicom_roundtrip_inputs()[0])
+    p_onnx = out_test["probabilities"][:, 1].astype(np.float64)
+    diff = float(np.max(np.abs(p_onnx - predict(net, Xt))))
     if diff > 1e-4:
         raise SystemExit(f"ONNX parity failed: {diff}")
-    metrics["sha256"] = sha256_file(onnx_path)
-    metrics["onnx_bytes"] = onnx_path.stat().st_size
+    fresh = binary_metrics(yt, p_onnx, metrics["threshold"])
+    recorded = metrics["test"]
+    if any(fresh[k] != recorded[k] for k in ("tp", "tn", "fp", "fn")) or abs(fresh["auroc"] - recorded["auroc"]) > 1e-6:
+        raise SystemExit("the re-exported graph does not reproduce the recorded test figures")
+    previous = out_dir / str(VERSION - 1) / "model.onnx"
+    if previous.exists():  # the graph this version replaces: its probabilities must not move
+        metrics["probabilities_vs_previous_version_max_abs_diff"] = float(
+            np.max(np.abs(onnx_outputs(previous, Xt)["probabilities"] - out_test["probabilities"]))
+        )
+    for op in metrics["operating_points"].values():
+        op["split"] = "validation"
+    metrics.update(
+        {
+            "version": VERSION,
+            "onnx_exporter": exporter,
+            "sha256": sha256_file(onnx_path),
+            "onnx_bytes": onnx_path.stat().st_size,
+            "ood": ood,
+        }
+    )
+    metrics["timings"]["reexport_seconds"] = round(time.perf_counter() - t_start, 1)
     write_checked_toml(
         out_dir / "model.toml",
         render_model_toml(
-            sha256=metrics["sha256"], threshold=metrics["threshold"], op_points=metrics["operating_points"]
+            sha256=metrics["sha256"], threshold=metrics["threshold"], op_points=metrics["operating_points"], ood=ood
         ),
     )
     (out_dir / "card.md").write_text(render_card(metrics), encoding="utf-8")
     dump_json(out_dir / "metrics.json", metrics)
-    print(f"[{NAME}] re-exported {onnx_path}: sha256 {metrics['sha256']} (parity on 64 phantoms {diff:.1e})")
+    print(f"[{NAME}] re-exported {onnx_path}: sha256 {metrics['sha256']} (test parity {diff:.1e})")
     return metrics
 
 
@@ -648,7 +863,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:  # noqa: PLR0915 - on
     parser.add_argument(
         "--export-only",
         action="store_true",
-        help="re-export ONNX from the existing checkpoint and refresh sha256 in model.toml, metrics.json and card",
+        help="re-export ONNX from the existing checkpoint with the OOD detector fitted and calibrated, and "
+        "refresh model.toml, metrics.json and the card (about 5 min; no retraining)",
     )
     args = parser.parse_args(argv)
     if args.export_only:
@@ -657,8 +873,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:  # noqa: PLR0915 - on
         global EPOCHS_LOW, EPOCHS_HIGH, DICOM_SPLIT  # noqa: PLW0603 - smoke-test override of the constants
         EPOCHS_LOW, EPOCHS_HIGH = 1, 1
         DICOM_SPLIT = (DICOM_SPLIT[0], 10)
-        for k, (base, n) in list(SPLITS.items()):
-            SPLITS[k] = (base, max(128, n // 40))
+        for table in (SPLITS, OOD_SPLITS):
+            for k, (base, n) in list(table.items()):
+                table[k] = (base, max(128, n // 40))
 
     t_start = time.perf_counter()
     torch.set_num_threads(THREADS)
@@ -689,7 +906,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:  # noqa: PLR0915 - on
     ckpt = args.checkpoint_dir / CHECKPOINT_NAME
     torch.save(net.state_dict(), ckpt)
     onnx_path = out_dir / str(VERSION) / "model.onnx"
-    exporter = export_onnx(net, onnx_path)
+    Xd, yd = dicom_roundtrip_inputs()
+    with mp.get_context("spawn").Pool(THREADS) as pool:
+        exporter, ood, out_test = calibrate_ood(net, pool, onnx_path, Xt, Xd)
     sha = sha256_file(onnx_path)
 
     p_val = predict(net, Xv)
@@ -700,9 +919,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:  # noqa: PLR0915 - on
 
     # test metrics from the ONNX graph that is served; parity against torch on the way
     p_torch = predict(net, Xt)
-    p_onnx = np.concatenate(
-        [run_onnx(onnx_path, {"image": Xt[i : i + 250].astype(np.float32)})[0][:, 1] for i in range(0, len(Xt), 250)]
-    ).astype(np.float64)
+    p_onnx = out_test["probabilities"][:, 1].astype(np.float64)
     max_diff = float(np.max(np.abs(p_onnx - p_torch)))
     print(f"[{NAME}] onnx vs torch max |diff| = {max_diff:.2e}", flush=True)
     if max_diff > 1e-4:
@@ -724,8 +941,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:  # noqa: PLR0915 - on
             }
         )
 
-    Xd, yd = dicom_roundtrip_inputs()
-    (pd_onnx,) = run_onnx(onnx_path, {"image": Xd})
+    pd_onnx = onnx_outputs(onnx_path, Xd)["probabilities"]
     dicom_m = evaluate_split(yd, pd_onnx[:, 1].astype(np.float64), threshold, seed=SEED + 2, n_boot=N_BOOT)
 
     op_points = {
@@ -733,14 +949,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:  # noqa: PLR0915 - on
             "threshold": threshold,
             "sensitivity": round(val_m["sensitivity"], 4),
             "specificity": round(val_m["specificity"], 4),
+            "split": "validation",
         },
         "youden": {
             "threshold": th_youden,
             "sensitivity": round(val_y["sensitivity"], 4),
             "specificity": round(val_y["specificity"], 4),
+            "split": "validation",
         },
     }
-    write_checked_toml(out_dir / "model.toml", render_model_toml(sha256=sha, threshold=threshold, op_points=op_points))
+    write_checked_toml(
+        out_dir / "model.toml", render_model_toml(sha256=sha, threshold=threshold, op_points=op_points, ood=ood)
+    )
     plots = save_plots(
         out_dir,
         {"test phantoms": (yt, p_onnx), "DICOM round trip": (yd, pd_onnx[:, 1].astype(np.float64))},
@@ -771,6 +991,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:  # noqa: PLR0915 - on
         "validation": val_m,
         "test": test_m,
         "dicom_roundtrip": dicom_m,
+        "ood": ood,
         "test_sensitivity_by_lesion_size": by_size,
         "history": history,
         "onnx_parity_max_abs_diff": max_diff,

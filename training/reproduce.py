@@ -42,6 +42,11 @@ TOLERANCES: dict[str, dict[tuple[str, ...], float]] = {
         ("test", "brier"): 0.02,
         ("dicom_roundtrip", "auroc"): 0.03,
         ("validation", "sensitivity"): 0.03,
+        # the OOD detector is refitted on the retrained network's features: its threshold moves
+        # with them, what it achieves should not
+        ("ood", "id_test_flagged"): 0.02,
+        ("ood", "groups", "real_radiographs", "flagged_by_score"): 0.0,
+        ("ood", "groups", "noise", "auroc"): 0.01,
     },
 }
 

@@ -15,7 +15,13 @@ from training import dicom_studies, phantoms
 
 NAME = "cxr-pneumonia"
 MODEL_DIR = MODELS_DIR / NAME
-CHECKPOINT = REPO_ROOT / "training" / "checkpoints" / "cxr_pneumonia_v1.pt"
+CHECKPOINT = REPO_ROOT / "training" / "checkpoints" / "cxr_pneumonia_v1.pt"  # version 2 re-exports these weights
+#: Version 1's held-out figures (metrics.json before the re-export): version 2 must keep them.
+VERSION_1_FIGURES = {
+    "validation": {"auroc": 0.976524, "tp": 450, "tn": 497, "fp": 3, "fn": 50},
+    "test": {"auroc": 0.981641, "tp": 881, "tn": 989, "fp": 11, "fn": 119},
+    "dicom_roundtrip": {"auroc": 0.989375, "tp": 75, "tn": 78, "fp": 2, "fn": 5},
+}
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +52,11 @@ def torch_net():
     return load_checkpoint(CHECKPOINT)
 
 
+def _probs(session, x: np.ndarray) -> np.ndarray:
+    (p,) = session.run(["probabilities"], {"image": x})
+    return p
+
+
 def _torch_probs(net, x: np.ndarray) -> np.ndarray:
     import torch
 
@@ -57,7 +68,9 @@ def test_sha256_in_model_toml_matches_file(spec: dict, metrics: dict) -> None:
     for version, entry in spec["versions"].items():
         path = MODEL_DIR / version / "model.onnx"
         assert hashlib.sha256(path.read_bytes()).hexdigest() == entry["sha256"]
-    assert metrics["sha256"] == spec["versions"]["1"]["sha256"]
+    latest = max(spec["versions"], key=int)
+    assert metrics["sha256"] == spec["versions"][latest]["sha256"]
+    assert metrics["version"] == int(latest)
     assert hashlib.sha256(CHECKPOINT.read_bytes()).hexdigest() == metrics["checkpoint_sha256"]
 
 
@@ -76,9 +89,10 @@ def test_model_toml_matches_onnx_signature(spec: dict, session, onnx_path) -> No
     assert spec["batching"]["max_batch_size"] == 32
     assert spec["batching"]["max_queue_delay_ms"] == 5.0
     (inp,) = session.get_inputs()
-    (out,) = session.get_outputs()
+    out = session.get_outputs()[0]
     assert spec["inputs"] == [{"name": "image", "datatype": "FP32", "shape": [-1, 1, 224, 224]}]
-    assert spec["outputs"] == [{"name": "probabilities", "datatype": "FP32", "shape": [-1, 2]}]
+    assert spec["outputs"][0] == {"name": "probabilities", "datatype": "FP32", "shape": [-1, 2]}
+    assert [o["name"] for o in spec["outputs"]] == [o.name for o in session.get_outputs()]
     assert (inp.name, inp.type, inp.shape[1:]) == ("image", "tensor(float)", [1, 224, 224])
     assert (out.name, out.type, out.shape[1]) == ("probabilities", "tensor(float)", 2)
     assert not isinstance(inp.shape[0], int)  # dynamic batch axis
@@ -115,14 +129,14 @@ def test_flop_count_matches_card(metrics: dict) -> None:
 def test_onnx_equals_torch_on_seeded_phantoms(session, torch_net) -> None:
     seeds = [3_000_000 + i for i in range(6)]  # test-split seeds
     x = phantoms.batch(seeds, [i % 2 for i in range(6)], 224)
-    (p_onnx,) = session.run(None, {"image": x})
+    p_onnx = _probs(session, x)
     p_torch = _torch_probs(torch_net, x)
     assert p_onnx.shape == (6, 2)
     assert p_onnx.dtype == np.float32
     np.testing.assert_allclose(p_onnx, p_torch, rtol=0, atol=1e-5)
     np.testing.assert_allclose(p_onnx.sum(axis=1), 1.0, atol=1e-6)
     # batch size does not change a row's result (dynamic batch axis)
-    (p_one,) = session.run(None, {"image": x[2:3]})
+    p_one = _probs(session, x[2:3])
     np.testing.assert_allclose(p_one, p_onnx[2:3], rtol=0, atol=1e-6)
 
 
@@ -135,7 +149,7 @@ def test_onnx_equals_torch_on_edge_inputs(session, torch_net) -> None:
             rng.random((1, 224, 224), dtype=np.float32),
         ]
     )
-    (p_onnx,) = session.run(None, {"image": x})
+    p_onnx = _probs(session, x)
     np.testing.assert_allclose(p_onnx, _torch_probs(torch_net, x), rtol=0, atol=1e-5)
     assert np.isfinite(p_onnx).all()
 
@@ -144,7 +158,7 @@ def test_model_separates_clear_phantoms(session, metrics: dict) -> None:
     """Sanity on fresh seeds: the mean P(pneumonia) of positives is well above negatives'."""
     seeds = list(range(5_000_000, 5_000_016))
     labels = [i % 2 for i in range(16)]
-    (p,) = session.run(None, {"image": phantoms.batch(seeds, labels, 224)})
+    p = _probs(session, phantoms.batch(seeds, labels, 224))
     y = np.asarray(labels)
     assert p[y == 1, 1].mean() - p[y == 0, 1].mean() > 0.4
     assert metrics["test"]["auroc"] > 0.8
@@ -161,7 +175,7 @@ def test_dicom_study_through_reference_preprocessing(session) -> None:
         transfer_syntax="JPEG2000Lossless",
     )
     x = dicom_studies.reference_preprocess(pydicom.dcmread(__import__("io").BytesIO(raw)))
-    (p,) = session.run(None, {"image": x})
+    p = _probs(session, x)
     assert p.shape == (1, 2)
     assert abs(float(p.sum()) - 1.0) < 1e-5
 
@@ -181,7 +195,36 @@ def test_real_cr_chest_runs_end_to_end(session) -> None:
     # after MONOCHROME1 inversion the mediastinum (centre column) is brighter than the lungs
     centre, lateral = x[0, 0, 60:140, 100:124].mean(), x[0, 0, 60:140, 40:70].mean()
     assert centre > lateral
-    (p,) = session.run(None, {"image": x})
+    p = _probs(session, x)
     assert p.shape == (1, 2)
     assert np.isfinite(p).all()
     assert abs(float(p.sum()) - 1.0) < 1e-5
+
+
+def test_embedding_output_is_the_checkpoint_penultimate_features(session, torch_net) -> None:
+    import torch
+
+    x = phantoms.batch([3_000_010, 3_000_011], [0, 1], 224)
+    (emb,) = session.run(["embedding"], {"image": x})
+    with torch.no_grad():
+        expected = torch_net.features(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(emb, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_reexport_kept_version_1_classification_figures(metrics: dict) -> None:
+    """Same weights, same probabilities: the held-out figures are version 1's, unchanged."""
+    for split, figures in VERSION_1_FIGURES.items():
+        assert {k: metrics[split][k] for k in figures} == figures
+    assert metrics["threshold"] == 0.6049
+    assert metrics["probabilities_vs_previous_version_max_abs_diff"] <= 1e-5
+
+
+def test_operating_points_name_the_split_their_figures_come_from(spec: dict, metrics: dict) -> None:
+    points = spec["thresholds"]["operating_points"]
+    assert set(points) == {"high_sensitivity", "youden"}
+    for name, point in points.items():
+        assert point["split"] == "validation", name
+        assert point["sensitivity"] == metrics["operating_points"][name]["sensitivity"]
+    card = (MODEL_DIR / spec["card"]).read_text()
+    assert 'carry `split = "validation"`' in card
+    assert "measured on the **validation** split" in card

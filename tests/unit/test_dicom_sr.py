@@ -176,7 +176,7 @@ def test_device_uid_is_stable_per_version_and_changes_with_version_or_file(serve
     assert UID(uid).is_valid
     assert len(uid) <= 64
     assert uid.startswith("2.25.")
-    assert device_uid(dataclasses.replace(served, version="2")) != uid
+    assert device_uid(dataclasses.replace(served, version=str(int(served.version) + 1))) != uid
     assert device_uid(dataclasses.replace(served, sha256="0" * 64)) != uid
 
 
