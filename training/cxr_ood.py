@@ -347,9 +347,10 @@ per-file scores say more. Score / threshold above 1 means indeterminate:
 {other}
 
 In-distribution test phantoms: score median {o["id_test_score_median"]:.2f}, 99th percentile
-{o["id_test_score_p99"]:.2f}, max {o["id_test_score_max"]:.2f}. Content statistics of the test phantoms
-(224 px) and DICOM round trip: std >= {cc["id_min_std"]:.4f}, saturated share <= {cc["id_max_saturated"]:.4f};
-no in-distribution image trips a content check.
+{o["id_test_score_p99"]:.2f}, max {o["id_test_score_max"]:.2f}. Content statistics of the test, `ood_cal`
+and DICOM round-trip phantoms: std >= {cc["id_min_std"]:.4f}, saturated share <= {cc["id_max_saturated"]:.4f};
+the limits keep a margin (a tenth of that std; twice that share, rounded up to 0.05, at least 0.25),
+and no in-distribution image trips a content check.
 
 DICOM round trip (phantoms written at 512 x 512 with each encoding, read back through
 `reference_preprocess`), per variant:

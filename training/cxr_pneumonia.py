@@ -669,7 +669,9 @@ def render_card(m: dict[str, Any]) -> str:
     ood_section = cxr_ood.render_card_section(m)
     ood_min = max(1.0, t.get("reexport_seconds", o["seconds"] + 120.0) / 60.0)
     prev = m.get("probabilities_vs_previous_version_max_abs_diff")
-    prev_note = "" if prev is None else f" (max |delta p| vs version 1 on the test phantoms: {prev:.1e})"
+    prev_note = (
+        "" if prev is None else f" (largest absolute difference in P from version 1 over the test phantoms: {prev:.1e})"
+    )
     return f"""# Model card: cxr-pneumonia (version {VERSION})
 
 > **Trained on synthetic data. Demonstration only. Not for clinical use.**
