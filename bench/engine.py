@@ -359,13 +359,14 @@ sha256 = "{sha}"
 
 
 def real_cxr_ready() -> bool:
-    """Whether models/cxr-pneumonia has a v1 model.onnx that matches its model.toml."""
+    """Whether models/cxr-pneumonia's served version has a model.onnx that matches its model.toml."""
     try:
         spec = load_spec(REAL_CXR)
-        data = (REAL_CXR / "1" / "model.onnx").read_bytes()
+        version = spec.served_versions()[-1]
+        data = (REAL_CXR / version / "model.onnx").read_bytes()
     except (OSError, MedinferError):  # absent, half-written or invalid: not ready yet
         return False
-    return "1" in spec.versions and hashlib.sha256(data).hexdigest() == spec.versions["1"].sha256
+    return hashlib.sha256(data).hexdigest() == spec.versions[version].sha256
 
 
 def _copy_model(src: Path, repo: Path) -> None:
@@ -384,7 +385,9 @@ class Repository:
     cxr_kind: str
 
     def onnx_path(self, model: str) -> Path:
-        return self.path / model / "1" / "model.onnx"
+        """The served (latest) version's file: what the service runs, so what the baseline runs."""
+        version = load_spec(self.path / model).served_versions()[-1]
+        return self.path / model / version / "model.onnx"
 
 
 def prepare_repository(root: Path, cxr: str) -> Repository:

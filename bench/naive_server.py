@@ -7,7 +7,7 @@ as base64 of little-endian FP32 instead of lists.
 
 Run (the engine does this itself)::
 
-    NAIVE_MODEL_PATH=models/cxr-pneumonia/1/model.onnx \\
+    NAIVE_MODEL_PATH=models/cxr-pneumonia/2/model.onnx \\
         .venv/bin/python -m uvicorn bench.naive_server:app --host 127.0.0.1 --port 8100
 """
 

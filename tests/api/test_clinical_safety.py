@@ -58,7 +58,8 @@ def _file(name: str) -> bytes:
 def _as_chest_cr(name: str) -> bytes:
     """Another file's real pixels under a chest CR header: what a mislabelled study looks like."""
     ds = pydicom.dcmread(io.BytesIO(_file(name)))
-    ds.decompress()
+    if ds.file_meta.TransferSyntaxUID.is_compressed:
+        ds.decompress()
     ds.Modality = "CR"
     ds.BodyPartExamined = "CHEST"
     ds.ViewPosition = "PA"

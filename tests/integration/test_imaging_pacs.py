@@ -21,6 +21,7 @@ from dicomweb_client.api import DICOMwebClient
 from pydicom.data import get_testdata_file
 from pydicom.uid import JPEGLSLossless, RLELossless, generate_uid
 
+from app.inference.spec import load_spec
 from tests.conftest import REPO_ROOT, require_env
 from tests.integration.conftest import Served, base_env, free_port, medinfer, register_key, serve
 from tests.support.dcmtk import dcmtk
@@ -149,7 +150,7 @@ def test_storescu_to_orthanc_routes_to_medinfer_and_the_sr_comes_back(
     assert evidence.SeriesInstanceUID == image.SeriesInstanceUID
     assert [i.ReferencedSOPInstanceUID for i in evidence.ReferencedSOPSequence] == [image.SOPInstanceUID]
     (equipment,) = [e for e in sr.ContributingEquipmentSequence if e.ManufacturerModelName == "cxr-pneumonia"]
-    assert equipment.SoftwareVersions[0] == "1"
+    assert equipment.SoftwareVersions[0] == load_spec(REPO_ROOT / "models" / "cxr-pneumonia").served_versions()[-1]
     assert equipment.DeviceUID
     text = str(sr)
     assert "NOT FOR CLINICAL USE" in text.upper()
