@@ -14,6 +14,9 @@ One TID 1501 measurement group carries the result:
 - Probability (DCM 122157), unit ``1`` (UCUM "no units"): the positive label's probability,
   or the decided label's for models without a positive label;
 - a CODE qualitative evaluation "<positive label>: Present/Absent" for thresholded models;
+- a model whose card says "not for clinical use" codes no finding: no Finding and no
+  Present/Absent, its decision only as text ("model output, not a finding"), so no PACS or
+  viewer files a demonstration model's output as a coded finding;
 - for an image outside the model's validated input, instead: Finding "Indeterminate" (SCT
   82334004), the detector's score as the measurement, no probability and no Present/Absent,
   and a comment giving the score, the threshold and the reasons;
@@ -43,6 +46,7 @@ from pydicom.valuerep import DT
 
 from app.errors import DicomMalformedError, InvalidRequestError, StudyMismatchError
 from app.inference.registry import ServedVersion
+from app.inference.spec import ModelSpec
 from app.postprocess.classification import Classification
 
 NOT_FOR_CLINICAL_USE: Final = "NOT FOR CLINICAL USE"
@@ -136,10 +140,10 @@ def build_sr(
     )
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier=f"{spec.name} v{served.version}"),
-        finding_type=_finding(classification),
+        finding_type=_finding(spec, classification),
         algorithm_id=algorithm,
         measurements=_measurements(classification),
-        qualitative_evaluations=_presence(classification),
+        qualitative_evaluations=[] if spec.not_for_clinical_use else _presence(classification),
         source_images=[
             hd.sr.SourceImageForMeasurementGroup(str(h.SOPClassUID), str(h.SOPInstanceUID)) for h in headers
         ],
@@ -239,9 +243,13 @@ def _character_set(first: Dataset, served: ServedVersion, *texts: str) -> str | 
     return _UTF8
 
 
-def _finding(classification: Classification) -> hd.sr.CodedConcept:
+def _finding(spec: ModelSpec, classification: Classification) -> hd.sr.CodedConcept | None:
+    """The coded finding: Indeterminate outside the validated input; none for a demonstration
+    model (its output is text only); else the decided label's code."""
     if classification.indeterminate:
         return hd.sr.CodedConcept.from_code(INDETERMINATE_FINDING)
+    if spec.not_for_clinical_use:
+        return None
     return finding_code(classification.label)
 
 
@@ -259,6 +267,14 @@ def _measurements(classification: Classification) -> list[hd.sr.Measurement]:
             name=codes.DCM.Probability, value=_reported_probability(classification), unit=codes.UCUM.NoUnits
         )
     ]
+
+
+def _decision_text(classification: Classification) -> str:
+    label = classification.positive_label or classification.label
+    text = f"{classification.label} (probability of {label} {classification.probabilities[label]:.3f}"
+    if classification.threshold is not None:
+        text += f", threshold {classification.threshold:g}"
+    return text + ")"
 
 
 def _reported_probability(classification: Classification) -> float:
@@ -290,6 +306,8 @@ def _comments(served: ServedVersion, classification: Classification, request_id:
     texts = [f"{NOT_FOR_CLINICAL_USE}."] if spec.not_for_clinical_use else []
     if classification.indeterminate and classification.ood is not None:
         texts.append(classification.ood.summary()[:_UT_MAX])
+    elif spec.not_for_clinical_use:
+        texts.append(f"Model output, not a finding: {_decision_text(classification)}.")
     texts += [
         f"AI result, not reviewed by a physician: {spec.name} v{served.version}.",
         f"Intended use: {spec.intended_use}",

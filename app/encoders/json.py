@@ -31,7 +31,7 @@ def prediction(
             "intended_use": spec.intended_use,
             "not_for_clinical_use": spec.not_for_clinical_use,
         },
-        "probabilities": classification.probabilities,
+        "probabilities": shown_probabilities(classification),
         "decision": {
             "label": classification.label,
             "indeterminate": classification.indeterminate,
@@ -44,6 +44,13 @@ def prediction(
         "input": input_summary,
         "warnings": warnings,
     }
+
+
+def shown_probabilities(classification: Classification) -> dict[str, float] | None:
+    """None for an indeterminate answer: a probability the model cannot stand behind is not shown,
+    so no client can display "pneumonia 100 %" for an image the model has never seen the like of.
+    The audit event keeps the raw outputs."""
+    return None if classification.indeterminate else classification.probabilities
 
 
 def validated_input(ood: OodAssessment | None) -> dict[str, Any] | None:

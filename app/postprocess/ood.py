@@ -50,7 +50,8 @@ class OodAssessment:
     """The verdict of one version's detector on one input (an image or a record).
 
     ``score`` and ``threshold`` are the detector's own: a distance for images; for records the
-    number of features outside their training range (threshold 0). A record's score is a count on
+    number of departures from the validated input (threshold 0): each feature outside its
+    training range, and each imputed feature beyond the cap. A record's score is a count on
     purpose: a distance would let anyone who knows the range work the patient's value back out of
     the audit trail.
     """
@@ -132,5 +133,7 @@ def assess_record(
                 f"{len(imputed)} features imputed; the model is validated with at most {ood.max_imputed}",
             )
         )
-    outside = sum(f.reason is OodReason.FEATURE_RANGE for f in findings)
-    return OodAssessment(ood.method, float(outside) if ood.training_ranges else None, 0.0, tuple(findings))
+    departures = sum(f.reason is OodReason.FEATURE_RANGE for f in findings)
+    if ood.max_imputed is not None:
+        departures += max(0, len(imputed) - ood.max_imputed)
+    return OodAssessment(ood.method, float(departures), 0.0, tuple(findings))

@@ -112,6 +112,7 @@ def _indeterminate(answer: dict[str, Any], threshold: float) -> None:
     assert verdict["inside"] is False
     assert verdict["verdict"] == OUTSIDE
     assert verdict["threshold"] == threshold
+    assert answer["probabilities"] is None
     assert any(w.startswith(OUTSIDE) for w in answer["warnings"])
 
 

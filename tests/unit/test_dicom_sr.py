@@ -28,9 +28,16 @@ NORMAL = ("17621005", "SCT")
 
 
 @pytest.fixture(scope="module")
-def served() -> ServedVersion:
+def demo() -> ServedVersion:
+    """The reference CXR model as shipped: not for clinical use."""
     spec = load_spec(MODEL_DIR)
     return load_version(spec, MODEL_DIR, spec.served_versions()[-1])
+
+
+@pytest.fixture(scope="module")
+def served(demo: ServedVersion) -> ServedVersion:
+    """The same model as if released for clinical use: the only kind whose SR codes a finding."""
+    return dataclasses.replace(demo, spec=demo.spec.model_copy(update={"not_for_clinical_use": False}))
 
 
 @pytest.fixture
@@ -108,11 +115,11 @@ def test_sr_round_trips_as_comprehensive_3d_sr_in_the_source_study(
 
 
 def test_sr_is_marked_unverified_preliminary_and_not_for_clinical_use(
-    chest_cr: Dataset, served: ServedVersion, positive: Classification
+    chest_cr: Dataset, demo: ServedVersion, positive: Classification
 ) -> None:
-    ds = _build([chest_cr], served, positive)
+    ds = _build([chest_cr], demo, positive)
 
-    assert served.spec.not_for_clinical_use
+    assert demo.spec.not_for_clinical_use
     assert ds.VerificationFlag == "UNVERIFIED"
     assert ds.PreliminaryFlag == "PRELIMINARY"
     assert ds.CompletionFlag == "COMPLETE"
@@ -359,3 +366,16 @@ def test_ascii_text_keeps_the_sources_character_set(
     chest_cr: Dataset, served: ServedVersion, positive: Classification
 ) -> None:
     assert _build([chest_cr], served, positive).SpecificCharacterSet == chest_cr.SpecificCharacterSet
+
+
+def test_a_demonstration_model_codes_no_finding_and_no_presence(
+    chest_cr: Dataset, demo: ServedVersion, positive: Classification
+) -> None:
+    ds = _build([chest_cr], demo, positive)
+    group = _group(ds)
+
+    assert group.finding_type is None
+    assert group.get_qualitative_evaluations() == []
+    (measurement,) = group.get_measurements(name=codes.DCM.Probability)
+    assert measurement.value == positive.probabilities["pneumonia"]
+    assert "Model output, not a finding: pneumonia (probability of pneumonia 0.812, threshold 0.6049)." in _texts(ds)

@@ -89,13 +89,14 @@ def test_a_record_outside_its_training_range_names_the_feature_not_the_value() -
     assert verdict.reasons == (OodReason.FEATURE_RANGE,)
     assert verdict.findings[0].text == "age outside the range seen in training [29, 77]"
     assert "91" not in verdict.summary()
-    assert verdict.score == 1.0  # features outside: a count, from which no value can be worked back
+    assert verdict.score == 1.0  # departures: a count, from which no value can be worked back
 
 
 def test_too_many_imputed_features_is_outside() -> None:
     verdict = assess_record(RECORD_OOD, ["age", "chol"], [50.0, math.nan], ["chol", "thal"])
     assert verdict is not None
     assert verdict.reasons == (OodReason.IMPUTED,)
+    assert verdict.score == 1.0  # one imputed feature beyond the cap of 1
     inside = assess_record(RECORD_OOD, ["age", "chol"], [50.0, math.nan], ["chol"])
     assert inside is not None
     assert not inside.outside
@@ -121,6 +122,7 @@ def test_the_json_answer_says_indeterminate_with_the_score(cxr: ServedVersion) -
     assert answer["decision"]["indeterminate"] is True
     assert answer["decision"]["positive"] is None
     assert answer["validated_input"]["inside"] is False
+    assert answer["probabilities"] is None  # not shown: the model cannot stand behind them
     assert answer["validated_input"]["score"] == 500.0
     assert answer["validated_input"]["threshold"] == 30.0
     assert answer["validated_input"]["reasons"][0]["code"] == "ood_score"

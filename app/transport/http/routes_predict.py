@@ -22,7 +22,7 @@ from app.container import Container
 from app.domain import Principal, RequestContext
 from app.encoders.dicom_sr import build_sr, sr_bytes
 from app.encoders.fhir import risk_assessment
-from app.encoders.json import features_used, prediction, validated_input
+from app.encoders.json import features_used, prediction, shown_probabilities, validated_input
 from app.errors import NotAcceptableError, UnsupportedMediaTypeError
 from app.imaging.service import dicom_limits
 from app.parsing.dicom import DicomInstance, DicomLimits, read_instance
@@ -321,7 +321,7 @@ def _study_summary(result: StudyPrediction) -> dict[str, Any]:
             {
                 "sop_instance_uid": i.sop_instance_uid,
                 "series_instance_uid": i.series_uid,
-                "probabilities": i.classification.probabilities,
+                "probabilities": shown_probabilities(i.classification),
                 "label": i.classification.label,
                 "validated_input": validated_input(i.classification.ood),
             }

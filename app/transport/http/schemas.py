@@ -439,7 +439,7 @@ PREDICTION_EXAMPLE: dict[str, Any] = {
 INDETERMINATE_EXAMPLE: dict[str, Any] = {
     **PREDICTION_EXAMPLE,
     "model": {**PREDICTION_EXAMPLE["model"], "name": "cxr-pneumonia", "version": "2"},
-    "probabilities": {"normal": 0.0, "pneumonia": 1.0},
+    "probabilities": None,
     "decision": {
         "label": "indeterminate",
         "indeterminate": True,
