@@ -27,6 +27,7 @@ def risk_assessment(
     observation_ids: list[str],
     request_id: str | None,
     used: Sequence[FeatureUse] = (),
+    imaging_study_uid: str | None = None,
 ) -> dict[str, Any]:
     """A validated R4 RiskAssessment.
 
@@ -37,7 +38,8 @@ def risk_assessment(
     input gets one prediction whose outcome is the text "indeterminate: ..." with the detector's
     score, and no probability; and a model that is not for clinical use never codes its outcome
     (text only), so no system files it as a coded finding. What the model used is in ``basis``,
-    in one ``feature-used`` extension per input, and in a note a person can read.
+    in one ``feature-used`` extension per input, and in a note a person can read. A study's
+    assessment has the ImagingStudy, by its Study Instance UID, as its basis.
     """
     spec = served.spec
     notes = [{"text": f"Intended use: {spec.intended_use}"}]
@@ -67,6 +69,10 @@ def risk_assessment(
     }
     if used:
         resource["extension"] = [_used_extension(u) for u in used]
+    if imaging_study_uid:
+        resource["basis"].append(
+            {"type": "ImagingStudy", "identifier": {"system": "urn:dicom:uid", "value": f"urn:oid:{imaging_study_uid}"}}
+        )
     if patient_reference:
         resource["subject"] = {"reference": patient_reference}
     else:

@@ -18,6 +18,7 @@ import numpy as np
 import pydicom
 import pytest
 from fastapi.testclient import TestClient
+from fhir.resources.R4B.riskassessment import RiskAssessment
 from pydicom.data import get_testdata_file
 
 from app.config import Settings
@@ -146,6 +147,25 @@ def test_the_sr_of_a_real_chest_radiograph_has_no_pneumonia_present(
     (score,) = group.get_measurements()
     assert score.name.value == "ood-score"
     assert score.value > _threshold(client, key)
+
+
+@pytest.mark.parametrize("name", RG1)
+def test_the_fhir_answer_for_a_real_chest_radiograph_is_indeterminate_without_probability(
+    imaging: tuple[TestClient, str, Settings], name: str
+) -> None:
+    client, key, _ = imaging
+    body = _file(name)
+    resource = json.loads(_predict(client, key, body, accept="application/fhir+json"))
+    RiskAssessment.model_validate(resource)
+    (only,) = resource["prediction"]
+    assert only["outcome"] == {"text": "indeterminate"}
+    assert "probabilityDecimal" not in only
+    assert only["rationale"].startswith(OUTSIDE)
+    assert f"threshold {_threshold(client, key):.4g}" in only["rationale"]
+    study = pydicom.dcmread(io.BytesIO(body), stop_before_pixels=True).StudyInstanceUID
+    assert {"type": "ImagingStudy", "identifier": {"system": "urn:dicom:uid", "value": f"urn:oid:{study}"}} in (
+        resource["basis"]
+    )
 
 
 @pytest.mark.parametrize("name", ["RG3_UNCR.dcm", "MR2_UNCR.dcm", "CT_small.dcm"])

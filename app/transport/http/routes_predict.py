@@ -147,14 +147,19 @@ _OPENAPI: Final = {
         "runs the model, and answers probabilities and the decision at the operating point, with the model's "
         "name, version, sha256 and intended use. Missing features are refused (422 listing them) or imputed "
         "and flagged, per the model's policy. `Accept: application/fhir+json` answers a FHIR RiskAssessment "
-        "whose `probabilityDecimal` is a percentage, as R4 defines it.\n\n"
+        "whose `probabilityDecimal` is a percentage, as R4 defines it. Each answer lists the features the model "
+        "used (value, unit, source resource, imputed).\n\n"
         "Images: one DICOM Part 10 instance (`application/dicom`) or a series of one study "
         '(`multipart/related; type="application/dicom"`). Each instance is checked against the model\'s '
         "allow-lists (SOP Class, Modality, BodyPartExamined, ViewPosition, PhotometricInterpretation) and size "
         "caps before any pixel is decoded. The answer names the Study, Series and SOP Instance UIDs read, each "
         "instance's probabilities, the study's decision (its most suspicious image) and the time spent. "
-        "`Accept: application/dicom` answers the DICOM SR (Comprehensive 3D SR, TID 1500, UNVERIFIED) instead. "
-        "Scope `infer`."
+        "`Accept: application/dicom` answers the DICOM SR (Comprehensive 3D SR, TID 1500, UNVERIFIED) instead, "
+        "`Accept: application/fhir+json` a RiskAssessment whose basis is the ImagingStudy (by its Study "
+        "Instance UID).\n\n"
+        "Input outside the model's validated input (its out-of-distribution detector, declared per version) is "
+        'answered 200 with `decision.label` "indeterminate", `probabilities` null and `validated_input` giving '
+        "the score, threshold and reasons: never a label. Scope `infer`."
     ),
     openapi_extra=_OPENAPI,
     responses={
@@ -275,8 +280,6 @@ async def _predict_images(
     wants: str,
     operating_point: str | None,
 ) -> Response:
-    if wants == FHIR_JSON:
-        raise NotAcceptableError("DICOM images answer application/json or application/dicom (the SR)")
     context = request_context(request, principal, hashlib.sha256(payload.body).hexdigest())
     instances = await _instances(payload, container, dicom_limits(container.settings))
     result = await container.pipeline.predict_study(
@@ -289,6 +292,16 @@ async def _predict_images(
     if wants == DICOM:
         encoded = await asyncio.to_thread(_sr, instances, result, context)
         return Response(encoded, media_type=DICOM)
+    if wants == FHIR_JSON:
+        resource = risk_assessment(
+            result.served,
+            result.classification,
+            patient_reference=None,
+            observation_ids=[],
+            request_id=context.request_id,
+            imaging_study_uid=result.study_uid,
+        )
+        return JSONResponse(resource, media_type=FHIR_JSON)
     answer = prediction(
         result.served, result.classification, request_id=context.request_id, input_summary=_study_summary(result)
     )
