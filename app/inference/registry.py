@@ -102,6 +102,18 @@ def load_version(
     return ServedVersion(spec=spec, version=version, sha256=actual, loaded=loaded)
 
 
+def _failed(spec: ModelSpec, version: str, error: MedinferError) -> VersionStatus:
+    """The status of a version that does not serve, and why."""
+    return VersionStatus(
+        model=spec.name,
+        version=version,
+        state=VersionState.FAILED,
+        sha256=spec.versions[version].sha256,
+        error_code=error.code,
+        error=error.detail,
+    )
+
+
 class ModelRegistry:
     """All models of one repository and the versions of each that serve now."""
 
@@ -183,16 +195,7 @@ class ModelRegistry:
             if self._policy.refuses(spec, version):
                 refusal = self._refuse(spec, version)
                 first_error = first_error or refusal
-                statuses.append(
-                    VersionStatus(
-                        model=name,
-                        version=version,
-                        state=VersionState.FAILED,
-                        sha256=spec.versions[version].sha256,
-                        error_code=refusal.code,
-                        error=refusal.detail,
-                    )
-                )
+                statuses.append(_failed(spec, version, refusal))
                 continue
             try:
                 sv = load_version(spec, model_dir, version, self._trusted_key)
@@ -220,16 +223,7 @@ class ModelRegistry:
                         )
                     )
                     continue
-                statuses.append(
-                    VersionStatus(
-                        model=name,
-                        version=version,
-                        state=VersionState.FAILED,
-                        sha256=spec.versions[version].sha256,
-                        error_code=exc.code,
-                        error=exc.detail,
-                    )
-                )
+                statuses.append(_failed(spec, version, exc))
                 continue
             served[version] = sv
             statuses.append(

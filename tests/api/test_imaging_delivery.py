@@ -32,6 +32,7 @@ from app.security.sealed import SealedFiles
 from app.transport.dimse.scp import ScpConfig, StoreScp
 from tests.conftest import REPO_ROOT, register, wait_ready
 from tests.integration.conftest import free_port
+from tests.support.imaging import c_store, until
 from training.dicom_studies import study_bytes
 
 MODEL = "cxr-pneumonia"
@@ -101,15 +102,6 @@ def _backlog(client: TestClient) -> dict[str, float]:
     return found
 
 
-def _until(condition: Callable[[], bool], timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.05)
-    raise AssertionError("condition not met in time")
-
-
 # pynetdicom 3.0.4 drops its socket unclosed when a connect is refused (pydicom/pynetdicom#979,
 # fixed upstream by #999); the PACS being down is exactly that case. CPython closes it at once.
 @pytest.mark.filterwarnings("ignore:unclosed <socket.socket:ResourceWarning")
@@ -128,18 +120,18 @@ def test_results_wait_for_a_pacs_that_is_down_and_arrive_exactly_once(
     with TestClient(create_app(settings), raise_server_exceptions=False) as client:
         wait_ready(client)
         assert _stow(client, key, study_bytes(seed=1, positive=True, rows=256, study_uid=study)).status_code == 200
-        _until(lambda: any(attempts >= 2 for _, _, attempts in _outbox(settings)))
+        until(lambda: any(attempts >= 2 for _, _, attempts in _outbox(settings)))
         assert [state for _, state, _ in _outbox(settings)] == ["pending"]
         # Hospital IT sees the result waiting: one undelivered, and for how long.
-        _until(lambda: _backlog(client).get("age", 0) > 0.5)
+        until(lambda: _backlog(client).get("age", 0) > 0.5)
         waiting = _backlog(client)
         assert waiting["pending"] + waiting["sending"] == 1
         assert waiting["held"] == waiting["failed"] == 0
         scp.start()
         try:
-            _until(lambda: [state for _, state, _ in _outbox(settings)] == ["delivered"])
+            until(lambda: [state for _, state, _ in _outbox(settings)] == ["delivered"])
             time.sleep(1.5)  # several more outbox passes: nothing is sent again
-            _until(lambda: _backlog(client) == {"pending": 0, "sending": 0, "held": 0, "failed": 0, "age": 0})
+            until(lambda: _backlog(client) == {"pending": 0, "sending": 0, "held": 0, "failed": 0, "age": 0})
         finally:
             scp.stop()
     (row,) = _outbox(settings)
@@ -172,7 +164,7 @@ def test_a_result_reaches_the_pacs_from_another_replica_after_its_own_is_gone_wi
     with TestClient(create_app(first), raise_server_exceptions=False) as client:
         wait_ready(client)
         assert _stow(client, key, study_bytes(seed=6, positive=True, rows=256)).status_code == 200
-        _until(lambda: len(rows()) == 1 and rows()[0][1] == "pending")
+        until(lambda: len(rows()) == 1 and rows()[0][1] == "pending")
     ((uid, _, sealed),) = rows()
     assert sealed is not None
     assert sealed.startswith(b"MISEAL1\n")  # encrypted at rest, in the row
@@ -186,7 +178,7 @@ def test_a_result_reaches_the_pacs_from_another_replica_after_its_own_is_gone_wi
         second = first.model_copy(update={"data_dir": tmp_path / "replica-b"})
         with TestClient(create_app(second)) as client:
             wait_ready(client)
-            _until(lambda: [state for _, state, _ in rows()] == ["delivered"])
+            until(lambda: [state for _, state, _ in rows()] == ["delivered"])
             time.sleep(1.5)  # more outbox passes: nothing is sent twice
     finally:
         scp.stop()
@@ -216,7 +208,7 @@ def test_a_result_queued_before_revision_0004_is_still_delivered_from_its_sealed
     try:
         with TestClient(create_app(settings)) as client:
             wait_ready(client)
-            _until(lambda: [state for _, state, _ in _outbox(settings)] == ["delivered"])
+            until(lambda: [state for _, state, _ in _outbox(settings)] == ["delivered"])
     finally:
         scp.stop()
     assert [ds.SOPInstanceUID for ds in pacs.received] == [uid]
@@ -255,9 +247,9 @@ def test_an_accepted_instance_survives_a_restart_before_its_study_settles(
     fast = _settings(tmp_path, study_settle_s=0.2)
     with TestClient(create_app(fast)) as client:
         wait_ready(client)
-        _until(lambda: len(_outbox(fast)) == 1)
+        until(lambda: len(_outbox(fast)) == 1)
         # No destination configured: the result is held, and the gauges say so.
-        _until(lambda: _backlog(client).get("held") == 1)
+        until(lambda: _backlog(client).get("held") == 1)
         assert _backlog(client)["pending"] == 0
     assert [state for _, state, _ in _outbox(fast)] == ["held"]
     assert not [p for p in (fast.data_dir / "spool").iterdir() if p.suffix == ".dcm"]
@@ -278,13 +270,13 @@ def test_held_and_failed_results_reach_the_pacs_once_an_operator_requeues_them(
     with TestClient(create_app(unset)) as client:
         wait_ready(client)
         assert _stow(client, key, study_bytes(seed=4, positive=True, rows=256)).status_code == 200
-        _until(lambda: _backlog(client).get("held") == 1)
+        until(lambda: _backlog(client).get("held") == 1)
     # A destination that gives up at once while the PACS is down: the second result fails.
     impatient = _settings(tmp_path, study_settle_s=0.2, pacs_destination=destination, pacs_max_attempts=1)
     with TestClient(create_app(impatient)) as client:
         wait_ready(client)
         assert _stow(client, key, study_bytes(seed=5, positive=False, rows=256)).status_code == 200
-        _until(lambda: _backlog(client).get("failed") == 1)
+        until(lambda: _backlog(client).get("failed") == 1)
         assert _backlog(client)["held"] == 1  # nothing releases held results on its own
     assert sorted(state for _, state, _ in _outbox(unset)) == ["failed", "held"]
 
@@ -305,9 +297,9 @@ def test_held_and_failed_results_reach_the_pacs_once_an_operator_requeues_them(
         delivering = _settings(tmp_path, study_settle_s=0.2, pacs_destination=destination)
         with TestClient(create_app(delivering)) as client:
             wait_ready(client)
-            _until(lambda: [state for _, state, _ in _outbox(delivering)] == ["delivered", "delivered"])
+            until(lambda: [state for _, state, _ in _outbox(delivering)] == ["delivered", "delivered"])
             time.sleep(1.5)  # more outbox passes: nothing is sent twice
-            _until(lambda: _backlog(client) == {"pending": 0, "sending": 0, "held": 0, "failed": 0, "age": 0})
+            until(lambda: _backlog(client) == {"pending": 0, "sending": 0, "held": 0, "failed": 0, "age": 0})
     finally:
         scp.stop()
     assert sorted(sr.SOPInstanceUID for sr in pacs.received) == sorted(uid for uid, _, _ in _outbox(unset))
@@ -422,14 +414,7 @@ def test_without_a_routing_rule_no_model_takes_a_study_even_one_its_allow_lists_
         assert response.status_code == 409
         failed = pydicom.Dataset.from_json(response.json()).FailedSOPSequence
         assert [int(item.FailureReason) for item in failed] == [0x0122]
-        ae = AE(ae_title="MODALITY")
-        ae.add_requested_context(ComputedRadiographyImageStorage, "1.2.840.10008.1.2.1")
-        assoc = ae.associate("127.0.0.1", client.app.state.dimse_port, ae_title="MEDINFER")  # type: ignore[attr-defined]
-        assert assoc.is_established
-        try:
-            status = assoc.send_c_store(pydicom.dcmread(io.BytesIO(encoded)))
-        finally:
-            assoc.release()
+        status = c_store(client.app.state.dimse_port, encoded, calling_ae="MODALITY")  # type: ignore[attr-defined]
         assert status.Status == 0xC215
         assert status.ErrorComment == "no-route"
     assert _outbox(settings) == []

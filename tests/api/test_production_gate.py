@@ -15,11 +15,9 @@ DICOM Storage SCP on loopback that counts what it receives. Both shipped models 
 
 from __future__ import annotations
 
-import io
 import json
 import sqlite3
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -29,8 +27,6 @@ import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 from pydicom.data import get_testdata_file
-from pynetdicom import AE
-from pynetdicom.sop_class import ComputedRadiographyImageStorage  # type: ignore[attr-defined]
 
 from app.__main__ import main as cli
 from app.config import Settings
@@ -42,6 +38,7 @@ from app.transport.dimse.status import NO_ROUTE
 from app.transport.http.stow import FailureReason
 from tests.conftest import REPO_ROOT, register, wait_ready
 from tests.integration.conftest import free_port
+from tests.support.imaging import c_store, until
 from training.dicom_studies import study_bytes
 
 SHIPPED_MODELS = ("cxr-pneumonia", "ehr-heart-disease")
@@ -126,15 +123,7 @@ def _stow(client: TestClient, key: str, *parts: bytes) -> Any:
 
 
 def _c_store(client: TestClient, encoded: bytes) -> int:
-    ae = AE(ae_title="HOSPITALPACS")
-    ae.add_requested_context(ComputedRadiographyImageStorage, "1.2.840.10008.1.2.1")
-    assoc = ae.associate("127.0.0.1", client.app.state.dimse_port, ae_title="MEDINFER")  # type: ignore[attr-defined]
-    assert assoc.is_established
-    try:
-        status = assoc.send_c_store(pydicom.dcmread(io.BytesIO(encoded)))
-    finally:
-        assoc.release()
-    return int(status.Status)
+    return int(c_store(client.app.state.dimse_port, encoded).Status)  # type: ignore[attr-defined]
 
 
 def _rows(settings: Settings, sql: str) -> list[tuple[Any, ...]]:
@@ -149,15 +138,6 @@ def _metric(client: TestClient, name: str, **labels: str) -> float:
             if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
                 total += sample.value
     return total
-
-
-def _until(condition: Callable[[], bool], timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.05)
-    raise AssertionError("condition not met in time")
 
 
 def test_as_shipped_nothing_is_served_routed_or_sent_and_readyz_says_why(
@@ -206,7 +186,7 @@ def test_an_acknowledged_demo_model_is_inferred_and_audited_but_its_sr_never_rea
 
         assert _stow(client, key, study).status_code == 200
         assert _c_store(client, _rg1()) == 0x0000  # routed and spooled: the SCP acknowledges it
-        _until(lambda: _metric(client, "medinfer_studies_total", outcome="withheld") == 2)
+        until(lambda: _metric(client, "medinfer_studies_total", outcome="withheld") == 2)
         withheld = _metric(client, "medinfer_results_withheld_total", model=CXR, version=version, destination="pacs")
         assert withheld == 2
         assert _metric(client, "medinfer_pacs_outbox_events_total") == 0

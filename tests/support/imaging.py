@@ -1,0 +1,34 @@
+"""Helpers for the imaging tests: wait on an observable condition, send one C-STORE."""
+
+from __future__ import annotations
+
+import io
+import time
+from collections.abc import Callable
+
+import pydicom
+from pydicom import Dataset
+from pynetdicom import AE
+from pynetdicom.sop_class import ComputedRadiographyImageStorage  # type: ignore[attr-defined]
+
+
+def until(condition: Callable[[], bool], timeout_s: float = 60) -> None:
+    """Poll ``condition`` (the database, the PACS, the metrics) until it holds; fail after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.05)
+    raise AssertionError("condition not met in time")
+
+
+def c_store(port: int, encoded: bytes, *, calling_ae: str = "HOSPITALPACS") -> Dataset:
+    """One CR instance to the service's SCP on ``port``; the C-STORE response status dataset."""
+    ae = AE(ae_title=calling_ae)
+    ae.add_requested_context(ComputedRadiographyImageStorage, "1.2.840.10008.1.2.1")
+    assoc = ae.associate("127.0.0.1", port, ae_title="MEDINFER")
+    assert assoc.is_established
+    try:
+        return assoc.send_c_store(pydicom.dcmread(io.BytesIO(encoded)))
+    finally:
+        assoc.release()
