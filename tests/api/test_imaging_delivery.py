@@ -32,11 +32,10 @@ from app.security.sealed import SealedFiles
 from app.transport.dimse.scp import ScpConfig, StoreScp
 from tests.conftest import REPO_ROOT, register, wait_ready
 from tests.integration.conftest import free_port
-from tests.support.imaging import c_store, until
+from tests.support.imaging import c_store, stow, until
 from training.dicom_studies import study_bytes
 
 MODEL = "cxr-pneumonia"
-BOUNDARY = "delivery-test"
 CXR_ROUTE = json.dumps([{"modality": ["CR", "DX"], "body_part": ["CHEST"], "model": MODEL}])
 
 
@@ -73,18 +72,6 @@ def migrate(monkeypatch: pytest.MonkeyPatch) -> Callable[[Settings], str]:
     return run
 
 
-def _stow(client: TestClient, key: str, *parts: bytes) -> Any:
-    body = b"".join(f"--{BOUNDARY}\r\nContent-Type: application/dicom\r\n\r\n".encode() + p + b"\r\n" for p in parts)
-    return client.post(
-        "/dicomweb/studies",
-        content=body + f"--{BOUNDARY}--\r\n".encode(),
-        headers={
-            "Authorization": f"Bearer {key}",
-            "Content-Type": f'multipart/related; type="application/dicom"; boundary={BOUNDARY}',
-        },
-    )
-
-
 def _outbox(settings: Settings) -> list[tuple[str, str, int]]:
     with sqlite3.connect(settings.data_dir / "medinfer.db") as db:
         return db.execute("SELECT sop_instance_uid, state, attempts FROM pacs_outbox").fetchall()
@@ -119,7 +106,7 @@ def test_results_wait_for_a_pacs_that_is_down_and_arrive_exactly_once(
     scp = StoreScp(ScpConfig("TESTPACS", "127.0.0.1", port, (), 4), pacs)
     with TestClient(create_app(settings), raise_server_exceptions=False) as client:
         wait_ready(client)
-        assert _stow(client, key, study_bytes(seed=1, positive=True, rows=256, study_uid=study)).status_code == 200
+        assert stow(client, key, study_bytes(seed=1, positive=True, rows=256, study_uid=study)).status_code == 200
         until(lambda: any(attempts >= 2 for _, _, attempts in _outbox(settings)))
         assert [state for _, state, _ in _outbox(settings)] == ["pending"]
         # Hospital IT sees the result waiting: one undelivered, and for how long.
@@ -163,7 +150,7 @@ def test_a_result_reaches_the_pacs_from_another_replica_after_its_own_is_gone_wi
 
     with TestClient(create_app(first), raise_server_exceptions=False) as client:
         wait_ready(client)
-        assert _stow(client, key, study_bytes(seed=6, positive=True, rows=256)).status_code == 200
+        assert stow(client, key, study_bytes(seed=6, positive=True, rows=256)).status_code == 200
         until(lambda: len(rows()) == 1 and rows()[0][1] == "pending")
     ((uid, _, sealed),) = rows()
     assert sealed is not None
@@ -222,8 +209,8 @@ def test_a_graceful_stop_infers_the_studies_still_waiting_and_leaves_the_spool_e
     key = migrate(settings)
     with TestClient(create_app(settings)) as client:
         wait_ready(client)
-        assert _stow(client, key, study_bytes(seed=8, positive=True, rows=256)).status_code == 200
-        assert _stow(client, key, study_bytes(seed=9, positive=False, rows=256)).status_code == 200
+        assert stow(client, key, study_bytes(seed=8, positive=True, rows=256)).status_code == 200
+        assert stow(client, key, study_bytes(seed=9, positive=False, rows=256)).status_code == 200
         time.sleep(0.5)
         assert _outbox(settings) == []  # an hour from settling
     # The lifespan's shutdown inferred both before it returned: a replica that never comes back
@@ -240,7 +227,7 @@ def test_an_accepted_instance_survives_a_restart_before_its_study_settles(
     key = migrate(slow)
     with TestClient(create_app(slow)) as client:
         wait_ready(client)
-        assert _stow(client, key, study_bytes(seed=2, positive=False, rows=256)).status_code == 200
+        assert stow(client, key, study_bytes(seed=2, positive=False, rows=256)).status_code == 200
     assert len([p for p in (slow.data_dir / "spool").iterdir() if p.suffix == ".dcm"]) == 1
     assert _outbox(slow) == []
 
@@ -269,13 +256,13 @@ def test_held_and_failed_results_reach_the_pacs_once_an_operator_requeues_them(
     key = migrate(unset)
     with TestClient(create_app(unset)) as client:
         wait_ready(client)
-        assert _stow(client, key, study_bytes(seed=4, positive=True, rows=256)).status_code == 200
+        assert stow(client, key, study_bytes(seed=4, positive=True, rows=256)).status_code == 200
         until(lambda: _backlog(client).get("held") == 1)
     # A destination that gives up at once while the PACS is down: the second result fails.
     impatient = _settings(tmp_path, study_settle_s=0.2, pacs_destination=destination, pacs_max_attempts=1)
     with TestClient(create_app(impatient)) as client:
         wait_ready(client)
-        assert _stow(client, key, study_bytes(seed=5, positive=False, rows=256)).status_code == 200
+        assert stow(client, key, study_bytes(seed=5, positive=False, rows=256)).status_code == 200
         until(lambda: _backlog(client).get("failed") == 1)
         assert _backlog(client)["held"] == 1  # nothing releases held results on its own
     assert sorted(state for _, state, _ in _outbox(unset)) == ["failed", "held"]
@@ -325,7 +312,7 @@ def test_a_full_spool_refuses_c_store_with_out_of_resources_and_stow_with_a700(
             assoc.release()
         assert status.Status == 0xA700
 
-        response = _stow(client, key, encoded)
+        response = stow(client, key, encoded)
         assert response.status_code == 409
         failed = pydicom.Dataset.from_json(response.json()).FailedSOPSequence
         assert [int(item.FailureReason) for item in failed] == [0xA700]
@@ -390,7 +377,7 @@ def test_a_spool_on_a_filesystem_that_fills_up_refuses_and_recovers_when_space_r
                 assoc.release()
 
         assert c_store() == 0xA700
-        response = _stow(client, key, encoded)
+        response = stow(client, key, encoded)
         assert response.status_code == 409
         failed = pydicom.Dataset.from_json(response.json()).FailedSOPSequence
         assert [int(item.FailureReason) for item in failed] == [0xA700]
@@ -410,7 +397,7 @@ def test_without_a_routing_rule_no_model_takes_a_study_even_one_its_allow_lists_
     encoded = study_bytes(seed=3, positive=True, rows=256)  # exactly what cxr-pneumonia is intended for
     with TestClient(create_app(settings)) as client:
         wait_ready(client)
-        response = _stow(client, key, encoded)
+        response = stow(client, key, encoded)
         assert response.status_code == 409
         failed = pydicom.Dataset.from_json(response.json()).FailedSOPSequence
         assert [int(item.FailureReason) for item in failed] == [0x0122]

@@ -38,12 +38,11 @@ from app.transport.dimse.status import NO_ROUTE
 from app.transport.http.stow import FailureReason
 from tests.conftest import REPO_ROOT, register, wait_ready
 from tests.integration.conftest import free_port
-from tests.support.imaging import c_store, until
+from tests.support.imaging import c_store, stow, until
 from training.dicom_studies import study_bytes
 
 SHIPPED_MODELS = ("cxr-pneumonia", "ehr-heart-disease")
 CXR = "cxr-pneumonia"
-BOUNDARY = "production-gate"
 CXR_ROUTE = json.dumps([{"modality": ["CR", "DX"], "body_part": ["CHEST"], "model": CXR}])
 
 
@@ -110,18 +109,6 @@ def _rg1() -> bytes:
     return Path(path).read_bytes()
 
 
-def _stow(client: TestClient, key: str, *parts: bytes) -> Any:
-    body = b"".join(f"--{BOUNDARY}\r\nContent-Type: application/dicom\r\n\r\n".encode() + p + b"\r\n" for p in parts)
-    return client.post(
-        "/dicomweb/studies",
-        content=body + f"--{BOUNDARY}--\r\n".encode(),
-        headers={
-            "Authorization": f"Bearer {key}",
-            "Content-Type": f'multipart/related; type="application/dicom"; boundary={BOUNDARY}',
-        },
-    )
-
-
 def _c_store(client: TestClient, encoded: bytes) -> int:
     return int(c_store(client.app.state.dimse_port, encoded).Status)  # type: ignore[attr-defined]
 
@@ -159,7 +146,7 @@ def test_as_shipped_nothing_is_served_routed_or_sent_and_readyz_says_why(
             assert "MEDINFER_ACKNOWLEDGED_NONCLINICAL_MODELS" in row["error"]
             assert _metric(client, "medinfer_model_versions_refused_total", model=name, reason="not_acknowledged") >= 1
 
-        response = _stow(client, key, _rg1())
+        response = stow(client, key, _rg1())
         assert response.status_code == 409, response.text
         (failed,) = pydicom.Dataset.from_json(response.json()).FailedSOPSequence
         assert int(failed.FailureReason) == FailureReason.SOP_CLASS_NOT_SUPPORTED
@@ -184,7 +171,7 @@ def test_an_acknowledged_demo_model_is_inferred_and_audited_but_its_sr_never_rea
         states = {m["model"]: (m["state"], m["error_code"]) for m in client.get("/readyz").json()["models"]}
         assert states == {CXR: ("ready", None), "ehr-heart-disease": ("failed", "model-not-acknowledged")}
 
-        assert _stow(client, key, study).status_code == 200
+        assert stow(client, key, study).status_code == 200
         assert _c_store(client, _rg1()) == 0x0000  # routed and spooled: the SCP acknowledges it
         until(lambda: _metric(client, "medinfer_studies_total", outcome="withheld") == 2)
         withheld = _metric(client, "medinfer_results_withheld_total", model=CXR, version=version, destination="pacs")

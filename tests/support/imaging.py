@@ -5,11 +5,28 @@ from __future__ import annotations
 import io
 import time
 from collections.abc import Callable
+from typing import Any
 
 import pydicom
+from fastapi.testclient import TestClient
 from pydicom import Dataset
 from pynetdicom import AE
 from pynetdicom.sop_class import ComputedRadiographyImageStorage  # type: ignore[attr-defined]
+
+BOUNDARY = "medinfer-test-boundary"
+
+
+def stow(client: TestClient, key: str, *parts: bytes) -> Any:
+    """STOW-RS of ``parts`` (DICOM Part 10 instances) to ``/dicomweb/studies``."""
+    body = b"".join(f"--{BOUNDARY}\r\nContent-Type: application/dicom\r\n\r\n".encode() + p + b"\r\n" for p in parts)
+    return client.post(
+        "/dicomweb/studies",
+        content=body + f"--{BOUNDARY}--\r\n".encode(),
+        headers={
+            "Authorization": f"Bearer {key}",
+            "Content-Type": f'multipart/related; type="application/dicom"; boundary={BOUNDARY}',
+        },
+    )
 
 
 def until(condition: Callable[[], bool], timeout_s: float = 60) -> None:
