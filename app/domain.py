@@ -17,6 +17,7 @@ class Scope(StrEnum):
     AUDIT_READ = "audit:read"
     METRICS_READ = "metrics:read"
     CLIENTS_ADMIN = "clients:admin"
+    FEEDBACK_WRITE = "feedback:write"
 
 
 @dataclass(frozen=True, slots=True)

@@ -103,6 +103,23 @@ class OodSpec(_Strict):
         return self
 
 
+class ExplainSpec(_Strict):
+    """How a model explains a result (``[explain]`` in model.toml); explanations are opt-in.
+
+    ``shapley``: exact Shapley values over the model's own graph for tabular inputs, against
+    ``baseline`` (one reference value per feature, from the training data), reported in
+    ``space``. ``cam``: class activation map read from the graph's ``output`` (one map per image
+    for the positive label, ``[-1, H, W]``). ``occlusion``: model-agnostic occlusion sensitivity.
+    """
+
+    method: Literal["shapley", "cam", "occlusion"]
+    output: str | None = Field(default=None, description="cam: the ONNX output holding the map.")
+    baseline: dict[str, float] = Field(default_factory=dict, description="shapley: reference value per feature.")
+    space: Literal["probability", "log_odds"] = Field(
+        default="log_odds", description="The output space contributions are reported in."
+    )
+
+
 class Thresholds(_Strict):
     default: float = Field(ge=0.0, le=1.0)
     operating_points: dict[str, OperatingPoint] = Field(default_factory=dict)
@@ -165,6 +182,7 @@ class ModelSpec(_Strict):
     runtime: Runtime = Runtime()
     version_policy: VersionPolicy = VersionPolicy()
     preprocessing: dict[str, Any] = Field(default_factory=dict)
+    explain: ExplainSpec | None = None
     versions: dict[str, VersionEntry] = Field(min_length=1)
 
     @field_validator("name")
@@ -190,6 +208,9 @@ class ModelSpec(_Strict):
             msg = f"positive_label {self.positive_label!r} is not one of labels"
             raise ValueError(msg)
         outputs = {o.name for o in self.outputs}
+        if self.explain is not None and self.explain.output is not None and self.explain.output not in outputs:
+            msg = f"explain.output {self.explain.output!r} is not one of outputs"
+            raise ValueError(msg)
         for number, entry in self.versions.items():
             if entry.ood is not None and entry.ood.output is not None and entry.ood.output not in outputs:
                 msg = f"versions.{number}.ood.output {entry.ood.output!r} is not one of outputs"

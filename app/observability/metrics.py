@@ -208,6 +208,85 @@ class Metrics:
             ["model", "version", "destination"],
             registry=self.registry,
         )
+        # Post-market monitoring (drift, explanations, confirmed outcomes). All PHI-free: labels
+        # are model, version, label, feature name; never a value.
+        self.output_probability = Histogram(
+            "medinfer_output_probability",
+            "Model output probability per label, for drift watching.",
+            ["model", "version", "label"],
+            buckets=tuple(round(0.1 * i, 1) for i in range(1, 11)),
+            registry=self.registry,
+        )
+        self.records = Counter(
+            "medinfer_records_total",
+            "Records (feature vectors) inferred, the denominator of the imputation rate.",
+            ["model", "version"],
+            registry=self.registry,
+        )
+        self.features_imputed = Counter(
+            "medinfer_features_imputed_total",
+            "Features imputed because the record lacked them, by feature.",
+            ["model", "version", "feature"],
+            registry=self.registry,
+        )
+        self.feature_psi = Gauge(
+            "medinfer_feature_psi",
+            "Population stability index of each input feature over the service's sliding window against the "
+            "training reference (0.1-0.25 moderate, > 0.25 major shift).",
+            ["model", "version", "feature"],
+            registry=self.registry,
+            multiprocess_mode="livemax",
+        )
+        self.explanations = Counter(
+            "medinfer_explanations_total",
+            "Explanations computed on request, by method (shapley, cam, occlusion).",
+            ["model", "version", "method"],
+            registry=self.registry,
+        )
+        self.feedback = Counter(
+            "medinfer_feedback_total",
+            "Confirmed outcomes recorded for results, by verdict (agree, disagree, label).",
+            ["model", "version", "verdict"],
+            registry=self.registry,
+        )
+        self.confirmed_cases = Gauge(
+            "medinfer_confirmed_cases",
+            "Results with a confirmed outcome, by confirmed label. Database-wide: aggregate with max.",
+            ["model", "version", "label"],
+            registry=self.registry,
+            multiprocess_mode="livemax",
+        )
+        self.confirmed_sensitivity = Gauge(
+            "medinfer_confirmed_sensitivity",
+            "Sensitivity over confirmed cases at the operating point each result was decided at. "
+            "Database-wide: aggregate with max.",
+            ["model", "version"],
+            registry=self.registry,
+            multiprocess_mode="livemax",
+        )
+        self.confirmed_specificity = Gauge(
+            "medinfer_confirmed_specificity",
+            "Specificity over confirmed cases. Database-wide: aggregate with max.",
+            ["model", "version"],
+            registry=self.registry,
+            multiprocess_mode="livemax",
+        )
+        self.calibration_error = Gauge(
+            "medinfer_confirmed_calibration_error",
+            "Expected calibration error (10 bins) of the positive label's probability over confirmed cases. "
+            "Database-wide: aggregate with max.",
+            ["model", "version"],
+            registry=self.registry,
+            multiprocess_mode="livemax",
+        )
+        self.sensitivity_floor = Gauge(
+            "medinfer_sensitivity_floor",
+            "The operating point's claimed sensitivity minus the margin the model declares: the confirmed "
+            "sensitivity should stay above it.",
+            ["model", "version"],
+            registry=self.registry,
+            multiprocess_mode="livemax",
+        )
         self.decryption_failures = Counter(
             "medinfer_decryption_failures_total",
             "JWE payloads refused, by reason (malformed, alg, enc, zip, crit, cty, kid, decrypt, size).",
