@@ -169,6 +169,30 @@ class ModelNotFoundError(MedinferError):
     kind = ErrorKind.NOT_FOUND
 
 
+class ResultNotFoundError(MedinferError):
+    """No inference result carries the request id the feedback names (or it belongs to another
+    model). Raised when an outcome is recorded.
+
+    Recovery: send the ``request_id`` of the prediction answer (or its ``X-Request-ID``).
+    """
+
+    code = "result-not-found"
+    title = "Result not found"
+    kind = ErrorKind.NOT_FOUND
+
+
+class FeedbackConflictError(MedinferError):
+    """The result already has a confirmed outcome, or it cannot be judged (it failed, or it was
+    indeterminate). Nothing is stored twice.
+
+    Recovery: none needed for a duplicate; an outcome is recorded once per result.
+    """
+
+    code = "feedback-conflict"
+    title = "Outcome already recorded or not applicable"
+    kind = ErrorKind.CONFLICT
+
+
 class ModelSpecError(MedinferError):
     """A ``model.toml`` fails validation. Raised while loading the repository.
 
@@ -457,6 +481,8 @@ ALL_ERRORS: tuple[type[MedinferError], ...] = (
     AuthenticationError,
     PermissionDeniedError,
     ModelNotFoundError,
+    ResultNotFoundError,
+    FeedbackConflictError,
     ModelSpecError,
     ModelIntegrityError,
     ModelSignatureError,
