@@ -533,6 +533,18 @@ def imputation_values(model) -> dict[str, float]:
     return {n: out[n] for n in FEATURES}
 
 
+def render_explain(baseline: dict[str, float]) -> str:
+    """The ``[explain]`` table: exact Shapley values against the training reference.
+
+    The baseline is the imputation values (training-split medians and modes), so a feature the
+    record lacks, which the graph imputes to exactly that value, contributes exactly 0. Log-odds,
+    not probability: every fold of the calibrated logistic model is additive per raw feature in
+    log-odds, so a contribution there depends on that feature's own value only and reads as an
+    odds ratio (exp), while in probability space the sigmoid alone would share out interactions.
+    """
+    return toml_table("explain", {"method": "shapley", "space": "log_odds", "baseline": baseline})
+
+
 def render_model_toml(
     *,
     sha256: str,
@@ -608,6 +620,7 @@ def render_model_toml(
     for i, spec in enumerate(FEATURE_SPECS):
         assert spec["name"] == FEATURES[i]
         parts.append(toml_table("preprocessing.features", {"index": i, **spec}, array=True))
+    parts.append(render_explain(imputation))
     parts.append(
         toml_table(
             f"versions.{VERSION}",
@@ -872,6 +885,8 @@ Beach: the figures for women rest on few patients.
   Patient.birthDate/gender; local codes for the angiography-lab items), the plausibility range
   of every feature and the selection rule (most recent reading within {LOOKBACK_DAYS} days of
   the newest) are declared in `model.toml` under `[preprocessing]`.
+- Explanations (opt-in per request, `[explain]` in `model.toml`) are exact Shapley contributions
+  in log-odds against the imputation values above as baseline, so an imputed feature contributes 0.
 
 ## Reproduce
 
