@@ -533,6 +533,56 @@ def imputation_values(model) -> dict[str, float]:
     return {n: out[n] for n in FEATURES}
 
 
+def drift_reference(X_train: np.ndarray) -> dict[str, dict[str, Any]]:
+    """Per feature, the training split's distribution over buckets: what the service's drift
+    monitor (app/observability/drift.py) compares its sliding window against (PSI).
+
+    Numeric features: the training deciles, duplicates removed (ca and oldpeak pile up on 0),
+    rounded to 4 decimals before the shares are counted so that the shares match the edges as
+    written. Bucket i holds edges[i-1] < x <= edges[i] (numpy.searchsorted side="left", the
+    service's bisect_left). Coded features: the share of each declared code. Missing values are
+    left out, as the service leaves imputed values out of its window.
+    """
+    reference: dict[str, dict[str, Any]] = {}
+    for j, name in enumerate(FEATURES):
+        column = X_train[:, j]
+        column = column[~np.isnan(column)]
+        if name in NUMERIC:
+            deciles = np.percentile(column, np.arange(10, 100, 10))
+            edges = sorted({round(float(e), 4) for e in deciles})
+            counts = np.bincount(np.searchsorted(edges, column, side="left"), minlength=len(edges) + 1)
+            entry: dict[str, Any] = {"edges": edges}
+        else:
+            codes = sorted(TEXT_CODES[name].values())
+            assert set(np.unique(column)) <= set(codes), f"{name}: training values outside its codes"
+            counts = np.asarray([int(np.sum(column == code)) for code in codes])
+            entry = {"codes": codes}
+        entry["proportions"] = [round(float(c) / len(column), 4) for c in counts]
+        entry["n"] = len(column)
+        reference[name] = entry
+    return reference
+
+
+def render_drift(reference: dict[str, dict[str, Any]], n_train: int) -> str:
+    """``[preprocessing.drift]``: under ``preprocessing`` (the free-form table) until ModelSpec
+    declares a ``drift`` field; read by app.observability.drift.references_from_preprocessing."""
+    parts = [
+        toml_table(
+            "preprocessing.drift",
+            {
+                "note": f"Training distribution of each feature (training split, n = {n_train}; missing values "
+                "left out, n per feature). Numeric: training deciles as bucket edges, bucket i holding "
+                "edges[i-1] < x <= edges[i], and the training share of each of the len(edges) + 1 buckets. "
+                "Coded: the share of each code. The service computes the population stability index of "
+                "each feature over its last records (imputed values left out) against these shares.",
+            },
+        )
+    ]
+    for name, entry in reference.items():
+        parts.append(toml_table(f"preprocessing.drift.features.{name}", entry))
+    return "\n".join(parts)
+
+
 def render_explain(baseline: dict[str, float]) -> str:
     """The ``[explain]`` table: exact Shapley values against the training reference.
 
@@ -552,6 +602,8 @@ def render_model_toml(
     op_points: dict[str, dict[str, Any]],
     imputation: dict[str, float],
     ood: dict[str, Any],
+    drift: dict[str, dict[str, Any]] | None = None,
+    n_train: int = 0,
 ) -> str:
     parts = [
         toml_table(
@@ -620,6 +672,8 @@ def render_model_toml(
     for i, spec in enumerate(FEATURE_SPECS):
         assert spec["name"] == FEATURES[i]
         parts.append(toml_table("preprocessing.features", {"index": i, **spec}, array=True))
+    if drift is not None:
+        parts.append(render_drift(drift, n_train))
     parts.append(render_explain(imputation))
     parts.append(
         toml_table(
@@ -887,6 +941,10 @@ Beach: the figures for women rest on few patients.
   the newest) are declared in `model.toml` under `[preprocessing]`.
 - Explanations (opt-in per request, `[explain]` in `model.toml`) are exact Shapley contributions
   in log-odds against the imputation values above as baseline, so an imputed feature contributes 0.
+- Drift reference (`[preprocessing.drift]` in `model.toml`): each feature's training deciles
+  (numeric) or code shares (coded), missing values left out. The service reports the population
+  stability index of each feature over its recent records against it (`medinfer_feature_psi`);
+  a sustained index above 0.25 means the population sent is no longer the one described here.
 
 ## Reproduce
 
@@ -987,7 +1045,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise SystemExit(f"ONNX parity failed: {max_diff}")
 
     imputation = imputation_values(model)
-    toml_text = render_model_toml(sha256=sha, threshold=threshold, op_points=op_points, imputation=imputation, ood=ood)
+    drift = drift_reference(splits.X_train)
+    toml_text = render_model_toml(
+        sha256=sha,
+        threshold=threshold,
+        op_points=op_points,
+        imputation=imputation,
+        ood=ood,
+        drift=drift,
+        n_train=len(splits.y_train),
+    )
     write_checked_toml(out_dir / "model.toml", toml_text)
 
     plots = save_plots(
