@@ -33,9 +33,18 @@ REQUIRED_ROWS = [
     "GPU",
     "Imaging",
     "Clinical safety",
+    "Drift",
+    "Explanations and outcomes",
 ]
 #: Grafana's variables, replaced by something PromQL accepts before promtool parses a query.
-VARIABLE_VALUES = {"$__rate_interval": "5m", "$__interval": "1m", "$__range": "1h", "$instance": ".*", "$model": ".*"}
+VARIABLE_VALUES = {
+    "$__rate_interval": "5m",
+    "$__interval": "1m",
+    "$__range": "1h",
+    "$instance": ".*",
+    "$model": ".*",
+    "$label": ".*",
+}
 
 Panel = dict[str, Any]
 
@@ -148,6 +157,27 @@ def test_latency_quantiles(dashboard: dict[str, Any]) -> None:
     timed = [p for title, p in panels.items() if "latency" in title.lower() and p["type"] != "row"]
     assert timed
     assert all(p["fieldConfig"]["defaults"]["unit"] == "s" for p in timed)
+
+
+def test_drift_panels_mark_the_thresholds_the_alerts_use(dashboard: dict[str, Any]) -> None:
+    """The PSI panels colour 0.1 (moderate) and 0.25 (major, MedinferFeatureDrift); the indeterminate
+    share marks 20 % (MedinferIndeterminateRateHigh); the sensitivity panel draws the claimed floor."""
+    panels = {p["title"]: p for p in all_panels(dashboard["panels"])}
+
+    def steps(title: str) -> list[float]:
+        thresholds = panels[title]["fieldConfig"]["defaults"]["thresholds"]["steps"]
+        return [step["value"] for step in thresholds if step["value"] is not None]
+
+    assert steps("Feature PSI (sliding window vs training)") == [0.1, 0.25]
+    assert steps("Feature PSI now") == [0.1, 0.25]
+    assert steps("Indeterminate share of decisions") == [0.2]
+    exprs = [t["expr"] for t in panels["Confirmed sensitivity vs claimed floor"]["targets"]]
+    assert [promql_metric_names(e) for e in exprs] == [
+        {"medinfer_confirmed_sensitivity"},
+        {"medinfer_sensitivity_floor"},
+    ]
+    imputation = panels["Imputation rate by feature"]["targets"][0]["expr"]
+    assert promql_metric_names(imputation) == {"medinfer_features_imputed_total", "medinfer_records_total"}
 
 
 def test_queries_parse_as_promql(dashboard: dict[str, Any], tmp_path: Path) -> None:
