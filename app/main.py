@@ -15,6 +15,7 @@ from fastapi.routing import APIRoute
 
 from app.config import Settings, load_settings, service_version
 from app.container import Container
+from app.feedback import build_feedback
 from app.imaging.service import build_imaging
 from app.observability.logging import configure_logging
 from app.observability.metrics import Metrics
@@ -24,6 +25,7 @@ from app.transport.http import (
     routes_admin,
     routes_audit,
     routes_dicomweb,
+    routes_feedback,
     routes_models,
     routes_ops,
     routes_predict,
@@ -48,6 +50,11 @@ TAGS = [
         "name": "dicomweb",
         "description": "DICOMweb STOW-RS for PACS: studies are stored, inferred asynchronously, and their DICOM SR "
         "sent back to the configured PACS. Responses are application/dicom+json.",
+    },
+    {
+        "name": "monitoring",
+        "description": "Post-market monitoring: confirmed outcomes of results, and the running sensitivity, "
+        "specificity and calibration of each model version.",
     },
     {"name": "admin", "description": "Live model management and client registration."},
     {"name": "audit", "description": "The tamper-evident audit trail: verify, list, export (FHIR AuditEvent)."},
@@ -78,6 +85,7 @@ ROUTERS = (
     routes_audit.router,
     routes_v2.router,
     routes_dicomweb.router,
+    routes_feedback.router,
 )
 
 
@@ -137,10 +145,13 @@ def create_app(settings: Settings) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         container = Container.build(settings, metrics)
         imaging = build_imaging(container, pacs_sender(settings))
+        feedback = build_feedback(container)
         app.state.container = container
         app.state.imaging = imaging
+        app.state.feedback = feedback
         await container.start()
         await imaging.start()
+        await feedback.start()
         scp = dimse_scp(settings, imaging)
         try:
             if scp is not None:
@@ -151,6 +162,7 @@ def create_app(settings: Settings) -> FastAPI:
         finally:
             if scp is not None:
                 await asyncio.to_thread(scp.stop)
+            await feedback.aclose()
             await imaging.aclose()
             await container.aclose()
             metrics.mark_process_dead()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import BigInteger, DateTime, Integer, LargeBinary, MetaData, String, Text
+from sqlalchemy import BigInteger, DateTime, Float, Index, Integer, LargeBinary, MetaData, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 NAMING = {
@@ -114,3 +114,35 @@ class PacsOutbox(Base):
     next_attempt_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
     delivered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     last_error: Mapped[str | None] = mapped_column(String(256), nullable=True)
+
+
+class OutcomeFeedback(Base):
+    """A confirmed outcome for one inference result, the ground truth behind the running
+    sensitivity, specificity and calibration of each model version.
+
+    PHI-free by construction: the result is named by its request id (as the audit trail keeps it),
+    the prediction by numbers and label names copied from its audit event, the outcome by a label
+    name and a reason from a fixed vocabulary. No free text, so nothing typed at a bedside lands
+    here. ``request_id`` is unique: a result is judged once.
+    """
+
+    __tablename__ = "outcome_feedback"
+    __table_args__ = (Index("ix_outcome_feedback_model_version", "model", "version"),)
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer(), "sqlite"), primary_key=True)
+    request_id: Mapped[str] = mapped_column(String(128), unique=True)
+    audit_seq: Mapped[int] = mapped_column(BigInteger, doc="The inference audit event the result came from.")
+    model: Mapped[str] = mapped_column(String(64))
+    version: Mapped[str] = mapped_column(String(16))
+    model_sha256: Mapped[str] = mapped_column(String(64))
+    probability: Mapped[float | None] = mapped_column(
+        Float, nullable=True, doc="The positive label's probability (None for models without one)."
+    )
+    decided_label: Mapped[str] = mapped_column(String(64))
+    threshold: Mapped[float | None] = mapped_column(Float, nullable=True)
+    operating_point: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    confirmed_label: Mapped[str] = mapped_column(String(64))
+    verdict: Mapped[str] = mapped_column(String(16), doc="agree, disagree or label.")
+    reason: Mapped[str | None] = mapped_column(String(32), nullable=True, doc="How it was confirmed (coded).")
+    recorded_by: Mapped[str] = mapped_column(String(128), doc="The client id that recorded it.")
+    recorded_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

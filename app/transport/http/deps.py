@@ -150,6 +150,8 @@ OPERATION_SCOPES: Final[Mapping[str, Scope | None]] = {
     "exportAuditEvents": Scope.AUDIT_READ,
     "storeInstances": Scope.INFER,
     "storeStudyInstances": Scope.INFER,
+    "recordFeedback": Scope.FEEDBACK_WRITE,
+    "getModelPerformance": Scope.MODELS_READ,
 }
 
 
