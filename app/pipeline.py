@@ -23,8 +23,9 @@ from app.domain import AuditRecord, RequestContext
 from app.errors import AuditUnavailableError, ErrorKind, InvalidRequestError, MedinferError, StudyMismatchError
 from app.inference.batcher import BatcherPool, BatchTiming, Tensors
 from app.inference.registry import ModelRegistry, ServedVersion
-from app.inference.spec import ModelSpec
+from app.inference.spec import ExplainSpec, ModelSpec
 from app.inference.tensors import check_inputs
+from app.observability.drift import DriftMonitor
 from app.observability.metrics import Metrics
 from app.parsing.dicom import AcceptPolicy, DicomInstance, check_policy
 from app.parsing.fhir import (
@@ -36,6 +37,7 @@ from app.parsing.fhir import (
     parse_features_json,
 )
 from app.postprocess.classification import Classification, classify
+from app.postprocess.explain import Contributions, baseline_vector, shapley
 from app.postprocess.ood import OodAssessment, assess_image, assess_record
 from app.preprocess.pixels import PixelRecipe, to_tensor
 
@@ -80,13 +82,19 @@ class RecordPrediction:
     served: ServedVersion
     classification: Classification
     features: ExtractedFeatures
+    explanation: Contributions | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class InstanceResult:
+    """One image's decision; with an explanation asked for, its class activation map (in the
+    model's map resolution) and the preprocessed image the map belongs to."""
+
     sop_instance_uid: str
     series_uid: str
     classification: Classification
+    saliency: npt.NDArray[np.float32] | None = None
+    image: npt.NDArray[np.float32] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,13 +136,20 @@ def _most_suspicious(results: Sequence[InstanceResult]) -> InstanceResult:
 
 class Pipeline:
     def __init__(
-        self, registry: ModelRegistry, batchers: BatcherPool, audit: AuditWriter | None, metrics: Metrics
+        self,
+        registry: ModelRegistry,
+        batchers: BatcherPool,
+        audit: AuditWriter | None,
+        metrics: Metrics,
+        monitor: DriftMonitor | None = None,
     ) -> None:
-        """``audit`` is None only when auditing is switched off for a benchmark baseline."""
+        """``audit`` is None only when auditing is switched off for a benchmark baseline;
+        ``monitor`` watches inputs and outputs for drift (None: not watched)."""
         self.registry = registry
         self.batchers = batchers
         self.audit = audit
         self.metrics = metrics
+        self.monitor = monitor
         self._recipes: dict[tuple[str, str, str], ImagingRecipe] = {}
         # Decoded images are large; at most one per core is decoded at a time, off the event loop.
         self._decode_slots = asyncio.Semaphore(max(1, os.cpu_count() or 1))
@@ -161,16 +176,19 @@ class Pipeline:
         deadline: float | None,
         context: RequestContext,
         operating_point: str | None = None,
+        explain: bool = False,
     ) -> StudyPrediction:
         """DICOM instances of one study -> allow-lists -> pixels -> probabilities -> decision.
 
         Refusals before the model runs are audited as failures too. Studies larger than the
-        model's batch run as several audited inferences, each naming its own instances.
+        model's batch run as several audited inferences, each naming its own instances. With
+        ``explain``, each image keeps its class activation map (the model must declare one).
         """
         served: ServedVersion | None = None
         try:
             served = self.registry.get(model)
             recipe = self.imaging_recipe(served)
+            cam = _explainer(served, "cam").output if explain else None
             study_uid = _one_study(instances)
             for instance in instances:
                 check_policy(instance, recipe.policy)
@@ -200,13 +218,27 @@ class Pipeline:
                 deadline,
                 _study_context(context, chunk),
                 timing=timing,
-                judge=_image_judge(images, assessments),
+                judge=_image_judge(images, assessments, explained="cam" if explain else None),
             )
             served = result.served
             rows = result.outputs[served.spec.outputs[0].name]
-            for instance, row, assessment in zip(chunk, rows, assessments, strict=True):
+            maps = result.outputs[cam] if cam is not None else [None] * len(chunk)
+            for instance, row, assessment, saliency, image in zip(chunk, rows, assessments, maps, images, strict=True):
                 decision = classify(served.spec, row.tolist(), operating_point, assessment)
-                results.append(InstanceResult(instance.sop_instance_uid, instance.series_uid, decision))
+                results.append(
+                    InstanceResult(
+                        instance.sop_instance_uid,
+                        instance.series_uid,
+                        decision,
+                        saliency=None if saliency is None else np.asarray(saliency, dtype=np.float32),
+                        image=None if saliency is None else image[0],
+                    )
+                )
+            if self.monitor is not None:
+                for instance_result in results[start:]:
+                    self.monitor.observe_image(model, served.version, instance_result.classification.probabilities)
+        if explain:
+            self.metrics.explanations.labels(model=model, version=served.version, method="cam").inc()
         study = _study_decision(served.spec, results)
         self._count_decision(served, study)
         return StudyPrediction(
@@ -265,12 +297,16 @@ class Pipeline:
         deadline: float | None,
         context: RequestContext,
         operating_point: str | None = None,
+        explain: bool = False,
     ) -> RecordPrediction:
         """An EHR record (FHIR Bundle or plain features) -> features -> probabilities -> decision.
 
-        Audited like any inference, with the Patient's identifier as a pseudonym.
+        Audited like any inference, with the Patient's identifier as a pseudonym. With
+        ``explain``, exact Shapley contributions of each feature against the model's declared
+        baseline come with the decision (computed before the answer, audited with it).
         """
         served = self.registry.get(model)
+        explainer = _explainer(served, "shapley") if explain else None
         started = time.perf_counter()
         fmap = feature_map(served.spec.preprocessing)
         if len(body) <= INLINE_PARSE_BYTES:
@@ -285,18 +321,35 @@ class Pipeline:
         assessment = assess_record(
             served.spec.ood_of(served.version), features.names, features.values, features.imputed
         )
+        contributions = None
+        if explainer is not None:
+            contributions = await asyncio.to_thread(_shapley, served, explainer, vector, features.names)
+        detail = {**_safety_detail([assessment]), **_explanation_detail(explainer)}
         result = await self.infer_tensors(
             model,
             served.version,
             {tensor.name: vector},
             deadline,
             replace(context, patient_id=features.patient_id),
-            judge=lambda _version, _outputs: _safety_detail([assessment]),
+            judge=lambda _version, _outputs: detail,
         )
         probabilities = result.outputs[result.served.spec.outputs[0].name][0]
         decision = classify(result.served.spec, probabilities.tolist(), operating_point, assessment)
         self._count_decision(result.served, decision)
-        return RecordPrediction(served=result.served, classification=decision, features=features)
+        if explainer is not None:
+            self.metrics.explanations.labels(model=model, version=served.version, method="shapley").inc()
+        if self.monitor is not None:
+            self.monitor.observe_record(
+                model,
+                served.version,
+                names=features.names,
+                values=features.values,
+                imputed=features.imputed,
+                probabilities=decision.probabilities,
+            )
+        return RecordPrediction(
+            served=result.served, classification=decision, features=features, explanation=contributions
+        )
 
     async def record(self, record: AuditRecord) -> None:
         """Commit one audit event (raises :class:`AuditUnavailableError` if it cannot be)."""
@@ -361,14 +414,54 @@ class Pipeline:
         self.batchers.retire_unserved(served)
 
 
-def _image_judge(images: npt.NDArray[np.float32], into: list[OodAssessment | None]) -> Judge:
+def _image_judge(images: npt.NDArray[np.float32], into: list[OodAssessment | None], *, explained: str | None) -> Judge:
     """Judges a chunk of images by the outputs they produced; the verdicts land in ``into``."""
 
     def judge(served: ServedVersion, outputs: Tensors) -> Mapping[str, object]:
         into.extend(_image_assessments(served, outputs, images))
-        return _safety_detail(into)
+        return {**_safety_detail(into), **({"explanation": {"method": explained}} if explained else {})}
 
     return judge
+
+
+def _explainer(served: ServedVersion, method: str) -> ExplainSpec:
+    """The model's declared explanation of this kind; a 4xx naming what is missing otherwise."""
+    explain = served.spec.explain
+    if explain is None or explain.method != method or (method == "cam" and explain.output is None):
+        raise InvalidRequestError(
+            f"model {served.spec.name} cannot explain this input: its model.toml declares no "
+            f"[explain] with method {method!r}"
+        )
+    return explain
+
+
+def _shapley(
+    served: ServedVersion, explain: ExplainSpec, vector: npt.NDArray[np.float32], names: Sequence[str]
+) -> Contributions:
+    """Exact Shapley values over the version's own session (one batched run of the coalitions)."""
+    spec = served.spec
+    (tensor,) = spec.inputs
+    output = spec.outputs[0].name
+
+    def run(batch: npt.NDArray[np.floating]) -> npt.NDArray[np.floating]:
+        result = served.loaded.session.run([output], {tensor.name: batch.astype(np.float32, copy=False)})
+        return np.asarray(result[0])
+
+    positive = spec.labels.index(spec.positive_label) if spec.positive_label else len(spec.labels) - 1
+    return shapley(
+        run,
+        vector,
+        baseline_vector(explain.baseline, names),
+        positive_index=positive,
+        space=explain.space,
+        names=names,
+    )
+
+
+def _explanation_detail(explain: ExplainSpec | None) -> dict[str, object]:
+    """What the audit event keeps of an explanation: that one was given and how, not its numbers
+    (contributions are functions of the patient's values)."""
+    return {} if explain is None else {"explanation": {"method": explain.method, "space": explain.space}}
 
 
 def _image_assessments(

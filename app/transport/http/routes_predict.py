@@ -21,6 +21,7 @@ from app.config import service_version
 from app.container import Container
 from app.domain import Principal, RequestContext
 from app.encoders.dicom_sr import build_sr, sr_bytes
+from app.encoders.explanation import explanation_fhir, explanation_json
 from app.encoders.fhir import risk_assessment
 from app.encoders.json import features_used, prediction, shown_probabilities, validated_input
 from app.errors import NotAcceptableError, UnsupportedMediaTypeError
@@ -191,6 +192,14 @@ async def predict(
     container: ContainerDep,
     principal: Inferrer,
     operating_point: Annotated[str | None, Query(max_length=64, examples=["high_sensitivity"])] = None,
+    *,
+    explain: Annotated[
+        bool,
+        Query(
+            description="Explain the result: per-feature Shapley contributions for records, a class activation "
+            "map for images (the model must declare `[explain]`; otherwise 422). Audited.",
+        ),
+    ] = False,
     accept: Annotated[str | None, Header(include_in_schema=False)] = None,
 ) -> Response:
     wants = media_type_of(accept)
@@ -199,7 +208,9 @@ async def predict(
     payload = await read_payload(request, container, principal)
     media = media_type_of(payload.media_type)
     if media in {DICOM, MULTIPART_RELATED}:
-        return await _predict_images(name, request, container, principal, payload, wants, operating_point)
+        return await _predict_images(
+            name, request, container, principal, payload, wants, operating_point, explain=explain
+        )
     if media not in {FHIR_JSON, "application/json"}:
         raise UnsupportedMediaTypeError(
             "send application/fhir+json (a Bundle), application/json (features), application/dicom (an image) "
@@ -216,8 +227,10 @@ async def predict(
         deadline=request_deadline(request, container.settings),
         context=context,
         operating_point=operating_point,
+        explain=explain,
     )
     served, classification, features = result.served, result.classification, result.features
+    label = served.spec.positive_label
     if wants == FHIR_JSON:
         resource = risk_assessment(
             served,
@@ -227,6 +240,10 @@ async def predict(
             used=features.used,
             request_id=context.request_id,
         )
+        if result.explanation is not None:
+            extensions, note = explanation_fhir(result.explanation, label=label)
+            resource.setdefault("extension", []).extend(extensions)
+            resource["note"].append(note)
         return JSONResponse(resource, media_type=FHIR_JSON)
     summary: dict[str, Any] = {
         "kind": "fhir" if media == FHIR_JSON else "features",
@@ -236,6 +253,8 @@ async def predict(
         "features": features_used(features.used),
     }
     answer = prediction(served, classification, request_id=context.request_id, input_summary=summary)
+    if result.explanation is not None:
+        answer["explanation"] = explanation_json(result.explanation, label=label)
     return _answer(principal, answer, wants)
 
 
@@ -279,6 +298,8 @@ async def _predict_images(
     payload: Payload,
     wants: str,
     operating_point: str | None,
+    *,
+    explain: bool,
 ) -> Response:
     context = request_context(request, principal, hashlib.sha256(payload.body).hexdigest())
     instances = await _instances(payload, container, dicom_limits(container.settings))
@@ -288,6 +309,7 @@ async def _predict_images(
         deadline=request_deadline(request, container.settings),
         context=context,
         operating_point=operating_point,
+        explain=explain,
     )
     if wants == DICOM:
         encoded = await asyncio.to_thread(_sr, instances, result, context)
