@@ -20,9 +20,10 @@ Model: ResNet-18 layout (BasicBlock x [2, 2, 2, 2]) at base width 32, one input 
 per-image standardisation as the first layer, softmax appended for export.
 Training: AdamW + cosine, 6 epochs at 112 x 112 (2x2 mean-pooled phantoms) then 2 epochs
 at 224 x 224. Export: ``torch.onnx.export`` (opset 18, dynamic batch axis) of version 2:
-outputs ``probabilities`` [N, 2], ``embedding`` [N, 256] and ``ood_score`` [N], the
+outputs ``probabilities`` [N, 2], ``embedding`` [N, 256], ``ood_score`` [N], the
 out-of-distribution detector of ``training.cxr_ood`` (fitted on the ``ood_fit`` phantoms,
-threshold from ``ood_cal``). Version 1 was the same weights with ``probabilities`` only.
+threshold from ``ood_cal``), and ``cam`` [N, 7, 7], the class activation map of
+``training.cxr_cam``. Version 1 was the same weights with ``probabilities`` only.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ from torch import nn
 from torch.nn import functional as tnf
 from torch.utils.flop_counter import FlopCounterMode
 
-from training import cxr_ood, phantoms
+from training import cxr_cam, cxr_ood, phantoms
 from training.common import (
     MODELS_DIR,
     REPO_ROOT,
@@ -146,13 +147,16 @@ class CXRResNet(nn.Module):
             if isinstance(m, BasicBlock):
                 nn.init.zeros_(m.bn2.weight)
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """The penultimate features: the last stage globally average-pooled, [N, 8 * width]."""
+    def feature_maps(self, x: torch.Tensor) -> torch.Tensor:
+        """The last stage's feature maps, [N, 8 * width, H / 32, W / 32] (what CAM weighs)."""
         mean = x.mean(dim=(2, 3), keepdim=True)
         var = ((x - mean) ** 2).mean(dim=(2, 3), keepdim=True)
         x = (x - mean) / torch.sqrt(var + 1e-5)
-        x = self.layers(self.stem(x))
-        return x.mean(dim=(2, 3))
+        return self.layers(self.stem(x))
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The penultimate features: the last stage globally average-pooled, [N, 8 * width]."""
+        return self.feature_maps(x).mean(dim=(2, 3))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.features(x))
@@ -283,13 +287,15 @@ def _strip_export_metadata(onx: onnx.ModelProto) -> None:
         del init.metadata_props[:]
 
 
-OUTPUT_NAMES = ["probabilities", cxr_ood.EMBEDDING, cxr_ood.OUTPUT]
+OUTPUT_NAMES = ["probabilities", cxr_ood.EMBEDDING, cxr_ood.OUTPUT, cxr_cam.OUTPUT]
+#: Outputs whose values a re-export must not move (the class activation map is new in it).
+KEPT_OUTPUTS = ("probabilities", cxr_ood.EMBEDDING, cxr_ood.OUTPUT)
 
 
 def export_onnx(net: CXRResNet, path: Path, gaussian: cxr_ood.Gaussian) -> str:
-    """Export the classifier with its embedding and OOD score (``cxr_ood.OodExport``)."""
+    """Export the classifier with its embedding, OOD score and CAM (``cxr_cam.CamOodExport``)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    model = cxr_ood.OodExport(net, gaussian.mean, gaussian.whiten).eval()
+    model = cxr_cam.CamOodExport(net, gaussian.mean, gaussian.whiten, positive=LABELS.index("pneumonia")).eval()
     dummy = torch.zeros(2, 1, SIZE, SIZE)
     try:  # torch.export-based exporter (the default since torch 2.9); folds BatchNorm into Conv
         program = torch.onnx.export(
@@ -327,7 +333,9 @@ def export_onnx(net: CXRResNet, path: Path, gaussian: cxr_ood.Gaussian) -> str:
         "phantoms. Input image[N,1,224,224] FP32 in [0,1], bright = dense. Outputs: probabilities[N,2] "
         f"for labels normal, pneumonia; embedding[N,{dim}] (penultimate features); ood_score[N] = "
         "Mahalanobis distance (not squared) of the embedding to the in-distribution phantoms' mean "
-        "(Ledoit-Wolf covariance), statistics held as constants. Demonstration only, NOT FOR CLINICAL USE."
+        "(Ledoit-Wolf covariance), statistics held as constants; cam[N,7,7] = ReLU of the last stage's "
+        "feature maps weighted by w_pneumonia - w_normal of the linear head (class activation map, "
+        "stride 32). Demonstration only, NOT FOR CLINICAL USE."
     )
     onx.producer_name = "medinfer-training"
     del onx.metadata_props[:]
@@ -338,6 +346,8 @@ def export_onnx(net: CXRResNet, path: Path, gaussian: cxr_ood.Gaussian) -> str:
         "training_data": "synthetic phantoms (training.phantoms)",
         "ood_method": cxr_ood.METHOD,
         "ood_output": cxr_ood.OUTPUT,
+        "explain_method": cxr_cam.METHOD,
+        "explain_output": cxr_cam.OUTPUT,
         "not_for_clinical_use": "true",
     }.items():
         p = onx.metadata_props.add()
@@ -496,6 +506,41 @@ def calibrate_ood(
     return exporter, ood, out_test
 
 
+def evaluate_cam(
+    net: CXRResNet, pool: Any, Xt: np.ndarray, yt: np.ndarray, out_test: dict[str, np.ndarray]
+) -> dict[str, Any]:
+    """``metrics["cam"]``: the graph's map against the checkpoint, the log-odds reading of the
+    unrectified map, and the pointing game on every positive test phantom."""
+    cam = out_test[cxr_cam.OUTPUT]
+    n_check = 64
+    raw, bias = cxr_cam.raw_maps(net, Xt[:n_check], positive=LABELS.index("pneumonia"))
+    with torch.no_grad():
+        logits = net(torch.from_numpy(np.asarray(Xt[:n_check], np.float32))).numpy().astype(np.float64)
+    log_odds = logits[:, 1] - logits[:, 0]
+    log_odds_diff = float(np.max(np.abs(raw.mean(axis=(1, 2)) + bias - log_odds)))
+    parity = float(np.max(np.abs(np.maximum(raw, 0.0) - cam[:n_check])))
+    if parity > 1e-3 or log_odds_diff > 1e-3:
+        raise SystemExit(f"CAM check failed: graph vs torch {parity}, log-odds {log_odds_diff}")
+    seeds, _ = split_seeds("test")
+    positives = seeds[yt == 1].tolist()
+    chunk = 125
+    masks = np.concatenate(
+        pool.map(cxr_cam.lesion_masks, [positives[i : i + chunk] for i in range(0, len(positives), chunk)])
+    )
+    game = cxr_cam.pointing_game(cam[yt == 1], masks)
+    print(f"[{NAME}] CAM pointing game {game}; graph vs torch {parity:.1e}; log-odds {log_odds_diff:.1e}", flush=True)
+    return {
+        "method": cxr_cam.METHOD,
+        "output": cxr_cam.OUTPUT,
+        "shape": [-1, *cam.shape[1:]],
+        "weights": "w_pneumonia - w_normal of the linear head",
+        "onnx_vs_torch_max_abs_diff": parity,
+        "log_odds_max_abs_diff": log_odds_diff,
+        "checked_on": f"first {n_check} test phantoms",
+        "pointing_game": game,
+    }
+
+
 # ----------------------------------------------------------------------------- artefacts
 
 
@@ -517,7 +562,12 @@ def ood_calibration_text(ood: dict[str, Any]) -> str:
 
 
 def render_model_toml(
-    *, sha256: str, threshold: float, op_points: dict[str, dict[str, Any]], ood: dict[str, Any]
+    *,
+    sha256: str,
+    threshold: float,
+    op_points: dict[str, dict[str, Any]],
+    ood: dict[str, Any],
+    cam: dict[str, Any],
 ) -> str:
 
     parts = [
@@ -545,6 +595,7 @@ def render_model_toml(
             array=True,
         ),
         toml_table("outputs", {"name": cxr_ood.OUTPUT, "datatype": "FP32", "shape": ood["output_shape"]}, array=True),
+        toml_table("outputs", {"name": cam["output"], "datatype": "FP32", "shape": cam["shape"]}, array=True),
         toml_table("thresholds", {"default": threshold}),
     ]
     for op_name, op in op_points.items():
@@ -588,14 +639,16 @@ def render_model_toml(
                 "itself (zero mean, unit variance), so no mean/std is applied outside the graph.",
             },
         ),
+        toml_table("explain", {"method": cam["method"], "output": cam["output"]}),
         toml_table(
             f"versions.{VERSION}",
             {
                 "sha256": sha256,
                 "created": CREATED,
                 "notes": "Version 1's weights (ResNet-18 layout at width 32, trained on synthetic chest-radiograph "
-                "phantoms, training/phantoms.py) re-exported with two more outputs: the penultimate "
-                "embedding and an out-of-distribution score. Probabilities unchanged.",
+                "phantoms, training/phantoms.py) re-exported with three more outputs: the penultimate "
+                "embedding, an out-of-distribution score and a class activation map for pneumonia. "
+                "Probabilities unchanged.",
             },
         ),
         toml_table(
@@ -667,6 +720,7 @@ def render_card(m: dict[str, Any]) -> str:
     variants = ", ".join(f"{a} {b} {c}-bit {d}" for a, b, c, d in DICOM_VARIANTS)
     o = m["ood"]
     ood_section = cxr_ood.render_card_section(m)
+    cam_section = cxr_cam.render_card_section(m["cam"])
     ood_min = max(1.0, t.get("reexport_seconds", o["seconds"] + 120.0) / 60.0)
     prev = m.get("probabilities_vs_previous_version_max_abs_diff")
     prev_note = (
@@ -691,9 +745,9 @@ def render_card(m: dict[str, Any]) -> str:
 | Parameters | {m["parameters"]:,} |
 | FLOPs at 224 x 224 | **{m["flops"] / 1e9:.3f} GFLOPs** per image ({m["flops"] / 2e9:.3f} GMACs; counted with `torch.utils.flop_counter`, convolutions and the linear layer, one multiply-add = 2 FLOPs) |
 | Input | `image`, FP32 `[-1, 1, 224, 224]`, values in [0, 1], bright = dense (see `[preprocessing]` in `model.toml`) |
-| Outputs | `probabilities`, FP32 `[-1, 2]`, labels `["normal", "pneumonia"]`; `embedding`, FP32 `[-1, {o["embedding_dim"]}]` (penultimate features); `ood_score`, FP32 `[-1]` (out-of-distribution score, threshold {o["threshold"]:.3f}) |
+| Outputs | `probabilities`, FP32 `[-1, 2]`, labels `["normal", "pneumonia"]`; `embedding`, FP32 `[-1, {o["embedding_dim"]}]` (penultimate features); `ood_score`, FP32 `[-1]` (out-of-distribution score, threshold {o["threshold"]:.3f}); `cam`, FP32 `[-1, {m["cam"]["shape"][1]}, {m["cam"]["shape"][2]}]` (class activation map for pneumonia, see "Explanations") |
 | Default threshold | **{m["threshold"]:.4f}** on P(pneumonia), chosen on validation for sensitivity >= {TARGET_SENSITIVITY:.2f} (operating point `high_sensitivity`; its sensitivity {va["sensitivity"]:.3f} and specificity {va["specificity"]:.3f} are measured on the **validation** split, where the threshold was chosen, so they are optimistic; held-out test figures below) |
-| Version | {VERSION}: version 1's weights (trained 2026-11-28) re-exported with the out-of-distribution outputs; probabilities unchanged{prev_note} |
+| Version | {VERSION}: version 1's weights (trained 2026-11-28) re-exported with the out-of-distribution outputs and the class activation map; probabilities unchanged{prev_note} |
 | Format | ONNX opset {m["onnx_opset"]} (`{m["onnx_exporter"]}`, BatchNorm folded into the convolutions), dynamic batch axis; {m["onnx_bytes"] / 1e6:.2f} MB; SHA-256 `{m["sha256"]}` |
 | Checkpoint | `training/checkpoints/{CHECKPOINT_NAME}` (fp32 state_dict, {m["checkpoint_bytes"] / 1e6:.2f} MB) |
 | Training wall time | **{t["total_seconds"] / 60:.1f} min** for the whole script on {THREADS} CPU threads: data {t["data_seconds"]:.0f} s, training {t["train_low_res_seconds"]:.0f} s at {LOW_RES} px + {t["train_full_res_seconds"]:.0f} s at {SIZE} px, evaluation/export {t["eval_seconds"]:.0f} s |
@@ -761,6 +815,7 @@ Training history:
 {size_rows}
 
 {ood_section}
+{cam_section}
 ## Reproduce
 
 `python -m training.cxr_pneumonia` (about {t["total_seconds"] / 60:.0f} min on 2 cores) regenerates the data,
@@ -795,6 +850,14 @@ def save_examples(path: Path) -> None:
     plt.close(fig)
 
 
+def ood_figures_moved(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any]:
+    """The OOD figures (threshold, fit, flagged counts, per-group results) that differ between
+    two exports; run time is not a figure."""
+    if old is None:
+        return {}
+    return {k: (old.get(k), v) for k, v in new.items() if k != "seconds" and old.get(k) != v}
+
+
 def reexport(models_root: Path, checkpoint_dir: Path) -> dict[str, Any]:
     """Export the committed checkpoint again as version VERSION, with the out-of-distribution
     detector fitted and calibrated, without retraining (about 5 min on 2 cores).
@@ -815,7 +878,18 @@ def reexport(models_root: Path, checkpoint_dir: Path) -> dict[str, Any]:
     onnx_path = out_dir / str(VERSION) / "model.onnx"
     with mp.get_context("spawn").Pool(THREADS) as pool:
         Xt, yt = generate_split("test", pool)
+        # the graph being replaced (same version, not released): its outputs must not move
+        before = onnx_outputs(onnx_path, Xt) if onnx_path.exists() else None
         exporter, ood, out_test = calibrate_ood(net, pool, onnx_path, Xt, dicom_roundtrip_inputs()[0])
+        cam = evaluate_cam(net, pool, Xt, yt, out_test)
+    if before is not None:
+        kept = {k: float(np.max(np.abs(before[k] - out_test[k]))) for k in KEPT_OUTPUTS if k in before}
+        if any(v > 1e-6 for v in kept.values()):
+            raise SystemExit(f"the re-export moved outputs it keeps: {kept}")
+        metrics["outputs_vs_replaced_graph_max_abs_diff"] = kept
+        moved = ood_figures_moved(metrics.get("ood"), ood)
+        if moved:
+            raise SystemExit(f"the re-export moved the OOD figures: {moved}")
     p_onnx = out_test["probabilities"][:, 1].astype(np.float64)
     diff = float(np.max(np.abs(p_onnx - predict(net, Xt))))
     if diff > 1e-4:
@@ -838,13 +912,18 @@ def reexport(models_root: Path, checkpoint_dir: Path) -> dict[str, Any]:
             "sha256": sha256_file(onnx_path),
             "onnx_bytes": onnx_path.stat().st_size,
             "ood": ood,
+            "cam": cam,
         }
     )
     metrics["timings"]["reexport_seconds"] = round(time.perf_counter() - t_start, 1)
     write_checked_toml(
         out_dir / "model.toml",
         render_model_toml(
-            sha256=metrics["sha256"], threshold=metrics["threshold"], op_points=metrics["operating_points"], ood=ood
+            sha256=metrics["sha256"],
+            threshold=metrics["threshold"],
+            op_points=metrics["operating_points"],
+            ood=ood,
+            cam=cam,
         ),
     )
     (out_dir / "card.md").write_text(render_card(metrics), encoding="utf-8")
@@ -911,6 +990,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:  # noqa: PLR0915 - on
     Xd, yd = dicom_roundtrip_inputs()
     with mp.get_context("spawn").Pool(THREADS) as pool:
         exporter, ood, out_test = calibrate_ood(net, pool, onnx_path, Xt, Xd)
+        cam = evaluate_cam(net, pool, Xt, yt, out_test)
     sha = sha256_file(onnx_path)
 
     p_val = predict(net, Xv)
@@ -961,7 +1041,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:  # noqa: PLR0915 - on
         },
     }
     write_checked_toml(
-        out_dir / "model.toml", render_model_toml(sha256=sha, threshold=threshold, op_points=op_points, ood=ood)
+        out_dir / "model.toml",
+        render_model_toml(sha256=sha, threshold=threshold, op_points=op_points, ood=ood, cam=cam),
     )
     plots = save_plots(
         out_dir,
@@ -994,6 +1075,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:  # noqa: PLR0915 - on
         "test": test_m,
         "dicom_roundtrip": dicom_m,
         "ood": ood,
+        "cam": cam,
         "test_sensitivity_by_lesion_size": by_size,
         "history": history,
         "onnx_parity_max_abs_diff": max_diff,

@@ -122,14 +122,23 @@ def build_sr(
     instance_number: int = 1,
     manufacturer: str = "medinfer",
     software_version: str,
+    extra_items: Sequence[hd.sr.ContentItem] = (),
+    extra_evidence: Sequence[Dataset] = (),
 ) -> hd.sr.Comprehensive3DSR:
     """A Comprehensive 3D SR of one classification of ``sources``, in their study.
 
+    ``extra_items`` are appended to the measurement group, e.g. the reference to a saliency
+    map (:func:`app.encoders.saliency.sr_reference`); ``extra_evidence`` are the instances they
+    reference, made for the same request (the map), listed in Current Requested Procedure
+    Evidence beside the sources, since every instance the content tree references must be
+    listed there (PS3.3 C.17.2.3) and IHE AIR lists the AI result objects it produced.
+
     Raises :class:`InvalidRequestError` when ``sources`` is empty, :class:`DicomMalformedError`
     when a source lacks a UID the references need, and :class:`StudyMismatchError` when the
-    sources span studies or patients. Pixel data is never copied.
+    sources or the extra evidence span studies or patients. Pixel data is never copied.
     """
     headers = _headers(sources)
+    evidence = _headers([*headers, *extra_evidence])
     spec = served.spec
     device = device_uid(served)
     algorithm = hd.sr.AlgorithmIdentification(
@@ -149,6 +158,7 @@ def build_sr(
         ],
     )
     group[0].ContentSequence.extend(_comments(served, classification, request_id))
+    group[0].ContentSequence.extend(extra_items)
     observer = hd.sr.ObserverContext(
         observer_type=codes.cid270.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
@@ -164,7 +174,7 @@ def build_sr(
     root.insert(len(root) - 1, _image_library(headers))  # TID 1500 row 5, before the measurements
     private = [] if _all_standard(served) and not classification.indeterminate else [_private_scheme()]
     return hd.sr.Comprehensive3DSR(
-        evidence=headers,
+        evidence=evidence,
         content=report,
         series_instance_uid=hd.UID(),
         series_number=series_number,
