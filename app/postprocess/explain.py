@@ -30,6 +30,7 @@ contribution reads as an odds ratio ``exp(value)``.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -99,6 +100,7 @@ def shapley(
     positive_index: int,
     space: Space,
     names: Sequence[str] | None = None,
+    imputation: npt.NDArray[np.floating] | None = None,
     additive: bool = False,
 ) -> Contributions:
     """Exact Shapley contributions of each input of ``x`` (one record, ``[n]`` or ``[1, n]``).
@@ -109,6 +111,12 @@ def shapley(
     ``probability``): then each value is ``f(x_i, baseline_rest) - f(baseline)`` and ``k + 2``
     rows suffice. If the result does not sum to ``f(x) - f(baseline)`` the model is not additive
     after all, and the exact enumeration runs instead (``method`` says which answered).
+
+    ``imputation`` (optional, NaN where the model declares none) is what the model's contract
+    says its graph substitutes for a NaN (``[preprocessing] imputation``: "imputing in the
+    preprocessor with the same values gives identical results"). A NaN feature is then played
+    with that value, which changes no answer but lets a NaN imputed to its baseline value count
+    as the null player it is: fewer rows. ``inputs`` still shows the NaN.
 
     Raises :class:`ModelSpecError` for more than :data:`MAX_FEATURES` inputs or a baseline that
     does not fit, and :class:`InferenceFailedError` when ``run`` answers a batch of the wrong shape.
@@ -132,12 +140,18 @@ def shapley(
     if len(labels) != n:
         raise ModelSpecError(f"{len(labels)} feature names for {n} features")
 
+    played = record
+    if imputation is not None:
+        substitute = np.asarray(imputation, dtype=record.dtype)
+        if substitute.shape != (n,):
+            raise ModelSpecError(f"{substitute.size} imputation values for {n} features")
+        played = np.where(np.isnan(record) & ~np.isnan(substitute), substitute, record)
     # Equal bits: the feature changes no row, so it is a null player (NaN never equals).
-    active = np.flatnonzero(~(record == reference))
+    active = np.flatnonzero(~(played == reference))
     values = np.zeros(n, dtype=np.float64)
     if additive:
         answer = _additive(
-            run, record=record, reference=reference, active=active, positive_index=positive_index, space=space
+            run, record=played, reference=reference, active=active, positive_index=positive_index, space=space
         )
         v_empty, v_full, phi, rows = answer
         if _sums(phi, v_full - v_empty):
@@ -153,7 +167,7 @@ def shapley(
                 method="additive",
                 evaluations=rows,
             )
-    v = _values(run, _coalitions(record, reference, active), positive_index, space)
+    v = _values(run, _coalitions(played, reference, active), positive_index, space)
     values[active] = _combine(v, active.size)
     return _result(
         names=labels,
@@ -174,10 +188,43 @@ def _coalitions(
     """Row ``m`` is the baseline with the active features whose bit is set in ``m`` taken from
     the record: row 0 is the baseline, the last row the record."""
     k = active.size
-    bits = ((np.arange(1 << k)[:, None] >> np.arange(k)) & 1).astype(bool)
     batch = np.repeat(reference[None, :], 1 << k, axis=0)
-    batch[:, active] = np.where(bits, record[active], reference[active])
+    batch[:, active] = np.where(_tables(k).bits, record[active], reference[active])
     return batch
+
+
+@dataclass(frozen=True, slots=True)
+class _Tables:
+    """What enumerating ``k`` players needs, the same for every record: built once per ``k``.
+
+    ``bits[m, j]``: player ``j`` is in coalition ``m``. ``without[t, j]``: the ``t``-th coalition
+    lacking ``j`` (a zero bit inserted at ``j``), ``with_[t, j]`` the same plus ``j``, and
+    ``weight[t, j] = |S|! (k - |S| - 1)! / k!`` for that coalition ``S``.
+    """
+
+    bits: npt.NDArray[np.bool_]
+    without: npt.NDArray[np.intp]
+    with_: npt.NDArray[np.intp]
+    weight: npt.NDArray[np.float64]
+
+
+@functools.cache
+def _tables(k: int) -> _Tables:
+    masks = np.arange(1 << k)
+    bits = ((masks[:, None] >> np.arange(k)) & 1).astype(bool)
+    t = np.arange(1 << max(k - 1, 0))[:, None]
+    j = np.arange(k)[None, :]
+    without = ((t >> j) << (j + 1)) | (t & ((1 << j) - 1))
+    size = bits.sum(axis=1)
+    factorial = np.array([math.factorial(s) for s in range(k + 1)], dtype=np.float64)
+    per_size = factorial[: max(k, 1)] * factorial[max(k, 1) - 1 :: -1] / factorial[k]
+    for array in (bits, without):
+        array.setflags(write=False)
+    weight = per_size[size[without]]
+    weight.setflags(write=False)
+    with_ = without | (1 << j)
+    with_.setflags(write=False)
+    return _Tables(bits=bits, without=without, with_=with_, weight=weight)
 
 
 def _values(run: Run, batch: npt.NDArray[np.floating], positive_index: int, space: Space) -> npt.NDArray[np.float64]:
@@ -198,21 +245,13 @@ def _combine(v: npt.NDArray[np.float64], k: int) -> npt.NDArray[np.float64]:
     """Shapley values from the ``2**k`` coalition values (index = membership bit mask).
 
     ``phi_j = sum over S without j of |S|! (k-|S|-1)! / k! * (v(S + j) - v(S))``, for all ``j``
-    at once: row ``t`` of ``without`` is the ``t``-th mask lacking bit ``j`` (a zero bit
-    inserted at ``j``). Differences, not a weighted sum of values, so a null player gets exactly 0.
+    at once. Differences, not a weighted sum of values, so a null player gets exactly 0.
     """
     if k == 0:
         return np.zeros(0, dtype=np.float64)
-    t = np.arange(1 << (k - 1))[:, None]
-    j = np.arange(k)[None, :]
-    without = ((t >> j) << (j + 1)) | (t & ((1 << j) - 1))
-    size = np.zeros(1 << k, dtype=np.intp)
-    for bit in range(k):
-        size += (np.arange(1 << k) >> bit) & 1
-    weight = np.array([math.factorial(s) * math.factorial(k - s - 1) for s in range(k)], dtype=np.float64)
-    weight /= math.factorial(k)
-    gains = v[without | (1 << j)] - v[without]
-    return np.asarray((weight[size[without]] * gains).sum(axis=0), dtype=np.float64)
+    tables = _tables(k)
+    gains = v[tables.with_] - v[tables.without]
+    return np.asarray(np.einsum("tj,tj->j", tables.weight, gains), dtype=np.float64)
 
 
 def _additive(
@@ -252,9 +291,9 @@ def _result(
 ) -> Contributions:
     return Contributions(
         names=names,
-        values=tuple(float(v) for v in values),
-        inputs=tuple(float(v) for v in record),
-        baselines=tuple(float(v) for v in reference),
+        values=tuple(values.tolist()),
+        inputs=tuple(record.astype(np.float64).tolist()),
+        baselines=tuple(reference.astype(np.float64).tolist()),
         base_value=float(base_value),
         output_value=float(output_value),
         space=space,

@@ -292,6 +292,22 @@ def test_reference_model_imputed_features_contribute_exactly_zero(ehr: ServedVer
     assert all(c.values[i] != 0.0 for i in np.flatnonzero(~np.isnan(x) & (x != ehr_baseline.astype(np.float32))))
 
 
+def test_declared_imputation_makes_imputed_features_null_players_without_changing_any_value(
+    ehr: ServedVersion, ehr_baseline: Array
+) -> None:
+    """model.toml declares the values the graph substitutes for NaN; playing a NaN as that value
+    must give the same answer as the graph's own imputation, from fewer rows."""
+    names = ehr.spec.preprocessing["feature_order"]
+    imputation = baseline_vector(ehr.spec.preprocessing["imputation"], names)
+    x = np.array(RECORDS["with_missing"], np.float32)
+    through = shapley(ehr_run(ehr), x, ehr_baseline, positive_index=1, space="log_odds")
+    played = shapley(ehr_run(ehr), x, ehr_baseline, positive_index=1, space="log_odds", imputation=imputation)
+    np.testing.assert_allclose(played.values, through.values, atol=1e-9)
+    assert (played.base_value, played.output_value) == pytest.approx((through.base_value, through.output_value))
+    assert (through.evaluations, played.evaluations) == (2**11, 2**7)
+    assert np.isnan(played.inputs[4])
+
+
 def _fold_logits(model: onnx.ModelProto) -> list[str]:
     """The graph's per-fold Platt arguments ``a_k * df_k + b_k`` (``P_k = 1 / (1 + exp(.))``)."""
     return [n.output[0] for n in model.graph.node if n.op_type == "Add" and n.output[0].startswith("exp_parameter")]
