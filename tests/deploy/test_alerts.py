@@ -45,6 +45,9 @@ REQUIRED_ALERTS = {
     "MedinferPacsResultsUndeliverable",
     "MedinferKeyExpiringSoon",  # key expiry
     "MedinferKeyExpiryImminent",
+    "MedinferFeatureDrift",  # input PSI against the training reference
+    "MedinferIndeterminateRateHigh",  # answers outside the validated input
+    "MedinferConfirmedSensitivityBelowClaim",  # confirmed outcomes against the model card's claim
 }
 RULE_HEADER = """\
 # GENERATED from deploy/prometheus/alerts.yml by `python -m tests.deploy.test_alerts`: edit that
@@ -158,6 +161,27 @@ def test_audit_write_failures_page_at_once() -> None:
     assert rule.get("for", "0s") in {"0s", "0m"}, "any failure withholds results: no pending period"
     assert promql_metric_names(rule["expr"]) == {"medinfer_audit_write_failures_total"}
     assert re.search(r"\)\s*>\s*0\s*$", rule["expr"])
+
+
+def test_clinical_alerts_use_the_declared_thresholds_and_wait_an_hour() -> None:
+    """PSI > 0.25 (a major shift) for 1 h; > 20 % indeterminate with a minimum count of decisions;
+    sensitivity below the declared floor only with enough confirmed cases, for 1 h."""
+    rules = {r["alert"]: r for r in _alert_rules()}
+    drift = rules["MedinferFeatureDrift"]
+    assert re.search(r"medinfer_feature_psi\{[^}]*\}\)\s*>\s*0\.25\s*$", drift["expr"])
+    assert drift["for"] == "1h"
+    indeterminate = rules["MedinferIndeterminateRateHigh"]["expr"]
+    assert 'label="indeterminate"' in indeterminate
+    assert re.search(r"\)\s*>\s*0\.2\s", indeterminate)
+    assert re.search(r">=\s*50\s*$", indeterminate)
+    sensitivity = rules["MedinferConfirmedSensitivityBelowClaim"]
+    assert promql_metric_names(sensitivity["expr"]) == {
+        "medinfer_confirmed_sensitivity",
+        "medinfer_sensitivity_floor",
+        "medinfer_confirmed_cases",
+    }
+    assert re.search(r">=\s*30\s*$", sensitivity["expr"])
+    assert sensitivity["for"] == "1h"
 
 
 # ---------------------------------------------------------------------------------------------
