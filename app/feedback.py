@@ -514,19 +514,18 @@ class FeedbackService:
     ) -> _Result:
         spec = self.spec(model)
         output = spec.outputs[0].name
-        rows: list[list[float]] = []
+        rows: list[tuple[list[float], Mapping[str, Any]]] = []
         for detail in details:
             values = detail.get("outputs", {}).get(output)
             if not isinstance(values, list):
                 raise FeedbackConflictError("the result's outputs were not audited; it cannot be judged")
-            rows.extend(values if values and isinstance(values[0], list) else [values])
-        if spec.positive_label is not None:
-            index = spec.labels.index(spec.positive_label)
-            worst = max(rows, key=lambda r: r[index])
-        else:
-            worst = max(rows, key=max)
-        decision = next((d["decision"] for d in details if isinstance(d.get("decision"), dict)), None)
-        if decision is None:
+            rows.extend((row, detail) for row in (values if values and isinstance(values[0], list) else [values]))
+        if not rows or any(len(row) != len(spec.labels) for row, _ in rows):
+            raise FeedbackConflictError("the result's audited outputs do not match the model's labels")
+        index = spec.labels.index(spec.positive_label) if spec.positive_label is not None else None
+        worst, where = max(rows, key=lambda pair: pair[0][index] if index is not None else max(pair[0]))
+        decision = where.get("decision")
+        if not isinstance(decision, dict):
             # Events written before the pipeline audited its decision: the default operating point.
             made = classify(spec, worst)
             decision = {"label": made.label, "threshold": made.threshold, "operating_point": made.operating_point}
