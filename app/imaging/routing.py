@@ -23,6 +23,7 @@ class Route:
     model: str
     modalities: frozenset[str]  # empty: any
     body_parts: frozenset[str]  # empty: any
+    explain: bool = False  # send the model's explanation (a saliency map) to the PACS with the SR
 
     def matches(self, modality: str | None, body_part: str | None) -> bool:
         return (not self.modalities or (modality or "").strip().upper() in self.modalities) and (
@@ -42,7 +43,11 @@ def _codes(value: object, field: str) -> frozenset[str]:
 
 
 def parse_routes(text: str) -> tuple[Route, ...]:
-    """``[{"modality": ["CR", "DX"], "body_part": ["CHEST"], "model": "cxr-pneumonia"}]``."""
+    """``[{"modality": ["CR", "DX"], "body_part": ["CHEST"], "model": "cxr-pneumonia", "explain": true}]``.
+
+    ``explain`` (optional, default false) asks for the model's explanation of every study the
+    rule routes: its saliency map goes to the PACS beside the SR, which references it.
+    """
     try:
         raw = json.loads(text)
     except ValueError as exc:
@@ -61,12 +66,19 @@ def parse_routes(text: str) -> tuple[Route, ...]:
                 "model",
                 "modality",
                 "body_part",
+                "explain",
             }
+            or not isinstance(rule.get("explain", False), bool)
         ):
-            msg = "each imaging route needs a model name and only modality/body_part keys"
+            msg = "each imaging route needs a model name and only modality/body_part keys and a boolean explain"
             raise ModelSpecError(msg)
         routes.append(
-            Route(rule["model"], _codes(rule.get("modality"), "modality"), _codes(rule.get("body_part"), "body_part"))
+            Route(
+                rule["model"],
+                _codes(rule.get("modality"), "modality"),
+                _codes(rule.get("body_part"), "body_part"),
+                explain=rule.get("explain", False),
+            )
         )
     return tuple(routes)
 
@@ -78,6 +90,10 @@ class Router:
 
     def routes(self) -> tuple[Route, ...]:
         return self._routes
+
+    def explains(self, model: str) -> bool:
+        """Whether a rule that routes to ``model`` asks for its explanation."""
+        return any(route.explain for route in self._routes if route.model == model)
 
     def model_for(self, instance: DicomInstance) -> str:
         for route in self._routes:
