@@ -31,7 +31,7 @@ import math
 import threading
 import time
 from bisect import bisect_left
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -181,9 +181,10 @@ class _FeatureWindow:
 class _VersionState:
     """One registered version: a window per referenced feature, and when its gauges were set."""
 
-    __slots__ = ("dirty", "features", "lock", "plans", "published_at")
+    __slots__ = ("dirty", "features", "lock", "plans", "published_at", "references")
 
     def __init__(self, reference: Mapping[str, FeatureReference], size: int, now: float) -> None:
+        self.references = dict(reference)
         self.features = {name: _FeatureWindow(ref, size) for name, ref in reference.items()}
         self.lock = threading.Lock()
         #: Feature order of a call (a tuple of names) -> [(position, name, window)], computed once.
@@ -242,6 +243,18 @@ class DriftMonitor:
         """
         self.forget(model, version)
         self._versions[(model, version)] = _VersionState(reference, self._window, self._clock())
+
+    def sync(self, served: Iterable[tuple[str, str, Mapping[str, FeatureReference]]]) -> None:
+        """Watch exactly the versions given as (model, version, references), e.g. after every load
+        or unload of the model registry: new versions are registered, versions no longer served are
+        forgotten, and a version whose reference is unchanged keeps its windows."""
+        wanted = {(model, version): dict(references) for model, version, references in served}
+        for key in set(self._versions) - set(wanted):
+            self.forget(*key)
+        for (model, version), references in wanted.items():
+            state = self._versions.get((model, version))
+            if state is None or state.references != references:
+                self.register(model, version, references)
 
     def forget(self, model: str, version: str) -> None:
         """Stop watching a retired version and drop its PSI series, which would otherwise stay frozen

@@ -175,6 +175,21 @@ def test_a_retired_version_loses_its_index_series() -> None:
     drift.forget("ehr", "1")  # twice is harmless
 
 
+def test_sync_follows_the_registry_and_keeps_the_windows_of_unchanged_versions() -> None:
+    drift, metrics, _ = monitor()
+    feed(drift, [1.0] * 4)
+    before = drift.psi("ehr", "1")
+    drift.sync([("ehr", "1", {"x": HALVES, "sex": SEX}), ("ehr", "2", {"x": HALVES})])
+    assert drift.psi("ehr", "1") == before, "same reference: the window is kept"
+    for _ in range(4):
+        drift.observe_record("ehr", "2", names=("x",), values=(9.0,), imputed=(), probabilities={})
+    assert set(drift.psi("ehr", "2")) == {"x"}
+    drift.sync([("ehr", "2", {"x": FeatureReference(proportions=(0.2, 0.8), edges=(5.0,))})])
+    assert drift.psi("ehr", "1") == {}
+    assert sample(metrics, "medinfer_feature_psi", feature="x") is None, "version 1 retired: its series went"
+    assert drift.psi("ehr", "2") == {}, "a changed reference starts an empty window"
+
+
 def test_the_exposition_carries_no_patient_value() -> None:
     drift, metrics, _ = monitor(min_samples=1)
     marker = 4.73921
