@@ -23,6 +23,7 @@ from app.errors import MedinferError
 from app.inference.batcher import BatcherPool
 from app.inference.registry import ClinicalUsePolicy, ModelRegistry
 from app.inference.spec import iter_model_dirs
+from app.observability.drift import DriftMonitor
 from app.observability.metrics import Metrics
 from app.pipeline import Pipeline
 from app.security.clients import PrincipalCache
@@ -81,7 +82,7 @@ class Container:
             else None
         )
         metrics.watch_gpus()
-        pipeline = Pipeline(registry, BatcherPool(metrics), audit, metrics)
+        pipeline = Pipeline(registry, BatcherPool(metrics), audit, metrics, DriftMonitor(metrics))
         keys = KeyStore(settings.resolved_keys_dir, settings.key_encryption_key.get_secret_value()).load()
         max_age = timedelta(days=settings.key_max_age_days)
         metrics.watch_keys(lambda: keys.rotation_due(max_age))
@@ -104,10 +105,14 @@ class Container:
 
     async def start(self) -> None:
         """Begin loading models off the event loop; ``/readyz`` turns true when done."""
-        loading = self._spawn(asyncio.to_thread(self.registry.load_all), "model-load")
+        loading = self._spawn(asyncio.to_thread(self._load_all), "model-load")
         if self.settings.model_poll_interval_s > 0:
             self._spawn(self._poll_repository(self.settings.model_poll_interval_s, loading), "model-poll")
         log.info("service starting", extra={"event": "service.start"})
+
+    def _load_all(self) -> None:
+        self.registry.load_all()
+        self.pipeline.watch_served()
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
         task = asyncio.create_task(coro, name=name)

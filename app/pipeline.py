@@ -20,12 +20,19 @@ import numpy.typing as npt
 
 from app.audit.recorder import AuditWriter
 from app.domain import AuditRecord, RequestContext
-from app.errors import AuditUnavailableError, ErrorKind, InvalidRequestError, MedinferError, StudyMismatchError
+from app.errors import (
+    AuditUnavailableError,
+    ErrorKind,
+    InvalidRequestError,
+    MedinferError,
+    ModelSpecError,
+    StudyMismatchError,
+)
 from app.inference.batcher import BatcherPool, BatchTiming, Tensors
 from app.inference.registry import ModelRegistry, ServedVersion
 from app.inference.spec import ExplainSpec, ModelSpec
 from app.inference.tensors import check_inputs
-from app.observability.drift import DriftMonitor
+from app.observability.drift import DriftMonitor, references_from_preprocessing
 from app.observability.metrics import Metrics
 from app.parsing.dicom import AcceptPolicy, DicomInstance, check_policy
 from app.parsing.fhir import (
@@ -124,14 +131,15 @@ def _stack(instances: Sequence[DicomInstance], recipe: PixelRecipe) -> npt.NDArr
     return np.stack([to_tensor(instance.dataset, recipe) for instance in instances]).astype(np.float32, copy=False)
 
 
-def _most_suspicious(results: Sequence[InstanceResult]) -> InstanceResult:
-    def score(result: InstanceResult) -> float:
-        c = result.classification
-        if c.positive_label is not None:
-            return c.probabilities[c.positive_label]
-        return max(c.probabilities.values())
+def _suspicion(c: Classification) -> float:
+    """How suspicious a decision is: the positive label's probability (else the top one)."""
+    if c.positive_label is not None:
+        return c.probabilities[c.positive_label]
+    return max(c.probabilities.values())
 
-    return max(results, key=score)
+
+def _most_suspicious(results: Sequence[InstanceResult]) -> InstanceResult:
+    return max(results, key=lambda result: _suspicion(result.classification))
 
 
 class Pipeline:
@@ -209,8 +217,7 @@ class Pipeline:
         for start in range(0, len(instances), step):
             chunk = instances[start : start + step]
             images = batch[start : start + step]
-            assessments: list[OodAssessment | None] = []
-
+            decisions: list[Classification] = []
             result = await self.infer_tensors(
                 model,
                 served.version,
@@ -218,13 +225,11 @@ class Pipeline:
                 deadline,
                 _study_context(context, chunk),
                 timing=timing,
-                judge=_image_judge(images, assessments, explained="cam" if explain else None),
+                judge=_image_judge(images, decisions, operating_point, explained="cam" if explain else None),
             )
             served = result.served
-            rows = result.outputs[served.spec.outputs[0].name]
             maps = result.outputs[cam] if cam is not None else [None] * len(chunk)
-            for instance, row, assessment, saliency, image in zip(chunk, rows, assessments, maps, images, strict=True):
-                decision = classify(served.spec, row.tolist(), operating_point, assessment)
+            for instance, decision, saliency, image in zip(chunk, decisions, maps, images, strict=True):
                 results.append(
                     InstanceResult(
                         instance.sop_instance_uid,
@@ -307,6 +312,8 @@ class Pipeline:
         """
         served = self.registry.get(model)
         explainer = _explainer(served, "shapley") if explain else None
+        if operating_point is not None:  # an unknown one is refused before anything runs or is audited
+            classify(served.spec, [0.0] * len(served.spec.labels), operating_point)
         started = time.perf_counter()
         fmap = feature_map(served.spec.preprocessing)
         if len(body) <= INLINE_PARSE_BYTES:
@@ -322,19 +329,29 @@ class Pipeline:
             served.spec.ood_of(served.version), features.names, features.values, features.imputed
         )
         contributions = None
-        if explainer is not None:
+        if explainer is not None and not (assessment is not None and assessment.outside):
+            # An indeterminate answer shows no probability, so there is nothing to explain.
             contributions = await asyncio.to_thread(_shapley, served, explainer, vector, features.names)
-        detail = {**_safety_detail([assessment]), **_explanation_detail(explainer)}
+        decided: list[Classification] = []
+
+        def judge(version: ServedVersion, outputs: Tensors) -> Mapping[str, object]:
+            probabilities = outputs[version.spec.outputs[0].name][0]
+            decided.append(classify(version.spec, probabilities.tolist(), operating_point, assessment))
+            return {
+                **_safety_detail([assessment]),
+                "decision": _decision_detail(decided[0]),
+                **_explanation_detail(explainer),
+            }
+
         result = await self.infer_tensors(
             model,
             served.version,
             {tensor.name: vector},
             deadline,
             replace(context, patient_id=features.patient_id),
-            judge=lambda _version, _outputs: detail,
+            judge=judge,
         )
-        probabilities = result.outputs[result.served.spec.outputs[0].name][0]
-        decision = classify(result.served.spec, probabilities.tolist(), operating_point, assessment)
+        (decision,) = decided
         self._count_decision(result.served, decision)
         if explainer is not None:
             self.metrics.explanations.labels(model=model, version=served.version, method="shapley").inc()
@@ -412,16 +429,57 @@ class Pipeline:
         serving = {(s.spec.name, s.version, s.sha256) for s in served}
         self._recipes = {k: v for k, v in self._recipes.items() if k in serving}
         self.batchers.retire_unserved(served)
+        self.watch_served()
+
+    def watch_served(self) -> None:
+        """Point the drift monitor at exactly the versions serving now (after a load or reload):
+        each with the training reference its ``model.toml`` declares."""
+        if self.monitor is None:
+            return
+        watched = []
+        for served in self.registry.all_served():
+            try:
+                references = references_from_preprocessing(served.spec.preprocessing)
+            except ModelSpecError as exc:  # the model serves; only its drift goes unwatched, and the log says so
+                log.warning(
+                    "drift reference refused",
+                    extra={"event": "drift.reference_refused", "model": served.spec.name, "code": exc.code},
+                )
+                continue
+            watched.append((served.spec.name, served.version, references))
+        self.monitor.sync(watched)
 
 
-def _image_judge(images: npt.NDArray[np.float32], into: list[OodAssessment | None], *, explained: str | None) -> Judge:
-    """Judges a chunk of images by the outputs they produced; the verdicts land in ``into``."""
+def _image_judge(
+    images: npt.NDArray[np.float32],
+    into: list[Classification],
+    operating_point: str | None,
+    *,
+    explained: str | None,
+) -> Judge:
+    """Decides a chunk of images from the outputs they produced (the detector's verdict first),
+    before the audit event is written; the decisions land in ``into``. The event keeps the
+    verdicts and the chunk's most suspicious decision, which outcome feedback later judges."""
 
     def judge(served: ServedVersion, outputs: Tensors) -> Mapping[str, object]:
-        into.extend(_image_assessments(served, outputs, images))
-        return {**_safety_detail(into), **({"explanation": {"method": explained}} if explained else {})}
+        verdicts = _image_assessments(served, outputs, images)
+        rows = outputs[served.spec.outputs[0].name]
+        into.extend(
+            classify(served.spec, row.tolist(), operating_point, verdict)
+            for row, verdict in zip(rows, verdicts, strict=True)
+        )
+        worst = max(into, key=_suspicion)
+        detail: dict[str, object] = {**_safety_detail(verdicts), "decision": _decision_detail(worst)}
+        if explained:
+            detail["explanation"] = {"method": explained}
+        return detail
 
     return judge
+
+
+def _decision_detail(decision: Classification) -> dict[str, object]:
+    """What outcome feedback judges later: the label given, at which threshold and operating point."""
+    return {"label": decision.label, "threshold": decision.threshold, "operating_point": decision.operating_point}
 
 
 def _explainer(served: ServedVersion, method: str) -> ExplainSpec:
@@ -448,6 +506,7 @@ def _shapley(
         return np.asarray(result[0])
 
     positive = spec.labels.index(spec.positive_label) if spec.positive_label else len(spec.labels) - 1
+    imputation = spec.preprocessing.get("imputation")
     return shapley(
         run,
         vector,
@@ -455,6 +514,8 @@ def _shapley(
         positive_index=positive,
         space=explain.space,
         names=names,
+        # A NaN is played as the value the graph substitutes for it: the same answer, fewer rows.
+        imputation=baseline_vector(imputation, names) if isinstance(imputation, Mapping) else None,
     )
 
 

@@ -125,3 +125,33 @@ def test_explanations_are_audited_and_counted(served: tuple[TestClient, str, Set
     assert re.search(
         r'medinfer_explanations_total\{method="shapley",model="ehr-heart-disease",version="1"\} [1-9]', metrics
     )
+
+
+def _series(metrics: str, name: str, **labels: str) -> list[float]:
+    found = []
+    for line in metrics.splitlines():
+        if not line.startswith(name + "{"):
+            continue
+        if all(f'{k}="{v}"' in line for k, v in labels.items()):
+            found.append(float(line.rsplit(" ", 1)[1]))
+    return found
+
+
+def test_records_feed_the_drift_metrics_without_phi(served: tuple[TestClient, str, Settings]) -> None:
+    """Enough records for the drift window: PSI per feature, imputation counts and the output
+    histogram appear in /metrics, and no value sent (a marker age) appears there."""
+    client, key, _ = served
+    marker_age = 77.0  # at the training range's edge: the marker must not show up in any metric
+    for i in range(210):
+        features = {"age": marker_age if i % 7 == 0 else 40 + i % 30, "sex": "male", "cp": "asymptomatic"}
+        features |= {"trestbps": 120 + i % 40, "chol": 200 + i % 80}
+        response = _post(client, key, f"/v1/models/{EHR}/predict", {"features": features}, "application/json")
+        assert response.status_code == 200, response.text
+    metrics = client.get("/metrics").text
+    psi = _series(metrics, "medinfer_feature_psi", model=EHR, feature="age")
+    assert len(psi) == 1
+    assert psi[0] > 0.25  # ages spread evenly over 40-69 are far from the training deciles
+    assert _series(metrics, "medinfer_features_imputed_total", model=EHR, feature="thal")[0] >= 210
+    assert _series(metrics, "medinfer_records_total", model=EHR)[0] >= 210
+    assert _series(metrics, "medinfer_output_probability_count", model=EHR, label="cad")[0] >= 210
+    assert "77.0" not in "\n".join(line for line in metrics.splitlines() if "medinfer_feature" in line)

@@ -89,6 +89,8 @@ async def readyz(container: ContainerDep) -> JSONResponse:
     },
 )
 async def metrics(container: ContainerDep, _access: Annotated[None, Depends(metrics_access)]) -> Response:
+    if container.pipeline.monitor is not None:
+        container.pipeline.monitor.publish()  # drift gauges as of this scrape, not up to a second old
     return Response(container.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
 
