@@ -67,7 +67,6 @@ Z95 = 1.959963984540054
 #: Equal-width probability bins of the expected calibration error.
 CALIBRATION_BINS = 10
 #: Until ``model.toml`` declares it: claimed sensitivity minus this is the alert floor.
-DEFAULT_SENSITIVITY_MARGIN = 0.1
 
 
 class Reason(enum.StrEnum):
@@ -246,13 +245,9 @@ class ModelPerformance:
 
 
 def sensitivity_margin(spec: ModelSpec) -> float:
-    """The margin below the claimed sensitivity that the model tolerates before the alert.
-
-    Read from ``[preprocessing.monitoring] sensitivity_margin`` until ``ModelSpec`` has a field
-    of its own for it."""
-    monitoring = spec.preprocessing.get("monitoring", {})
-    value = monitoring.get("sensitivity_margin", DEFAULT_SENSITIVITY_MARGIN) if isinstance(monitoring, dict) else None
-    return float(value) if isinstance(value, int | float) else DEFAULT_SENSITIVITY_MARGIN
+    """The margin below the claimed sensitivity that the model tolerates before the alert
+    (``[monitoring] sensitivity_margin`` in model.toml)."""
+    return spec.monitoring.sensitivity_margin
 
 
 def _checks(

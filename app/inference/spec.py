@@ -120,6 +120,18 @@ class ExplainSpec(_Strict):
     )
 
 
+class Monitoring(_Strict):
+    """Post-market monitoring (``[monitoring]`` in model.toml)."""
+
+    sensitivity_margin: float = Field(
+        default=0.1,
+        ge=0.0,
+        le=1.0,
+        description="Alert when the sensitivity confirmed by outcome feedback falls below the operating point's "
+        "claimed sensitivity minus this margin.",
+    )
+
+
 class Thresholds(_Strict):
     default: float = Field(ge=0.0, le=1.0)
     operating_points: dict[str, OperatingPoint] = Field(default_factory=dict)
@@ -183,6 +195,7 @@ class ModelSpec(_Strict):
     version_policy: VersionPolicy = VersionPolicy()
     preprocessing: dict[str, Any] = Field(default_factory=dict)
     explain: ExplainSpec | None = None
+    monitoring: Monitoring = Monitoring()
     versions: dict[str, VersionEntry] = Field(min_length=1)
 
     @field_validator("name")
