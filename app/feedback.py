@@ -66,7 +66,6 @@ Verdict = Literal["agree", "disagree", "label"]
 Z95 = 1.959963984540054
 #: Equal-width probability bins of the expected calibration error.
 CALIBRATION_BINS = 10
-#: Until ``model.toml`` declares it: claimed sensitivity minus this is the alert floor.
 
 
 class Reason(enum.StrEnum):
