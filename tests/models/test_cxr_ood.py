@@ -85,7 +85,7 @@ def read_sample(name: str) -> pydicom.Dataset:
     return pydicom.dcmread(io.BytesIO(Path(path).read_bytes()))
 
 
-def test_served_version_declares_the_three_outputs_the_graph_has(spec: ModelSpec, version: str, session: Any) -> None:
+def test_served_version_declares_the_outputs_the_graph_has(spec: ModelSpec, version: str, session: Any) -> None:
     assert version == "2"
     assert list(spec.versions) == ["2"], "version 1's graph has no ood_score output, so it is gone"
     declared = [(o.name, o.datatype, o.shape) for o in spec.outputs]
@@ -93,12 +93,14 @@ def test_served_version_declares_the_three_outputs_the_graph_has(spec: ModelSpec
         ("probabilities", "FP32", (-1, 2)),
         ("embedding", "FP32", (-1, 256)),
         ("ood_score", "FP32", (-1,)),
+        ("cam", "FP32", (-1, 7, 7)),
     ]
     graph = {o.name: o for o in session.get_outputs()}
-    assert list(graph) == ["probabilities", "embedding", "ood_score"]
+    assert list(graph) == ["probabilities", "embedding", "ood_score", "cam"]
     assert graph["probabilities"].shape[1:] == [2]
     assert graph["embedding"].shape[1:] == [256]
     assert len(graph["ood_score"].shape) == 1
+    assert graph["cam"].shape[1:] == [7, 7]
     assert all(o.type == "tensor(float)" for o in graph.values())
 
 

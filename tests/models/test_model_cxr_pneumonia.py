@@ -228,3 +228,46 @@ def test_operating_points_name_the_split_their_figures_come_from(spec: dict, met
     card = (MODEL_DIR / spec["card"]).read_text()
     assert 'carry `split = "validation"`' in card
     assert "measured on the **validation** split" in card
+
+
+def test_cam_output_is_the_checkpoint_class_activation_map(session, torch_net) -> None:
+    """``cam`` = ReLU of the last stage weighted by w_pneumonia - w_normal, and the unrectified
+    map's mean plus the bias difference is the log-odds of pneumonia (what the card claims)."""
+    from training import cxr_cam
+
+    x = phantoms.batch([3_000_020, 3_000_021, 3_000_022, 3_000_023], [0, 1, 0, 1], 224)
+    cam, p = session.run(["cam", "probabilities"], {"image": x})
+    assert cam.shape == (4, 7, 7)
+    assert cam.dtype == np.float32
+    assert (cam >= 0).all()
+    raw, bias = cxr_cam.raw_maps(torch_net, x, positive=1)
+    np.testing.assert_allclose(cam, np.maximum(raw, 0.0), rtol=0, atol=1e-3)
+    log_odds = np.log(p[:, 1].astype(np.float64)) - np.log(p[:, 0].astype(np.float64))
+    np.testing.assert_allclose(raw.mean(axis=(1, 2)) + bias, log_odds, rtol=0, atol=1e-3)
+    # a row's map does not depend on its batch
+    (one,) = session.run(["cam"], {"image": x[1:2]})
+    np.testing.assert_allclose(one, cam[1:2], rtol=0, atol=1e-5)
+
+
+def test_explain_section_declares_cam_and_the_card_reports_its_pointing_game(spec: dict, metrics: dict) -> None:
+    assert spec["explain"] == {"method": "cam", "output": "cam"}
+    assert {"name": "cam", "datatype": "FP32", "shape": [-1, 7, 7]} in spec["outputs"]
+    game = metrics["cam"]["pointing_game"]
+    assert game["n"] == VERSION_1_FIGURES["test"]["tp"] + VERSION_1_FIGURES["test"]["fn"]
+    assert game["peak_within_tolerance"] > 0.5
+    assert game["peak_within_tolerance"] > 3 * game["chance_within_tolerance"]
+    card = (MODEL_DIR / spec["card"]).read_text()
+    assert "## Explanations" in card
+    assert f"{100 * game['peak_within_tolerance']:.1f} %" in card
+
+
+def test_reexport_kept_the_other_outputs_byte_for_byte_in_value(metrics: dict) -> None:
+    """Adding ``cam`` re-exported version 2 in place: the outputs it had did not move on the
+    2000 test phantoms, and the OOD figures are the same (the export refuses otherwise)."""
+    assert metrics["outputs_vs_replaced_graph_max_abs_diff"] == {
+        "probabilities": 0.0,
+        "embedding": 0.0,
+        "ood_score": 0.0,
+    }
+    assert metrics["ood"]["threshold"] == 20.588
+    assert metrics["ood"]["id_test_flagged_n"] == 23
