@@ -120,6 +120,11 @@ class StudyPrediction:
     queue_ms: float
     inference_ms: float
 
+    @property
+    def most_suspicious(self) -> InstanceResult:
+        """The image the study's decision comes from (when none is outside the validated input)."""
+        return _most_suspicious(self.instances)
+
 
 @dataclass(frozen=True, slots=True)
 class ImagingRecipe:

@@ -36,6 +36,7 @@ from typing import Any, Final
 
 from app.domain import RequestContext
 from app.encoders.dicom_sr import build_sr, sr_bytes
+from app.encoders.saliency import saliency_map, sr_reference
 from app.errors import ErrorKind, MedinferError, OutOfResourcesError, StudyMismatchError
 from app.imaging.outbox import Outbox
 from app.imaging.routing import Router
@@ -51,6 +52,8 @@ _SUFFIX: Final = ".dcm"
 #: Errors after which a settled study is kept and tried again rather than refused.
 _RETRYABLE: Final = frozenset({ErrorKind.OVERLOADED, ErrorKind.UNAVAILABLE, ErrorKind.DEADLINE_EXCEEDED})
 MAX_RETRY_DELAY_S: Final = 60.0
+#: Series of the saliency maps; the SR writes its own series at 990 (dicom_sr.build_sr).
+SALIENCY_SERIES_NUMBER: Final = 991
 
 
 @dataclass(frozen=True, slots=True)
@@ -248,6 +251,7 @@ class ImagingService:
             prediction = await self._pipeline.predict_study(
                 study.model,
                 instances,
+                explain=self._router.explains(study.model),
                 deadline=None,
                 context=RequestContext(
                     actor=study.actor,
@@ -259,8 +263,8 @@ class ImagingService:
             if self._withheld(prediction):
                 self._finish(study, files, "withheld")
                 return
-            sop_uid, encoded = await asyncio.to_thread(self._sr, instances, prediction, request_id)
-            await self.outbox.enqueue(sop_uid, encoded)
+            for sop_uid, encoded in await asyncio.to_thread(self._results, instances, prediction, request_id):
+                await self.outbox.enqueue(sop_uid, encoded)
         except MedinferError as exc:
             if exc.kind in _RETRYABLE:
                 if self._closing:
@@ -322,12 +326,37 @@ class ImagingService:
     def _load(self, files: list[_Spooled]) -> list[DicomInstance]:
         return [read_instance(self._read_spooled(f.path)[1], self._limits) for f in files]
 
-    def _sr(self, instances: list[DicomInstance], prediction: StudyPrediction, request_id: str) -> tuple[str, bytes]:
+    def _results(
+        self, instances: list[DicomInstance], prediction: StudyPrediction, request_id: str
+    ) -> list[tuple[str, bytes]]:
+        """What goes to the PACS, in order: each image's saliency map (when the route asked for
+        the explanation), then the SR that references them, so the SR never points at an object
+        the PACS does not have yet. An image outside the validated input gets no map: the map of
+        an input the model cannot read is not evidence of anything."""
+        sources = {i.sop_instance_uid: i.dataset for i in instances}
+        explained = [
+            (r.sop_instance_uid, r.saliency)
+            for r in prediction.instances
+            if r.saliency is not None and not r.classification.indeterminate
+        ]
+        maps = [
+            saliency_map(
+                sources[sop_uid],
+                saliency,
+                prediction.served,
+                series_number=SALIENCY_SERIES_NUMBER,
+                instance_number=number,
+                software_version=self._software_version,
+            )
+            for number, (sop_uid, saliency) in enumerate(explained, start=1)
+        ]
         sr = build_sr(
             [i.dataset for i in instances],
             prediction.served,
             prediction.classification,
             request_id=request_id,
             software_version=self._software_version,
+            extra_items=[sr_reference(seg) for seg in maps],
+            extra_evidence=maps,
         )
-        return str(sr.SOPInstanceUID), sr_bytes(sr)
+        return [(str(seg.SOPInstanceUID), sr_bytes(seg)) for seg in maps] + [(str(sr.SOPInstanceUID), sr_bytes(sr))]

@@ -7,6 +7,8 @@ asked kind answers 422 naming what is missing.
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import math
 import re
@@ -18,12 +20,14 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 from fhir.resources.R4B.riskassessment import RiskAssessment
+from PIL import Image
 
 from app.config import Settings
 from app.domain import Scope
 from app.main import create_app
 from tests.conftest import REPO_ROOT, register, wait_ready
 from tests.support.fhir import bundle, full_observations
+from training.dicom_studies import study_bytes
 
 EHR = "ehr-heart-disease"
 FHIR = "application/fhir+json"
@@ -155,3 +159,49 @@ def test_records_feed_the_drift_metrics_without_phi(served: tuple[TestClient, st
     assert _series(metrics, "medinfer_records_total", model=EHR)[0] >= 210
     assert _series(metrics, "medinfer_output_probability_count", model=EHR, label="cad")[0] >= 210
     assert "77.0" not in "\n".join(line for line in metrics.splitlines() if "medinfer_feature" in line)
+
+
+def _dicom(client: TestClient, key: str, body: bytes, query: str = "", accept: str = "application/json") -> Any:
+    return client.post(
+        f"/v1/models/cxr-pneumonia/predict{query}",
+        content=body,
+        headers={"Authorization": f"Bearer {key}", "Content-Type": "application/dicom", "Accept": accept},
+    )
+
+
+def test_an_image_explains_itself_with_an_activation_map_overlay(served: tuple[TestClient, str, Settings]) -> None:
+    client, key, _ = served
+    phantom = study_bytes(seed=102, positive=True, rows=256)
+    response = _dicom(client, key, phantom, "?explain=true")
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    assert answer["decision"]["label"] == "pneumonia"
+    explanation = answer["explanation"]
+    assert explanation["method"] == "cam"
+    assert explanation["sop_instance_uid"] == answer["input"]["sop_instance_uids"][0]
+    prefix = "data:image/png;base64,"
+    assert explanation["overlay_png"].startswith(prefix)
+    with Image.open(io.BytesIO(base64.b64decode(explanation["overlay_png"][len(prefix) :]))) as image:
+        assert image.size == (224, 224)
+    png = _dicom(client, key, phantom, "?explain=true", accept="image/png")
+    assert png.status_code == 200
+    assert png.headers["content-type"] == "image/png"
+    assert png.content.startswith(b"\x89PNG")
+    assert "explanation" not in _dicom(client, key, phantom).json()
+
+
+def test_the_png_overlay_must_be_asked_for_with_explain(served: tuple[TestClient, str, Settings]) -> None:
+    client, key, _ = served
+    response = _dicom(client, key, study_bytes(seed=103, positive=False, rows=256), accept="image/png")
+    assert response.status_code == 406
+    assert "explain=true" in response.json()["detail"]
+
+
+def test_a_record_model_cannot_explain_an_image(served: tuple[TestClient, str, Settings]) -> None:
+    client, key, _ = served
+    response = client.post(
+        f"/v1/models/{EHR}/predict?explain=true",
+        content=study_bytes(seed=104, positive=False, rows=256),
+        headers={"Authorization": f"Bearer {key}", "Content-Type": "application/dicom"},
+    )
+    assert response.status_code in {400, 422}

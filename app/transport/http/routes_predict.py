@@ -9,6 +9,7 @@ plain or as JWE. ``Accept: application/fhir+json`` answers a FHIR RiskAssessment
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import json
 from collections.abc import AsyncIterator
@@ -24,7 +25,8 @@ from app.encoders.dicom_sr import build_sr, sr_bytes
 from app.encoders.explanation import explanation_fhir, explanation_json
 from app.encoders.fhir import risk_assessment
 from app.encoders.json import features_used, prediction, shown_probabilities, validated_input
-from app.errors import NotAcceptableError, UnsupportedMediaTypeError
+from app.encoders.saliency import overlay_png
+from app.errors import InferenceFailedError, NotAcceptableError, UnsupportedMediaTypeError
 from app.imaging.service import dicom_limits
 from app.parsing.dicom import DicomInstance, DicomLimits, read_instance
 from app.pipeline import StudyPrediction
@@ -60,7 +62,8 @@ MULTIPART_EXAMPLE: Final = (
     "--b1\r\nContent-Type: application/dicom\r\n\r\n<DICOM Part 10 bytes>\r\n--b1--\r\n"
 )
 SR_EXAMPLE: Final = "<binary: DICOM Comprehensive 3D SR (TID 1500), VerificationFlag UNVERIFIED>"
-ANSWERS: Final = frozenset({"", "*/*", "application/json", FHIR_JSON, "application/*", "application/jose", DICOM})
+PNG: Final = "image/png"
+ANSWERS: Final = frozenset({"", "*/*", "application/json", FHIR_JSON, "application/*", "application/jose", DICOM, PNG})
 
 BUNDLE_EXAMPLE: Final = {
     "resourceType": "Bundle",
@@ -157,7 +160,9 @@ _OPENAPI: Final = {
         "instance's probabilities, the study's decision (its most suspicious image) and the time spent. "
         "`Accept: application/dicom` answers the DICOM SR (Comprehensive 3D SR, TID 1500, UNVERIFIED) instead, "
         "`Accept: application/fhir+json` a RiskAssessment whose basis is the ImagingStudy (by its Study "
-        "Instance UID).\n\n"
+        "Instance UID). With `explain=true` the JSON answer carries the class activation map of the most "
+        "suspicious image as a PNG overlay (`explanation.overlay_png`, a data URL), and `Accept: image/png` "
+        "answers that PNG alone.\n\n"
         "Input outside the model's validated input (its out-of-distribution detector, declared per version) is "
         'answered 200 with `decision.label` "indeterminate", `probabilities` null and `validated_input` giving '
         "the score, threshold and reasons: never a label. Scope `infer`."
@@ -179,6 +184,10 @@ _OPENAPI: Final = {
                 },
                 FHIR_JSON: {"schema": {"type": "object"}, "example": RISK_ASSESSMENT_EXAMPLE},
                 DICOM: {"schema": {"type": "string", "format": "binary"}, "example": SR_EXAMPLE},
+                PNG: {
+                    "schema": {"type": "string", "format": "binary"},
+                    "example": "(PNG bytes: the most suspicious image as the model saw it, under its activation map)",
+                },
                 "application/jose": {"schema": {"type": "string"}, "example": SEALED_EXAMPLE},
             },
         },
@@ -216,8 +225,8 @@ async def predict(
             "send application/fhir+json (a Bundle), application/json (features), application/dicom (an image) "
             'or multipart/related; type="application/dicom" (a series)'
         )
-    if wants == DICOM:
-        raise NotAcceptableError("application/dicom answers are for DICOM images")
+    if wants in {DICOM, PNG}:
+        raise NotAcceptableError(f"{wants} answers are for DICOM images")
     body = payload.body
     context = request_context(request, principal, hashlib.sha256(body).hexdigest())
     result = await container.pipeline.predict_record(
@@ -301,6 +310,8 @@ async def _predict_images(
     *,
     explain: bool,
 ) -> Response:
+    if wants == PNG and not explain:
+        raise NotAcceptableError("image/png is the saliency overlay: ask for it with explain=true")
     context = request_context(request, principal, hashlib.sha256(payload.body).hexdigest())
     instances = await _instances(payload, container, dicom_limits(container.settings))
     result = await container.pipeline.predict_study(
@@ -324,9 +335,14 @@ async def _predict_images(
             imaging_study_uid=result.study_uid,
         )
         return JSONResponse(resource, media_type=FHIR_JSON)
+    overlay = await asyncio.to_thread(_overlay, result) if explain else None
+    if wants == PNG and overlay is not None:
+        return Response(overlay, media_type=PNG)
     answer = prediction(
         result.served, result.classification, request_id=context.request_id, input_summary=_study_summary(result)
     )
+    if overlay is not None:
+        answer["explanation"] = _saliency_summary(result, overlay)
     answer["timing_ms"] = {
         "preprocess": round(result.preprocess_ms, 3),
         "queue": round(result.queue_ms, 3),
@@ -344,6 +360,31 @@ def _sr(instances: list[DicomInstance], result: StudyPrediction, context: Reques
         software_version=service_version(),
     )
     return sr_bytes(sr)
+
+
+def _overlay(result: StudyPrediction) -> bytes:
+    """The most suspicious image, preprocessed as the model saw it, under its activation map."""
+    shown = result.most_suspicious
+    if shown.image is None or shown.saliency is None:  # explain=true always keeps both
+        raise InferenceFailedError("the model returned no activation map")
+    return overlay_png(shown.image, shown.saliency)
+
+
+def _saliency_summary(result: StudyPrediction, overlay: bytes) -> dict[str, Any]:
+    spec = result.served.spec
+    statement = (
+        f"Class activation map for '{spec.positive_label}': where the model's evidence for that label lies in "
+        "the image it was given (preprocessed), scaled to [0, 1]; it is not a probability or a lesion outline."
+    )
+    if result.classification.indeterminate:
+        statement += " The input is outside the model's validated input, so the map is not evidence of anything."
+    return {
+        "method": "cam",
+        "label": spec.positive_label,
+        "sop_instance_uid": result.most_suspicious.sop_instance_uid,
+        "overlay_png": "data:image/png;base64," + base64.b64encode(overlay).decode("ascii"),
+        "statement": statement,
+    }
 
 
 def _study_summary(result: StudyPrediction) -> dict[str, Any]:
