@@ -6,6 +6,7 @@ is driven by the same package."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import subprocess
@@ -14,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import highdicom as hd
 import httpx
 import pydicom
 import pytest
@@ -34,8 +36,8 @@ CXR_ROUTE = json.dumps([{"modality": ["CR", "DX"], "body_part": ["CHEST"], "mode
 MARKER_NAME = "Pacsmarker^Ottoline"
 
 
-@pytest.fixture
-def node(tmp_path: Path) -> Iterator[tuple[Served, int, dict[str, str]]]:
+@contextlib.contextmanager
+def _node(tmp_path: Path, routes: str) -> Iterator[tuple[Served, int, dict[str, str]]]:
     """medinfer with its SCP on, sending SR to Orthanc; Orthanc knows it as modality 'medinfer'."""
     orthanc = require_env("MEDINFER_TEST_ORTHANC_URL")
     scp_port = free_port()
@@ -48,7 +50,7 @@ def node(tmp_path: Path) -> Iterator[tuple[Served, int, dict[str, str]]]:
         + require_env("MEDINFER_TEST_ORTHANC_DICOM_PORT"),
         "MEDINFER_STUDY_SETTLE_S": "1.0",
         # Routing is the site's choice: nothing is routed unless a rule names the model.
-        "MEDINFER_IMAGING_ROUTES": CXR_ROUTE,
+        "MEDINFER_IMAGING_ROUTES": routes,
     }
     assert medinfer(env, "migrate").returncode == 0
     served = serve(env, tmp_path / "medinfer.log")
@@ -61,6 +63,20 @@ def node(tmp_path: Path) -> Iterator[tuple[Served, int, dict[str, str]]]:
     finally:
         httpx.delete(f"{orthanc}/modalities/medinfer", timeout=10)
         served.stop()
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> Iterator[tuple[Served, int, dict[str, str]]]:
+    with _node(tmp_path, CXR_ROUTE) as started:
+        yield started
+
+
+@pytest.fixture
+def explaining_node(tmp_path: Path) -> Iterator[tuple[Served, int, dict[str, str]]]:
+    """The same, with a routing rule that asks for the model's explanation."""
+    routes = json.dumps([{"modality": ["CR", "DX"], "body_part": ["CHEST"], "model": "cxr-pneumonia", "explain": True}])
+    with _node(tmp_path, routes) as started:
+        yield started
 
 
 def _relabelled(source: bytes | Path, study: str, syntax: str | None = None) -> pydicom.Dataset:
@@ -106,10 +122,10 @@ def _storescu(path: Path) -> None:
     assert result.returncode == 0, result.stderr
 
 
-def _find_sr(client: DICOMwebClient, study: str, timeout_s: float = 90) -> list[dict[str, Any]]:
+def _find_sr(client: DICOMwebClient, study: str, timeout_s: float = 90, modality: str = "SR") -> list[dict[str, Any]]:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        found = client.search_for_series(study_instance_uid=study, search_filters={"Modality": "SR"})
+        found = client.search_for_series(study_instance_uid=study, search_filters={"Modality": modality})
         if found:
             return found
         time.sleep(0.5)
@@ -235,3 +251,57 @@ def test_c_store_from_an_unlisted_calling_ae_is_rejected(node: tuple[Served, int
     )
     assert result.returncode != 0
     assert "reject" in (result.stdout + result.stderr).lower()
+
+
+def _referenced_uids(item: pydicom.Dataset) -> set[str]:
+    """Every ReferencedSOPInstanceUID in an SR content tree."""
+    found = set()
+    for child in item.get("ContentSequence", []):
+        for ref in child.get("ReferencedSOPSequence", []):
+            found.add(str(ref.ReferencedSOPInstanceUID))
+        found |= _referenced_uids(child)
+    return found
+
+
+def test_an_explained_study_sends_its_saliency_map_and_an_sr_that_references_it(
+    explaining_node: tuple[Served, int, dict[str, str]], tmp_path: Path
+) -> None:
+    """storescu -> Orthanc -> medinfer (route with explain) -> Segmentation + SR back in Orthanc,
+    each found by QIDO and read by WADO, and their references agree: the SR names the map and
+    the image, the map names the image and has its geometry."""
+    served, _, _ = explaining_node
+    study = generate_uid()
+    path = tmp_path / "positive.dcm"
+    write_phantom_study(
+        path, seed=1, positive=True, rows=512, study_uid=study, patient_id=MARKER_ID, patient_name=MARKER_NAME
+    )
+    image = pydicom.dcmread(path)
+    _storescu(path)
+
+    orthanc = DICOMwebClient(url=require_env("MEDINFER_TEST_ORTHANC_URL") + "/dicom-web")
+    srs = _find_sr(orthanc, study)
+    assert len(srs) == 1, served.log_path.read_text()[-4000:]
+    segs = _find_sr(orthanc, study, modality="SEG", timeout_s=10)
+    assert len(segs) == 1
+    (sr,) = orthanc.retrieve_series(study, srs[0]["0020000E"]["Value"][0])
+    (seg,) = orthanc.retrieve_series(study, segs[0]["0020000E"]["Value"][0])
+
+    assert seg.SOPClassUID == "1.2.840.10008.5.1.4.1.1.66.4"  # Segmentation Storage
+    assert seg.SegmentationType == "FRACTIONAL"
+    assert (seg.Rows, seg.Columns) == (image.Rows, image.Columns)
+    assert seg.StudyInstanceUID == study
+    assert seg.PatientID == MARKER_ID
+    sources = {str(ref.ReferencedSOPInstanceUID) for ref in seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence}
+    assert sources == {image.SOPInstanceUID}
+    hd.seg.Segmentation.from_dataset(seg)  # a conformant object that highdicom reads back
+
+    assert _referenced_uids(sr) >= {image.SOPInstanceUID, seg.SOPInstanceUID}
+    evidence = {
+        str(ref.ReferencedSOPInstanceUID)
+        for series in sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence
+        for ref in series.ReferencedSOPSequence
+    }
+    assert evidence == {image.SOPInstanceUID, seg.SOPInstanceUID}
+    log = served.log_path.read_text()
+    assert MARKER_ID not in log
+    assert MARKER_NAME not in log
