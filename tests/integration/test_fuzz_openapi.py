@@ -212,8 +212,12 @@ def test_stateful_scenarios_over_inferred_links(api: OpenApiSchema, target: Targ
         raise AssertionError(f"server error {response.status_code}: {response.text[:300]}")
 
     unloaded: set[str] = set()
+    # The scenarios are about a model's life (list, describe, load, unload, predict, infer). The
+    # outcome operations get their links from data earlier tests leave behind, which changed the
+    # draws from run to run (once no scenario unloaded a model); the fuzzing phase covers them.
+    lifecycle = api.exclude(operation_id=["recordFeedback", "getModelPerformance"])
 
-    class Scenarios(api.as_state_machine()):  # type: ignore[misc]
+    class Scenarios(lifecycle.as_state_machine()):  # type: ignore[misc]
         def setup(self) -> None:
             # Each scenario starts with every model serving, whatever the previous one unloaded.
             with target.client() as client:
