@@ -251,7 +251,7 @@ class ImagingService:
             prediction = await self._pipeline.predict_study(
                 study.model,
                 instances,
-                explain=self._router.explains(study.model),
+                explain=self._explains(study.model),
                 deadline=None,
                 context=RequestContext(
                     actor=study.actor,
@@ -279,6 +279,21 @@ class ImagingService:
             self._done(study, "internal-error")
             return
         self._finish(study, files, "inferred")
+
+    def _explains(self, model: str) -> bool:
+        """Whether the route asks for an explanation the model can give. A rule that asks a model
+        without an activation map must not cost the study its result: it is answered without
+        the map, and the log says why."""
+        if not self._router.explains(model):
+            return False
+        explain = self._pipeline.registry.get(model).spec.explain
+        if explain is not None and explain.method == "cam" and explain.output is not None:
+            return True
+        log.warning(
+            "routing rule asks for an explanation the model cannot give; the study is answered without one",
+            extra={"event": "imaging.explanation_unavailable", "model": model},
+        )
+        return False
 
     def _withheld(self, prediction: StudyPrediction) -> bool:
         """True (and logged, counted) if this result must not reach the PACS."""

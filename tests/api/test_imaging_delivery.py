@@ -406,3 +406,60 @@ def test_without_a_routing_rule_no_model_takes_a_study_even_one_its_allow_lists_
         assert status.ErrorComment == "no-route"
     assert _outbox(settings) == []
     assert not list((settings.data_dir / "spool").glob("*.dcm"))
+
+
+EXPLAIN_ROUTE = '[{"modality": ["CR", "DX"], "body_part": ["CHEST"], "model": "cxr-pneumonia", "explain": true}]'
+
+
+def test_an_explaining_route_delivers_the_saliency_map_before_the_sr_that_references_it(
+    tmp_path: Path, migrate: Callable[[Settings], str]
+) -> None:
+    port = free_port()
+    settings = _settings(
+        tmp_path,
+        study_settle_s=0.2,
+        imaging_routes=EXPLAIN_ROUTE,
+        pacs_destination=f"dimse://TESTPACS@127.0.0.1:{port}",
+        pacs_retry_base_s=0.2,
+    )
+    key = migrate(settings)
+    pacs = CountingPacs()
+    scp = StoreScp(ScpConfig("TESTPACS", "127.0.0.1", port, (), 4), pacs)
+    scp.start()
+    try:
+        with TestClient(create_app(settings)) as client:
+            wait_ready(client)
+            image = study_bytes(seed=1, positive=True, rows=512)
+            assert stow(client, key, image).status_code == 200
+            until(lambda: [state for _, state, _ in _outbox(settings)] == ["delivered", "delivered"])
+    finally:
+        scp.stop()
+    seg, sr = pacs.received
+    assert (seg.Modality, sr.Modality) == ("SEG", "SR")  # the map first: the SR never points at nothing
+    source = pydicom.dcmread(io.BytesIO(image), stop_before_pixels=True)
+    assert str(seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0].ReferencedSOPInstanceUID) == str(
+        source.SOPInstanceUID
+    )
+    evidence = {
+        str(ref.ReferencedSOPInstanceUID)
+        for series in sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence
+        for ref in series.ReferencedSOPSequence
+    }
+    assert evidence == {str(source.SOPInstanceUID), str(seg.SOPInstanceUID)}
+
+
+def test_a_route_asking_an_explanation_the_model_cannot_give_still_answers_the_study(
+    tmp_path: Path, migrate: Callable[[Settings], str]
+) -> None:
+    settings = _settings(tmp_path, study_settle_s=0.2, imaging_routes=EXPLAIN_ROUTE)
+    toml = settings.model_repository / MODEL / "model.toml"
+    text = toml.read_text(encoding="utf-8")
+    start = text.index("[explain]")
+    end = text.index("\n[", start + 1)
+    toml.write_text(text[:start] + text[end + 1 :], encoding="utf-8")  # the model declares no explanation now
+    key = migrate(settings)
+    with TestClient(create_app(settings)) as client:
+        wait_ready(client)
+        assert stow(client, key, study_bytes(seed=1, positive=True, rows=512)).status_code == 200
+        until(lambda: len(_outbox(settings)) == 1)
+    assert [state for _, state, _ in _outbox(settings)] == ["held"]  # the SR alone; the study was not lost
