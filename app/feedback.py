@@ -55,7 +55,7 @@ from app.errors import (
 from app.inference.registry import ModelRegistry
 from app.inference.spec import DataSplit, ModelSpec, load_spec
 from app.observability.metrics import Metrics
-from app.postprocess.classification import classify
+from app.postprocess.classification import classify, suspicion
 from app.tables import AuditEvent, OutcomeFeedback
 
 log = logging.getLogger(__name__)
@@ -516,8 +516,7 @@ class FeedbackService:
             rows.extend((row, detail) for row in (values if values and isinstance(values[0], list) else [values]))
         if not rows or any(len(row) != len(spec.labels) for row, _ in rows):
             raise FeedbackConflictError("the result's audited outputs do not match the model's labels")
-        index = spec.labels.index(spec.positive_label) if spec.positive_label is not None else None
-        worst, where = max(rows, key=lambda pair: pair[0][index] if index is not None else max(pair[0]))
+        worst, where = max(rows, key=lambda pair: suspicion(classify(spec, pair[0])))
         decision = where.get("decision")
         if not isinstance(decision, dict):
             # Events written before the pipeline audited its decision: the default operating point.

@@ -43,7 +43,7 @@ from app.parsing.fhir import (
     from_features,
     parse_features_json,
 )
-from app.postprocess.classification import Classification, classify
+from app.postprocess.classification import Classification, classify, suspicion
 from app.postprocess.explain import Contributions, baseline_vector, shapley
 from app.postprocess.ood import OodAssessment, assess_image, assess_record
 from app.preprocess.pixels import PixelRecipe, to_tensor
@@ -136,15 +136,8 @@ def _stack(instances: Sequence[DicomInstance], recipe: PixelRecipe) -> npt.NDArr
     return np.stack([to_tensor(instance.dataset, recipe) for instance in instances]).astype(np.float32, copy=False)
 
 
-def _suspicion(c: Classification) -> float:
-    """How suspicious a decision is: the positive label's probability (else the top one)."""
-    if c.positive_label is not None:
-        return c.probabilities[c.positive_label]
-    return max(c.probabilities.values())
-
-
 def _most_suspicious(results: Sequence[InstanceResult]) -> InstanceResult:
-    return max(results, key=lambda result: _suspicion(result.classification))
+    return max(results, key=lambda result: suspicion(result.classification))
 
 
 class Pipeline:
@@ -473,7 +466,7 @@ def _image_judge(
             classify(served.spec, row.tolist(), operating_point, verdict)
             for row, verdict in zip(rows, verdicts, strict=True)
         )
-        worst = max(into, key=_suspicion)
+        worst = max(into, key=suspicion)
         detail: dict[str, object] = {**_safety_detail(verdicts), "decision": _decision_detail(worst)}
         if explained:
             detail["explanation"] = {"method": explained}

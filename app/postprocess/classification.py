@@ -68,3 +68,11 @@ def _decide(spec: ModelSpec, probabilities: Sequence[float], operating_point: st
     negatives = [label for label in spec.labels if label != spec.positive_label]
     label = spec.positive_label if positive else max(negatives, key=by_label.__getitem__)
     return Classification(by_label, label, spec.positive_label, positive, threshold, name)
+
+
+def suspicion(decision: Classification) -> float:
+    """How suspicious a decision is: its positive label's probability (else its top one). A study
+    takes the decision of its most suspicious image, and its confirmed outcome judges that one."""
+    if decision.positive_label is not None:
+        return decision.probabilities[decision.positive_label]
+    return max(decision.probabilities.values())

@@ -23,8 +23,8 @@ from app.config import Settings
 from app.domain import RequestContext, Scope
 from app.feedback import FeedbackService, Outcome
 from app.main import create_app
-from app.transport.http.routes_feedback import EXAMPLE_REQUEST_ID
 from app.transport.http.routes_predict import FEATURES_EXAMPLE
+from app.transport.http.schemas import EXAMPLE_REQUEST_ID
 from tests.conftest import REPO_ROOT, register, wait_ready
 
 MODEL = "ehr-heart-disease"

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Final, Literal
 
 from joserfc.errors import JoseError
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from app.domain import Scope, VersionStatus
+from app.feedback import Reason
 from app.security.jwe import import_public_jwk, seal_for
 
 VERSION_STATUS_EXAMPLE: dict[str, Any] = {
@@ -545,3 +546,173 @@ SEALED_REQUEST_CONTENT: dict[str, Any] = {
         },
     },
 }
+
+
+#: The request id of the example: ``tests/api/test_feedback.py`` predicts under it and then sends
+#: this example as it stands, so the documented body is one that works.
+EXAMPLE_REQUEST_ID: Final = "5f0c1e2a-7b3d-4c8e-9a61-0d2f4b6e8a10"
+_SHA256_EXAMPLE: Final = "cc1d5a7f5975e1ae696837d4c3f65d676982cb637375a4061af6259f2e5f12f7"
+
+
+class FeedbackRequest(BaseModel):
+    """A confirmed outcome for one result. No free text: it could hold PHI."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "example": {
+                "request_id": EXAMPLE_REQUEST_ID,
+                "verdict": "disagree",
+                "confirmed_label": "no_cad",
+                "reason": "angiography",
+                "model": "ehr-heart-disease",
+            }
+        },
+    )
+
+    request_id: str = Field(
+        min_length=1,
+        max_length=128,
+        pattern=r"^[A-Za-z0-9._:-]+$",
+        description="The `request_id` of the prediction answer (its `X-Request-ID`).",
+    )
+    verdict: Literal["agree", "disagree", "label"] = Field(
+        description="`agree`: the decided label was right. `disagree`: it was wrong (a two-label model's other "
+        "label is implied). `label`: the confirmed label, whatever was decided."
+    )
+    confirmed_label: str | None = Field(
+        default=None, max_length=64, description="One of the model's labels; required with `label`."
+    )
+    reason: Reason | None = Field(default=None, description="How the outcome was confirmed.")
+    model: str | None = Field(
+        default=None, max_length=64, description="If given, the result must be of this model (else 404)."
+    )
+
+
+class ProportionOut(BaseModel):
+    """A proportion with its Wilson score 95 % confidence interval."""
+
+    value: float
+    ci95_low: float
+    ci95_high: float
+    successes: int
+    total: int
+
+
+class ConfusionOut(BaseModel):
+    true_positive: int
+    false_negative: int
+    true_negative: int
+    false_positive: int
+    sensitivity: ProportionOut | None
+    specificity: ProportionOut | None
+
+
+class OperatingPointCheckOut(BaseModel):
+    name: str
+    threshold: float
+    claimed_sensitivity: float | None
+    claimed_specificity: float | None
+    split: str | None = Field(description="The data the claim was measured on (model.toml).")
+    sensitivity_floor: float | None = Field(description="Claimed sensitivity minus the model's margin.")
+    confirmed: ConfusionOut = Field(description="Confirmed cases with their probability thresholded here.")
+
+
+class VersionPerformanceOut(BaseModel):
+    version: str
+    confirmed_cases: int
+    confirmed_by_label: dict[str, int]
+    as_decided: ConfusionOut = Field(description="Each result counted at the operating point it was decided at.")
+    calibration_error: float | None = Field(description="Expected calibration error, 10 equal-width bins.")
+    monitored_operating_point: str | None = Field(
+        description="The declared operating point at the default threshold: the alert compares against its floor."
+    )
+    below_floor: bool | None
+    operating_points: list[OperatingPointCheckOut]
+
+
+_COUNTS: Final[dict[str, Any]] = {"true_positive": 4, "false_negative": 1, "true_negative": 3, "false_positive": 2}
+_CONFUSION_EXAMPLE: Final[dict[str, Any]] = {
+    **_COUNTS,
+    "sensitivity": {"value": 0.8, "ci95_low": 0.3755, "ci95_high": 0.9638, "successes": 4, "total": 5},
+    "specificity": {"value": 0.6, "ci95_low": 0.2307, "ci95_high": 0.8824, "successes": 3, "total": 5},
+}
+
+
+class ModelPerformanceOut(BaseModel):
+    """Running performance of each version over outcomes confirmed so far."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "example": {
+                "model": "ehr-heart-disease",
+                "positive_label": "cad",
+                "sensitivity_margin": 0.1,
+                "versions": [
+                    {
+                        "version": "1",
+                        "confirmed_cases": 10,
+                        "confirmed_by_label": {"no_cad": 5, "cad": 5},
+                        "as_decided": _CONFUSION_EXAMPLE,
+                        "calibration_error": 0.2415,
+                        "monitored_operating_point": "high_sensitivity",
+                        "below_floor": False,
+                        "operating_points": [
+                            {
+                                "name": "high_sensitivity",
+                                "threshold": 0.4541,
+                                "claimed_sensitivity": 0.8611,
+                                "claimed_specificity": 0.7083,
+                                "split": "validation",
+                                "sensitivity_floor": 0.7611,
+                                "confirmed": _CONFUSION_EXAMPLE,
+                            }
+                        ],
+                    }
+                ],
+            }
+        }
+    )
+
+    model: str
+    positive_label: str | None
+    sensitivity_margin: float
+    versions: list[VersionPerformanceOut]
+
+
+class FeedbackOut(BaseModel):
+    """The stored outcome: label names, numbers from the result's audit event, the client id."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "example": {
+                "request_id": EXAMPLE_REQUEST_ID,
+                "model": "ehr-heart-disease",
+                "version": "1",
+                "model_sha256": _SHA256_EXAMPLE,
+                "probability": 0.87,
+                "decided_label": "cad",
+                "threshold": 0.4541,
+                "operating_point": "default",
+                "confirmed_label": "no_cad",
+                "verdict": "disagree",
+                "reason": "angiography",
+                "recorded_by": "his-epic-prod",
+                "recorded_at": "2026-12-04T16:20:00Z",
+            }
+        }
+    )
+
+    request_id: str
+    model: str
+    version: str
+    model_sha256: str
+    probability: float | None = Field(description="The positive label's probability in the result.")
+    decided_label: str
+    threshold: float | None
+    operating_point: str | None
+    confirmed_label: str
+    verdict: Literal["agree", "disagree", "label"]
+    reason: Reason | None
+    recorded_by: str
+    recorded_at: datetime
