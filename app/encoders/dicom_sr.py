@@ -184,7 +184,7 @@ def build_sr(
         is_complete=True,
         is_final=False,
         is_verified=False,
-        contributing_equipment=[_model_equipment(served, device, manufacturer, software_version)],
+        contributing_equipment=[model_equipment(served, device, manufacturer, software_version)],
         series_description=_series_description(served),
         manufacturer_model_name=manufacturer,
         software_versions=software_version,
@@ -218,7 +218,7 @@ def _headers(sources: Sequence[Dataset]) -> list[Dataset]:
         missing = [kw for kw in _REQUIRED_KEYWORDS if not source.get(kw)]
         if missing:
             raise DicomMalformedError(f"source instance {index} lacks {', '.join(missing)}")
-        headers.setdefault(str(source.SOPInstanceUID), _header(source))
+        headers.setdefault(str(source.SOPInstanceUID), source_header(source))
     found = list(headers.values())
     if len({str(h.StudyInstanceUID) for h in found}) > 1:
         raise StudyMismatchError("the source instances belong to more than one study (StudyInstanceUID)")
@@ -227,7 +227,9 @@ def _headers(sources: Sequence[Dataset]) -> list[Dataset]:
     return found
 
 
-def _header(source: Dataset) -> Dataset:
+def source_header(source: Dataset) -> Dataset:
+    """The source's attributes without its bulk data, with the Type 2 ones highdicom needs: the
+    header every object medinfer derives from an image (the SR, the saliency map) is built from."""
     header = Dataset()
     for element in source:
         if element.tag.group < _FIRST_BULK_GROUP:
@@ -395,7 +397,7 @@ def _descriptors(header: Dataset) -> list[hd.sr.ContentItem]:
     return items
 
 
-def _model_equipment(
+def model_equipment(
     served: ServedVersion, device: str, manufacturer: str, software_version: str
 ) -> hd.ContributingEquipment:
     """The IHE AIR Contributing Equipment item: the model version as processing equipment."""

@@ -46,7 +46,7 @@ from pydicom import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
-from app.encoders.dicom_sr import NOT_FOR_CLINICAL_USE, _header, _model_equipment, device_uid
+from app.encoders.dicom_sr import NOT_FOR_CLINICAL_USE, device_uid, model_equipment, source_header
 from app.errors import DicomMalformedError, InferenceFailedError
 from app.inference.registry import ServedVersion
 
@@ -155,7 +155,7 @@ def saliency_map(
         content_label=CONTENT_LABEL,
         content_description=f"AI saliency map, UNVERIFIED{warning}"[:_LO_MAX],
         omit_empty_frames=False,
-        contributing_equipment=[_model_equipment(served, device_uid(served), manufacturer, software_version)],
+        contributing_equipment=[model_equipment(served, device_uid(served), manufacturer, software_version)],
         series_description=f"AI saliency (UNVERIFIED){warning} {spec.name} v{served.version}"[:_LO_MAX],
     )
 
@@ -245,7 +245,7 @@ def _projection_header(source: Dataset) -> Dataset:
     without a Slice Thickness, which a projection image does not have. Sources with a plane
     geometry keep everything.
     """
-    header = _header(source)
+    header = source_header(source)
     if "ImagePositionPatient" not in header or "ImageOrientationPatient" not in header:
         for keyword in ("FrameOfReferenceUID", "PixelSpacing", "PositionReferenceIndicator"):
             if keyword in header:
