@@ -80,23 +80,22 @@ def test_a_signature_over_the_onnx_bytes_alone_is_no_longer_a_release(tmp_path: 
     assert "does not verify" in _status(tmp_path / "repo", public)["alpha"][2]
 
 
-def _cxr_release(tmp_path: Path) -> tuple[Path, Path, Path]:
-    """The real cxr-pneumonia model, copied and signed."""
+def _release(tmp_path: Path, model: str) -> tuple[Path, Path, Path]:
+    """A real reference model, copied and its served version signed: repository, key, model.toml."""
     private, public = _keypair(tmp_path, "release")
     repo = tmp_path / "repo"
-    shutil.copytree(REPO_ROOT / "models" / "cxr-pneumonia", repo / "cxr-pneumonia")
-    version = max((p for p in (repo / "cxr-pneumonia").iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
+    shutil.copytree(REPO_ROOT / "models" / model, repo / model)
+    version = max((p for p in (repo / model).iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
     sign_release(private, version / "model.onnx")
-    return repo, public, repo / "cxr-pneumonia" / "model.toml"
+    return repo, public, repo / model / "model.toml"
+
+
+def _cxr_release(tmp_path: Path) -> tuple[Path, Path, Path]:
+    return _release(tmp_path, "cxr-pneumonia")
 
 
 def _ehr_release(tmp_path: Path) -> tuple[Path, Path, Path]:
-    private, public = _keypair(tmp_path, "release")
-    repo = tmp_path / "repo"
-    shutil.copytree(REPO_ROOT / "models" / "ehr-heart-disease", repo / "ehr-heart-disease")
-    version = max((p for p in (repo / "ehr-heart-disease").iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
-    sign_release(private, version / "model.onnx")
-    return repo, public, repo / "ehr-heart-disease" / "model.toml"
+    return _release(tmp_path, "ehr-heart-disease")
 
 
 def test_a_changed_threshold_with_the_old_signature_is_refused(tmp_path: Path) -> None:
