@@ -482,8 +482,8 @@ def _decision_detail(decision: Classification) -> dict[str, object]:
 
 def _explainer(served: ServedVersion, method: str) -> ExplainSpec:
     """The model's declared explanation of this kind; a 4xx naming what is missing otherwise."""
-    explain = served.spec.explain
-    if explain is None or explain.method != method or (method == "cam" and explain.output is None):
+    explain = served.spec.explains(method)
+    if explain is None:
         raise InvalidRequestError(
             f"model {served.spec.name} cannot explain this input: its model.toml declares no "
             f"[explain] with method {method!r}"

@@ -286,8 +286,7 @@ class ImagingService:
         the map, and the log says why."""
         if not self._router.explains(model):
             return False
-        explain = self._pipeline.registry.get(model).spec.explain
-        if explain is not None and explain.method == "cam" and explain.output is not None:
+        if self._pipeline.registry.get(model).spec.explains("cam") is not None:
             return True
         log.warning(
             "routing rule asks for an explanation the model cannot give; the study is answered without one",

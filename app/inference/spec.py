@@ -119,6 +119,13 @@ class ExplainSpec(_Strict):
         default="log_odds", description="The output space contributions are reported in."
     )
 
+    @model_validator(mode="after")
+    def _cam_names_its_output(self) -> ExplainSpec:
+        if self.method == "cam" and self.output is None:
+            msg = "explain.method 'cam' needs the output that holds the map"
+            raise ValueError(msg)
+        return self
+
 
 class Monitoring(_Strict):
     """Post-market monitoring (``[monitoring]`` in model.toml)."""
@@ -232,6 +239,10 @@ class ModelSpec(_Strict):
             msg = f"version_policy names versions not declared: {self.policy_versions_missing()}"
             raise ValueError(msg)
         return self
+
+    def explains(self, method: str) -> ExplainSpec | None:
+        """The declared explanation if it is of this kind (``shapley``, ``cam``), else None."""
+        return self.explain if self.explain is not None and self.explain.method == method else None
 
     def ood_of(self, version: str) -> OodSpec | None:
         """The out-of-distribution detector of one version, if it declares one."""
