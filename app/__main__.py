@@ -3,14 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
 import signal
-import ssl
 import sys
-import tempfile
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -19,9 +15,6 @@ from app.domain import Scope
 from app.errors import MedinferError
 
 if TYPE_CHECKING:
-    from sqlalchemy.ext.asyncio import AsyncEngine
-
-    from app.audit.recorder import AuditWriter
     from app.security.keystore import KeyStore
 
 
@@ -30,10 +23,9 @@ def _exit_cleanly(_signum: int, _frame: object) -> None:
 
 
 def _cmd_serve(settings: Settings, _args: argparse.Namespace) -> int:
-    import uvicorn  # noqa: PLC0415 - only this command needs the server
-
-    from app.main import create_app  # noqa: PLC0415
+    from app.main import create_app  # noqa: PLC0415 - only this command needs the server
     from app.observability.logging import configure_logging  # noqa: PLC0415
+    from app.transport.http.server import serve  # noqa: PLC0415
 
     configure_logging(settings.log_level, settings.log_format)
     # uvicorn drains on SIGTERM/SIGINT, runs the lifespan shutdown (batchers drain, the audit
@@ -41,30 +33,7 @@ def _cmd_serve(settings: Settings, _args: argparse.Namespace) -> int:
     # turn that re-raise into exit status 0: a graceful stop is a success for Kubernetes.
     for stop_signal in (signal.SIGTERM, signal.SIGINT):
         signal.signal(stop_signal, _exit_cleanly)
-    config: dict[str, object] = {
-        "host": settings.host,
-        "port": settings.port,
-        "log_config": None,
-        "access_log": False,
-        "proxy_headers": False,
-        "timeout_graceful_shutdown": 30,
-        "timeout_keep_alive": settings.keep_alive_s,
-    }
-    if settings.tls_certfile is not None:
-        config |= {"ssl_certfile": str(settings.tls_certfile), "ssl_keyfile": str(settings.tls_keyfile)}
-    if settings.tls_client_ca is not None:
-        # Mutual TLS: the handshake fails without a certificate from this CA. Requests still
-        # authenticate with an API key or bearer JWT (uvicorn does not pass the peer certificate on).
-        config |= {"ssl_ca_certs": str(settings.tls_client_ca), "ssl_cert_reqs": ssl.CERT_REQUIRED}
-    if settings.workers > 1:
-        # Each worker is its own process: their metrics must meet in files to add up.
-        metrics_dir = Path(os.environ.get("PROMETHEUS_MULTIPROC_DIR") or tempfile.mkdtemp(prefix="medinfer-metrics-"))
-        for stale in metrics_dir.glob("*.db"):
-            stale.unlink()
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
-        uvicorn.run("app.main:app_factory", factory=True, workers=settings.workers, **config)  # type: ignore[arg-type]
-    else:
-        uvicorn.run(create_app(settings), **config)  # type: ignore[arg-type]
+    serve(settings, create_app)
     return 0
 
 
@@ -231,66 +200,17 @@ def _cmd_models(settings: Settings, args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
-@contextlib.asynccontextmanager
-async def _cli_audit_writer(settings: Settings) -> AsyncIterator[AuditWriter]:
-    """An audit writer for one command: what an operator does from the CLI is audited too."""
-    from app.audit.recorder import AuditWriter, create_audit_engine  # noqa: PLC0415
-    from app.observability.metrics import Metrics  # noqa: PLC0415
-
-    engine = create_audit_engine(settings.sqlalchemy_url, settings.database_timeout_s)
-    writer = AuditWriter(
-        engine,
-        settings.audit_hmac_key.get_secret_value().encode(),
-        settings.pseudonym_key.get_secret_value().encode(),
-        Metrics(),
-    )
-    try:
-        yield writer
-    finally:
-        await writer.aclose()
-        engine.dispose()
-
-
 def _cmd_audit(settings: Settings, args: argparse.Namespace) -> int:
-    import asyncio  # noqa: PLC0415
+    from app.audit.cli import run_audit_command  # noqa: PLC0415
 
-    from app.audit.export import to_ndjson_line  # noqa: PLC0415
-    from app.audit.query import EventFilter, iter_events  # noqa: PLC0415
-    from app.audit.recorder import verify_chain  # noqa: PLC0415
-    from app.db import create_async_db  # noqa: PLC0415
-    from app.domain import AuditRecord  # noqa: PLC0415
-
-    async def run() -> int:
-        engine, _ = create_async_db(settings)
-        try:
-            async with _cli_audit_writer(settings) as writer:
-                return await _audit(engine, writer)
-        finally:
-            await engine.dispose()
-
-    async def _audit(engine: AsyncEngine, writer: AuditWriter) -> int:
-        if args.audit_command == "verify":
-            result = await verify_chain(engine, settings.audit_hmac_key.get_secret_value().encode())
-            outcome = "success" if result.valid else "failure"
-            await writer.record(AuditRecord(action="audit.verify", outcome=outcome, actor="cli"))
-            print(json.dumps({
-                "valid": result.valid, "events": result.events, "head_seq": result.head_seq,
-                "first_broken_seq": result.first_broken_seq, "reason": result.reason,
-            }))  # fmt: skip
-            return 0 if result.valid else 1
-        await writer.record(AuditRecord(action="audit.export", outcome="success", actor="cli"))
-        with Path(args.output).open("wb") as out:  # noqa: ASYNC230 - one-shot CLI, nothing else on its loop
-            async for row in iter_events(engine, EventFilter()):
-                out.write(to_ndjson_line(row))
-        return 0
-
-    return asyncio.run(run())
+    return run_audit_command(settings, args.audit_command, output=getattr(args, "output", None))
 
 
 def _cmd_outbox(settings: Settings, args: argparse.Namespace) -> int:
     import asyncio  # noqa: PLC0415
     from datetime import UTC, datetime  # noqa: PLC0415
 
+    from app.audit.cli import cli_audit_writer  # noqa: PLC0415
     from app.db import create_async_db  # noqa: PLC0415
     from app.domain import AuditRecord  # noqa: PLC0415
     from app.imaging.outbox import count_backlog, requeue  # noqa: PLC0415
@@ -299,7 +219,7 @@ def _cmd_outbox(settings: Settings, args: argparse.Namespace) -> int:
         engine, sessionmaker = create_async_db(settings)
         try:
             if args.outbox_command == "requeue":
-                async with _cli_audit_writer(settings) as writer:
+                async with cli_audit_writer(settings) as writer:
                     count = await requeue(sessionmaker, args.state, datetime.now(UTC))
                     await writer.record(
                         AuditRecord(

@@ -92,6 +92,55 @@ class Settings(BaseSettings):
     oauth_issuer: str | None = Field(default=None, description="Required `iss` of bearer JWTs.")
     key_max_age_days: int = Field(default=365, ge=1, description="Rotate the active key before it is this old.")
     key_retirement_days: int = Field(default=30, ge=1, description="How long a rotated-out key still opens payloads.")
+    token_max_lifetime_s: int = Field(
+        default=300,
+        ge=1,
+        le=3600,
+        description="Longest exp - iat a signed payload may claim; a longer-lived token is refused.",
+    )
+    token_clock_skew_s: int = Field(
+        default=60,
+        ge=0,
+        le=300,
+        description="Clock difference tolerated on iat/exp. A jti is remembered until exp plus this, so no "
+        "token is accepted twice while any clock would still take it.",
+    )
+    auth_failure_interval_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="Anonymous authentication failures are audited as one event per reason per interval "
+        "(with a count), not one row each.",
+    )
+
+    # HTTP limits (before and after authentication) ---------------------------------------
+    http_max_header_bytes: int = Field(
+        default=16 * 1024, ge=1024, description="Cap on a request's start line and headers together."
+    )
+    http_header_timeout_s: float = Field(
+        default=10.0, gt=0, description="A connection must deliver a request's complete headers within this long."
+    )
+    http_body_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="Longest wait for the next piece of a request body; a sender that stalls longer gets 408.",
+    )
+    http_max_concurrency: int = Field(
+        default=512, ge=1, description="Requests and connections handled at once; beyond it new ones get 503."
+    )
+    http_max_connections: int = Field(
+        default=2048, ge=1, description="Open connections per process; beyond it new connections are closed at once."
+    )
+    http_max_requests_per_connection: int = Field(
+        default=1000, ge=1, description="A keep-alive connection is closed after this many requests."
+    )
+    max_json_bytes: int = Field(
+        default=8 * 1024 * 1024,
+        ge=1024,
+        description="Cap on a JSON (or FHIR JSON) request body, read only after the caller is authenticated.",
+    )
+    max_admin_body_bytes: int = Field(
+        default=64 * 1024, ge=1024, description="Cap on an administration request body (client registration)."
+    )
     audit_enabled: bool = Field(
         default=True, description="Only for benchmark baselines; production refuses to run without the audit trail."
     )
@@ -143,6 +192,26 @@ class Settings(BaseSettings):
         default_factory=list, description="Calling AE titles allowed to associate; empty allows any."
     )
     dimse_max_associations: int = Field(default=8, ge=1)
+    dimse_association_timeout_s: float = Field(
+        default=5.0,
+        gt=0,
+        description="A connection must complete association set-up (A-ASSOCIATE-RQ) within this long.",
+    )
+    dimse_max_pdu_bytes: int = Field(
+        default=4 * 1024 * 1024,
+        ge=16 * 1024,
+        description="Largest PDU read from a peer; a longer declared length aborts the association before "
+        "anything is read. Association requests are capped at 64 KiB whatever this says.",
+    )
+    dimse_max_associations_per_peer: int = Field(
+        default=2, ge=1, description="Associations one peer address may hold open at once."
+    )
+    decode_concurrency: int | None = Field(
+        default=None,
+        ge=1,
+        description="Images decoded at once. Unset: as many as the container's memory limit (cgroup) allows at "
+        "the pixel cap, at most the CPU count.",
+    )
     pacs_destination: str | None = Field(
         default=None,
         description="Where DICOM SR results go: dimse://CALLED_AE@host:port or a DICOMweb base URL "
@@ -151,6 +220,25 @@ class Settings(BaseSettings):
     pacs_retry_base_s: float = Field(default=1.0, gt=0, description="First retry delay; doubles up to 5 minutes.")
     pacs_max_attempts: int = Field(default=20, ge=1, description="Attempts before a result is marked failed.")
 
+    audit_checkpoint_dir: Path | None = Field(
+        default=None,
+        description="Where signed audit head checkpoints are appended: a volume the database role cannot "
+        "rewrite. Defaults to <data_dir>/audit-checkpoints.",
+    )
+    audit_checkpoint_key: Path | None = Field(
+        default=None,
+        description="PEM Ed25519 private key that signs checkpoints (outside the database). Unset: "
+        "<keys_dir>/audit-checkpoint.pem, generated on first start outside production.",
+    )
+    audit_checkpoint_interval_s: float = Field(
+        default=60.0, gt=0, description="How often the audit head is checkpointed (also at shutdown)."
+    )
+    database_service_role: str | None = Field(
+        default=None,
+        pattern=r"^[a-z_][a-z0-9_]{0,62}$",
+        description="PostgreSQL: the role the service runs as. `medinfer migrate` (run as the table owner) "
+        "grants it only what it needs: INSERT and SELECT on the audit trail, never ownership.",
+    )
     audit_hmac_key: SecretStr = SecretStr(PLACEHOLDER_SECRET)
     pseudonym_key: SecretStr = SecretStr(PLACEHOLDER_SECRET)
 
@@ -228,6 +316,20 @@ class Settings(BaseSettings):
     @property
     def resolved_keys_dir(self) -> Path:
         return self.keys_dir if self.keys_dir is not None else self.data_dir / "keys"
+
+    @property
+    def resolved_checkpoint_dir(self) -> Path:
+        return (
+            self.audit_checkpoint_dir if self.audit_checkpoint_dir is not None else self.data_dir / "audit-checkpoints"
+        )
+
+    @property
+    def resolved_checkpoint_key(self) -> Path:
+        return (
+            self.audit_checkpoint_key
+            if self.audit_checkpoint_key is not None
+            else self.resolved_keys_dir / "audit-checkpoint.pem"
+        )
 
     @property
     def resolved_spool_dir(self) -> Path:

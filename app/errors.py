@@ -468,6 +468,40 @@ class DeliveryError(MedinferError):
     kind = ErrorKind.UNAVAILABLE
 
 
+class RequestTimeoutError(MedinferError):
+    """The request's headers or body did not arrive in time (a slow or stalled sender).
+
+    Recovery: resend; check the network path between the client and the service.
+    """
+
+    code = "request-timeout"
+    title = "Request timeout"
+    kind = ErrorKind.INVALID_INPUT
+
+
+class ClientExistsError(MedinferError):
+    """A client with this ``client_id`` is already registered; ids are unique, so one id always
+    names one caller in the audit trail.
+
+    Recovery: choose another id, or revoke the existing client first.
+    """
+
+    code = "client-exists"
+    title = "Client already registered"
+    kind = ErrorKind.CONFLICT
+
+
+class ClientNotFoundError(MedinferError):
+    """No registered client has this ``client_id``.
+
+    Recovery: list the clients and use an id from the list.
+    """
+
+    code = "client-not-found"
+    title = "Client not found"
+    kind = ErrorKind.NOT_FOUND
+
+
 ALL_ERRORS: tuple[type[MedinferError], ...] = (
     MedinferError,
     InvalidRequestError,
@@ -506,4 +540,7 @@ ALL_ERRORS: tuple[type[MedinferError], ...] = (
     NoRouteError,
     OutOfResourcesError,
     DeliveryError,
+    RequestTimeoutError,
+    ClientExistsError,
+    ClientNotFoundError,
 )

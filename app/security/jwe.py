@@ -21,7 +21,7 @@ from joserfc.errors import JoseError
 from joserfc.jwk import ECKey, OKPKey, RSAKey
 from joserfc.registry import HeaderParameter
 
-from app.errors import AuthenticationError, DecryptionError
+from app.errors import AuthenticationError, DecryptionError, MalformedBodyError
 from app.security.keystore import KeyStore
 
 JOSE: Final = "application/jose"
@@ -123,15 +123,38 @@ def _json_header(body: bytes) -> tuple[dict[str, Any], dict[str, Any]]:
     if not isinstance(recipients, list) or len(recipients) != 1 or not isinstance(recipients[0], dict):
         raise DecryptionError(_GENERIC, reason="malformed")
     protected = json.loads(_b64(document["protected"]))
-    parts = [protected, document.get("unprotected") or {}, recipients[0].get("header") or {}]
-    if not all(isinstance(part, dict) for part in parts):
+    shared, per_recipient = document.get("unprotected") or {}, recipients[0].get("header") or {}
+    if not all(isinstance(part, dict) for part in (protected, shared, per_recipient)):
         raise DecryptionError(_GENERIC, reason="malformed")
-    header: dict[str, Any] = {}
-    for part in parts:
-        header.update(part)
+    return _joint_header(protected, shared, per_recipient), document
+
+
+#: Read from the integrity-protected header only: an on-path party can rewrite the unprotected
+#: ones, and these decide how the payload is decrypted and then parsed.
+PROTECTED_ONLY: Final = frozenset({"alg", "enc", "kid", "cty"})
+
+
+def _joint_header(protected: dict[str, Any], shared: dict[str, Any], per_recipient: dict[str, Any]) -> dict[str, Any]:
+    """RFC 7516 section 7.2.1: the three header sets are disjoint, their union is the JOSE header.
+
+    A name given two different values is refused rather than resolved either way. ``alg``,
+    ``enc``, ``kid`` and ``cty`` are read from the protected header only: one of them outside it
+    is refused unless it repeats the protected value exactly (joserfc, for one, copies a key's
+    ``kid`` into the per-recipient header), so an on-path party can change none of them, and an
+    unprotected ``cty`` can never change how the decrypted payload is parsed.
+    """
+    sets = (protected, shared, per_recipient)
+    for index, first in enumerate(sets):
+        for second in sets[index + 1 :]:
+            if any(first[name] != second[name] for name in first.keys() & second.keys()):
+                raise DecryptionError(_GENERIC, reason="header")
+    for unprotected in (shared, per_recipient):
+        for name in PROTECTED_ONLY & unprotected.keys():
+            if name not in protected:
+                raise DecryptionError(_GENERIC, reason="header")
     if "cty" not in protected:
         raise DecryptionError(_GENERIC, reason="cty")
-    return header, document
+    return {**shared, **per_recipient, **protected}
 
 
 def _allowed(value: object, allowed: frozenset[str]) -> bool:
@@ -177,8 +200,7 @@ def open_payload(body: bytes, media_type: str, keys: KeyStore, max_bytes: int) -
 
 
 SIGNED_CTY: Final = frozenset({"application/jwt", "application/jose"})  # full types, compared lower-cased
-MAX_TOKEN_LIFETIME_S: Final = 300
-CLOCK_SKEW_S: Final = 60
+MAX_JTI_CHARS: Final = 128
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,39 +211,60 @@ class SignedPayload:
     expires_at: int
 
 
+@dataclass(frozen=True, slots=True)
+class TokenPolicy:
+    """How long a signed payload may live, and the clock difference tolerated on its times."""
+
+    max_lifetime_s: int = 300
+    clock_skew_s: int = 60
+
+
 def verify_signed(
-    token: bytes, signing_jwk: Mapping[str, Any], *, client_id: str, audience: str, now: float
+    token: bytes,
+    signing_jwk: Mapping[str, Any],
+    *,
+    client_id: str,
+    audience: str,
+    now: float,
+    policy: TokenPolicy | None = None,
 ) -> SignedPayload:
     """Check the JWS a registered client put inside its JWE (sign, then encrypt).
 
     The claims travel in the JWS protected header (the payload is the study or record itself):
-    ``iss`` must be the client, ``aud`` this service, ``iat``/``exp`` current and at most five
-    minutes apart, and ``jti`` present (the caller checks it is new). Raises
-    :class:`AuthenticationError` with a generic message.
+    ``iss`` must be the client, ``aud`` this service, ``iat``/``exp`` current within the clock
+    skew and at most ``policy.max_lifetime_s`` apart, and ``jti`` present (the caller checks it
+    is new, and remembers it until ``exp`` plus the skew). Raises :class:`AuthenticationError`
+    with a generic message; a ``jti`` longer than 128 characters is :class:`MalformedBodyError`
+    (400: resending the same token cannot succeed).
     """
+    policy = policy or TokenPolicy()
     try:
         key = import_public_jwk(signing_jwk)
         obj = jws.deserialize_compact(token, key, registry=_JWS_REGISTRY)
         header = obj.protected
     except (JoseError, ValueError, TypeError, KeyError, UnicodeDecodeError) as exc:
         raise AuthenticationError("signed payload does not verify") from exc
+    jti = header.get("jti")
+    if isinstance(jti, str) and len(jti) > MAX_JTI_CHARS:
+        raise MalformedBodyError(f"the signed payload's jti is longer than {MAX_JTI_CHARS} characters")
     iat, exp = header.get("iat"), header.get("exp")
+    skew = policy.clock_skew_s
     valid = (
         header.get("iss") == client_id
         and header.get("aud") == audience
         and isinstance(iat, int)
         and isinstance(exp, int)
-        and iat - CLOCK_SKEW_S <= now < exp + CLOCK_SKEW_S
-        and 0 < exp - iat <= MAX_TOKEN_LIFETIME_S
-        and isinstance(header.get("jti"), str)
-        and 0 < len(header["jti"]) <= 256  # noqa: PLR2004
+        and iat - skew <= now < exp + skew
+        and 0 < exp - iat <= policy.max_lifetime_s
+        and isinstance(jti, str)
+        and len(jti) > 0
     )
     if not valid or _cty(header) not in ALLOWED_CTY:
         raise AuthenticationError("signed payload claims are not acceptable")
     return SignedPayload(
         payload=obj.payload or b"",
         content_type=full_media_type(str(header["cty"])),
-        jti=header["jti"],
+        jti=str(jti),
         expires_at=int(header["exp"]),
     )
 

@@ -9,12 +9,10 @@ import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Annotated, Final
 
 from fastapi import Depends, Header, Request, Response
-from sqlalchemy import delete
-from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.config import Settings
@@ -34,9 +32,9 @@ from app.errors import (
 from app.imaging.ingest import ImagingService
 from app.observability.logging import request_id_var
 from app.security.clients import authenticate
-from app.security.jwe import SIGNED_CTY, is_jose, open_payload, seal_for, verify_signed
+from app.security.jwe import SIGNED_CTY, TokenPolicy, is_jose, open_payload, seal_for, verify_signed
 from app.security.keys import API_KEY_PREFIX
-from app.tables import JweReplay
+from app.security.replay import accept_once
 
 DEADLINE_HEADER = "X-Deadline-Ms"
 log = logging.getLogger(__name__)
@@ -249,36 +247,23 @@ async def read_payload(request: Request, container: Container, principal: Princi
         container.metrics.auth_failures.labels(reason="signature").inc()
         raise AuthenticationError("this client must sign its payloads, then encrypt them")
     try:
+        settings = container.settings
         signed = verify_signed(
             opened.plaintext,
             principal.signing_jwk,
             client_id=principal.client_id,
-            audience=container.settings.jwt_audience,
+            audience=settings.jwt_audience,
             now=time.time(),
+            policy=TokenPolicy(settings.token_max_lifetime_s, settings.token_clock_skew_s),
         )
-        await _accept_once(container, principal.client_id, signed.jti, signed.expires_at)
+        await accept_once(
+            container.sessionmaker, principal.client_id, signed.jti, signed.expires_at,
+            clock_skew_s=settings.token_clock_skew_s,
+        )  # fmt: skip
     except AuthenticationError:
         container.metrics.auth_failures.labels(reason="signature").inc()
         raise
     return Payload(body=signed.payload, media_type=signed.content_type)
-
-
-async def _accept_once(container: Container, client_id: str, jti: str, expires_at: int) -> None:
-    """Record ``jti`` in the shared replay cache; a second use within its lifetime is refused."""
-    now = datetime.now(UTC)
-    async with container.sessionmaker() as db:
-        try:
-            await db.execute(delete(JweReplay).where(JweReplay.expires_at < now))
-            db.add(
-                JweReplay(
-                    jti=f"{client_id}:{jti}", client_id=client_id, expires_at=datetime.fromtimestamp(expires_at, UTC)
-                )
-            )
-            await db.commit()
-        except IntegrityError as exc:
-            raise AuthenticationError("payload was already used (replay)") from exc
-        except SQLAlchemyError as exc:
-            raise DatabaseUnavailableError("replay cache unavailable", retry_after_s=2) from exc
 
 
 def sealed_response(

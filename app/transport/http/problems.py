@@ -49,6 +49,7 @@ STATUS_OVERRIDES: Final[Mapping[type[e.MedinferError], int]] = {
     e.DecryptionError: 400,
     e.DicomMalformedError: 400,
     e.MethodNotAllowedError: 405,
+    e.RequestTimeoutError: 408,
 }
 
 ERRORS_BY_CODE: Final[Mapping[str, type[e.MedinferError]]] = {cls.code: cls for cls in e.ALL_ERRORS}
