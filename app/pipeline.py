@@ -314,10 +314,16 @@ class Pipeline:
             classify(served.spec, [0.0] * len(served.spec.labels), operating_point)
         started = time.perf_counter()
         fmap = feature_map(served.spec.preprocessing)
-        if len(body) <= INLINE_PARSE_BYTES:
-            features = _record_features(body, kind, fmap)
-        else:  # a large (or hostile) record is parsed off the event loop
-            features = await asyncio.to_thread(_record_features, body, kind, fmap)
+        try:
+            if len(body) <= INLINE_PARSE_BYTES:
+                features = _record_features(body, kind, fmap)
+            else:  # a large (or hostile) record is parsed off the event loop
+                features = await asyncio.to_thread(_record_features, body, kind, fmap)
+        except MedinferError as exc:
+            # A refused record is part of the trail too: who sent what (its digest) and why it
+            # was refused, by code only; nothing of the record itself.
+            await self._record_failure(context, model, served, exc)
+            raise
         self.metrics.preprocess_seconds.labels(model=model, version=served.version).observe(
             time.perf_counter() - started
         )

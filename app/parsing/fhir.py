@@ -21,7 +21,6 @@ what the model was given and from which resource.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -42,6 +41,7 @@ from app.errors import (
     ModelSpecError,
     PayloadTooLargeError,
 )
+from app.parsing.numbers import loads_bounded
 
 LOINC = "http://loinc.org"
 UCUM = "http://unitsofmeasure.org"
@@ -450,13 +450,14 @@ def load_json(body: bytes) -> Any:
     they also count those inside strings; hence the slack), so ``json`` never builds millions of
     objects; after it, the tree is walked for the exact count and depth. Raises
     :class:`MalformedBodyError` for JSON that does not parse (including integers over Python's
-    4300-digit limit) or nests too deep, :class:`PayloadTooLargeError` for too many values.
+    4300-digit limit) or nests too deep, or a number outside :mod:`app.parsing.numbers`' bounds
+    (refused while parsing, before any ``float()``), :class:`PayloadTooLargeError` for too many values.
     """
     rough = body.count(b",") + body.count(b"[") + body.count(b"{")
     if rough > _PRESCAN_FACTOR * MAX_JSON_VALUES:
         raise PayloadTooLargeError(f"the JSON body holds more than {MAX_JSON_VALUES} values")
     try:
-        document = json.loads(body)
+        document = loads_bounded(body)
     except RecursionError:
         raise MalformedBodyError(f"the JSON body nests deeper than {MAX_JSON_DEPTH} levels") from None
     except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, int digits over the limit

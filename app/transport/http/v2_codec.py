@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from app.errors import InvalidTensorError, MalformedBodyError
 from app.inference.tensors import DTYPES, Tensors, check_declared_size, datatype_of
+from app.parsing.numbers import loads_bounded_ints
 
 HEADER_LENGTH = "inference-header-content-length"
 
@@ -139,8 +140,8 @@ def decode_request(body: bytes, header_length: int | None, max_tensor_bytes: int
         )
     header = body if header_length is None else body[:header_length]
     try:
-        raw = json.loads(header)
-    except (ValueError, RecursionError) as exc:  # bad JSON or UTF-8, over-long integers, deep nesting
+        raw = loads_bounded_ints(header)  # an integer over 20 digits is refused here, before numpy sees it
+    except (ValueError, RecursionError) as exc:  # bad JSON or UTF-8, deep nesting
         raise MalformedBodyError("inference request header is not valid JSON") from exc
     try:
         request = V2InferRequest.model_validate(raw)
