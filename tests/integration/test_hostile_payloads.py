@@ -289,9 +289,11 @@ def report(
     for family in sorted({o.entry.family for o in outcomes}):
         mine = [o for o in outcomes if o.entry.family == family]
         slowest = max(mine, key=lambda o: o.seconds)
+        highest = max(mine, key=lambda o: o.peak)
         print(
             f"  {family:10} {len(mine):4} requests, {sum(o.seconds for o in mine):6.1f}s in all, "
-            f"slowest {slowest.seconds:5.2f}s ({slowest.entry.file})"
+            f"slowest {slowest.seconds:5.2f}s ({slowest.entry.file}); peak RSS {highest.peak / MIB:.0f} MiB "
+            f"(+{max(o.growth for o in mine) / MIB:.0f} MiB at most over the RSS before one; {highest.entry.file})"
         )
     print("largest rises of the peak RSS:")
     for o in sorted(outcomes, key=lambda o: o.growth, reverse=True)[:6]:
