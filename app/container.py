@@ -15,9 +15,11 @@ import pydicom.config
 from sqlalchemy import Engine
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
+from app.audit.checkpoint import Checkpointer, load_signing_key, load_verify_key, replica_id
 from app.audit.recorder import AuditWriter, create_audit_engine
+from app.audit.verifier import ChainVerifier
 from app.config import Settings
-from app.db import create_async_db, database_reachable
+from app.db import create_async_db, create_sync_engine, database_reachable
 from app.domain import Readiness
 from app.errors import MedinferError
 from app.inference.batcher import BatcherPool
@@ -51,6 +53,9 @@ class Container:
     keys: KeyStore
     oauth: OAuthVerifier | None
     principals: PrincipalCache
+    verifier: ChainVerifier
+    checkpointer: Checkpointer | None
+    reader_engine: Engine
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
     @classmethod
@@ -81,6 +86,21 @@ class Container:
             if settings.audit_enabled
             else None
         )
+        # Reads the head for checkpoints and the chain for verification: a plain engine, since
+        # on SQLite every transaction of the writer's engine takes the write lock.
+        reader_engine = create_sync_engine(settings)
+        hmac_key = settings.audit_hmac_key.get_secret_value().encode()
+        checkpointer = (
+            Checkpointer(reader_engine, load_signing_key(settings), settings.resolved_checkpoint_dir, replica_id())
+            if settings.audit_enabled
+            else None
+        )
+        verifier = ChainVerifier(
+            reader_engine,
+            hmac_key,
+            settings.resolved_checkpoint_dir,
+            checkpointer.public_key if checkpointer is not None else load_verify_key(settings),
+        )
         metrics.watch_gpus()
         pipeline = Pipeline(registry, BatcherPool(metrics), audit, metrics, DriftMonitor(metrics))
         keys = KeyStore(settings.resolved_keys_dir, settings.key_encryption_key.get_secret_value()).load()
@@ -96,6 +116,9 @@ class Container:
             audit_engine=audit_engine,
             keys=keys,
             principals=PrincipalCache(settings.auth_cache_s),
+            verifier=verifier,
+            checkpointer=checkpointer,
+            reader_engine=reader_engine,
             oauth=(
                 OAuthVerifier(settings.oauth_jwks_file, settings.oauth_issuer or "", settings.jwt_audience)
                 if settings.oauth_jwks_file
@@ -108,6 +131,9 @@ class Container:
         loading = self._spawn(asyncio.to_thread(self._load_all), "model-load")
         if self.settings.model_poll_interval_s > 0:
             self._spawn(self._poll_repository(self.settings.model_poll_interval_s, loading), "model-poll")
+        if self.checkpointer is not None:
+            await self.checkpointer.checkpoint()
+            self._spawn(self.checkpointer.run(self.settings.audit_checkpoint_interval_s), "audit-checkpoint")
         log.info("service starting", extra={"event": "service.start"})
 
     def _load_all(self) -> None:
@@ -153,14 +179,18 @@ class Container:
     async def aclose(self) -> None:
         # A session being created in a thread cannot be interrupted; wait for it to finish.
         for task in self._tasks:
-            if task.get_name() == "model-poll":
+            if task.get_name() in {"model-poll", "audit-checkpoint"}:
                 task.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.pipeline.batchers.aclose()
         if self.pipeline.audit is not None:
             await self.pipeline.audit.aclose()
+        if self.checkpointer is not None:
+            # After the writer's last commit: the final head is anchored outside the database.
+            await self.checkpointer.checkpoint()
         self.audit_engine.dispose()
+        self.reader_engine.dispose()
         await self.engine.dispose()
         log.info("service stopped", extra={"event": "service.stop"})
 

@@ -10,11 +10,13 @@ from pathlib import Path
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from app.audit.checkpoint import load_verify_key
 from app.audit.export import to_ndjson_line
 from app.audit.query import EventFilter, iter_events
-from app.audit.recorder import AuditWriter, create_audit_engine, verify_chain
+from app.audit.recorder import AuditWriter, create_audit_engine
+from app.audit.verifier import ChainVerifier
 from app.config import Settings
-from app.db import create_async_db
+from app.db import create_async_db, create_sync_engine
 from app.domain import AuditRecord
 from app.observability.metrics import Metrics
 
@@ -49,12 +51,22 @@ def run_audit_command(settings: Settings, command: str, *, output: str | None = 
 
     async def _audit(engine: AsyncEngine, writer: AuditWriter) -> int:
         if command == "verify":
-            result = await verify_chain(engine, settings.audit_hmac_key.get_secret_value().encode())
+            reader = create_sync_engine(settings)
+            try:
+                result = await ChainVerifier(
+                    reader,
+                    settings.audit_hmac_key.get_secret_value().encode(),
+                    settings.resolved_checkpoint_dir,
+                    load_verify_key(settings),
+                ).verify()
+            finally:
+                reader.dispose()
             outcome = "success" if result.valid else "failure"
             await writer.record(AuditRecord(action="audit.verify", outcome=outcome, actor="cli"))
             print(json.dumps({
                 "valid": result.valid, "events": result.events, "head_seq": result.head_seq,
                 "first_broken_seq": result.first_broken_seq, "reason": result.reason,
+                "checkpoint_seq": result.checkpoint_seq,
             }))  # fmt: skip
             return 0 if result.valid else 1
         await writer.record(AuditRecord(action="audit.export", outcome="success", actor="cli"))

@@ -19,7 +19,6 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -27,10 +26,9 @@ from typing import Any
 from sqlalchemy import Connection, Dialect, Engine, create_engine, event, select, update
 from sqlalchemy.engine.interfaces import DBAPIConnection
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from sqlalchemy.pool import ConnectionPoolEntry
 
-from app.audit.chain import Verification, canonical, head_mac, link_hash, mac, pseudonym, utcnow, verify
+from app.audit.chain import canonical, head_mac, link_hash, mac, pseudonym, utcnow
 from app.domain import AuditRecord
 from app.errors import AuditUnavailableError, MedinferError
 from app.observability.metrics import Metrics
@@ -223,39 +221,3 @@ class AuditWriter:
         self._closing = True
         self._queue.put(None)
         await asyncio.to_thread(self._thread.join)
-
-
-async def chain_rows(engine: AsyncEngine, upto: int, after: int = 0, page: int = 2000) -> AsyncIterator[AuditEvent]:
-    """Events with ``after < seq <= upto`` in order, a page at a time."""
-    last = after
-    while True:
-        query = select(AuditEvent).where(AuditEvent.seq > last, AuditEvent.seq <= upto).order_by(AuditEvent.seq)
-        async with AsyncSession(engine) as session:
-            rows = (await session.scalars(query.limit(page))).all()
-        if not rows:
-            return
-        for row in rows:
-            yield row
-        last = rows[-1].seq
-
-
-async def verify_chain(engine: AsyncEngine, hmac_key: bytes) -> Verification:
-    """Verify every event up to the head read first, so writers appending meanwhile do not count."""
-    async with engine.connect() as conn:
-        head = (await conn.execute(select(AuditHead.seq, AuditHead.hash, AuditHead.mac).where(AuditHead.id == 1))).one()
-        beyond = await conn.scalar(
-            select(AuditEvent.seq).where(AuditEvent.seq > head.seq).order_by(AuditEvent.seq).limit(1)
-        )
-    rows = [row async for row in chain_rows(engine, upto=head.seq)]
-    result = verify(rows, head.seq, head.hash, head.mac, hmac_key)
-    if result.valid and beyond is not None and beyond != head.seq + 1:
-        # Rows past the head that a concurrent writer did not put there (its commit moves the head).
-        return Verification(
-            valid=False,
-            events=result.events,
-            head_seq=head.seq,
-            head_hash=head.hash,
-            first_broken_seq=beyond,
-            reason="event beyond the head",
-        )
-    return result

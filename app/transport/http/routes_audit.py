@@ -17,7 +17,6 @@ from pydantic import AfterValidator, BeforeValidator
 
 from app.audit.export import to_ndjson_line
 from app.audit.query import EventFilter, iter_events, list_events
-from app.audit.recorder import verify_chain
 from app.tables import AuditEvent
 from app.transport.http.deps import AuditReader, ContainerDep, record_action
 from app.transport.http.problems import COMMON_ERRORS, problem_responses
@@ -94,8 +93,7 @@ def _out(row: AuditEvent) -> AuditEventOut:
     responses={**problem_responses(401, 403, 503, *COMMON_ERRORS)},
 )
 async def verify(request: Request, container: ContainerDep, principal: AuditReader) -> AuditVerification:
-    key = container.settings.audit_hmac_key.get_secret_value().encode()
-    result = await verify_chain(container.engine, key)
+    result = await container.verifier.verify()
     await record_action(
         request, container, principal, "audit.verify", "success" if result.valid else "failure",
         events=result.events, first_broken_seq=result.first_broken_seq,

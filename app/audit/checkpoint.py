@@ -1,0 +1,326 @@
+"""Signed checkpoints of the audit head, kept outside the database.
+
+The hash chain and the head MAC catch any edit made without the server's HMAC key, but not a
+rollback: whoever can read the database can save the ``audit_head`` row, later delete every
+event after it and put the row back, and the chain is again complete and self-consistent. So
+the head is also anchored outside the database: every ``audit_checkpoint_interval_s`` (and at
+start and shutdown) the service signs ``(seq, hash)`` with an Ed25519 key that lives outside the
+database, appends it as one JSON line to a file of its own in ``resolved_checkpoint_dir`` (opened
+``O_APPEND``, ``fsync``-ed) and logs it (``event: audit.checkpoint``), a second copy in the log
+pipeline. ``verify`` takes the latest valid checkpoint from every file in the directory: if the
+database no longer holds the event the checkpoint names, with the same hash, the trail was
+rolled back.
+
+A line that does not verify under the trusted key is refused, never used as an anchor: it
+proves someone other than the service wrote to the directory, so verification reports it. A
+final line without its newline (power loss mid-write) is skipped, and the next append starts on
+a fresh line.
+
+The public key is derived from the private key when that is readable; a verifier that holds only
+the public key uses ``<key>.pub`` (PEM, written beside the key when the service generates it), or
+``audit_checkpoint_key`` may name a public-key PEM directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import re
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Final
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from sqlalchemy import Engine, select
+from sqlalchemy.exc import SQLAlchemyError
+
+from app.audit.chain import utc_text, utcnow
+from app.config import Settings
+from app.errors import AuditUnavailableError
+from app.tables import AuditHead
+
+log = logging.getLogger(__name__)
+
+#: Signed together with the fields, so a checkpoint signature can never pass for another
+#: Ed25519 signature made with the same key.
+_DOMAIN: Final = b"medinfer-audit-checkpoint/v1\n"
+SUFFIX: Final = ".checkpoints.jsonl"
+_HASH: Final = re.compile(r"[0-9a-f]{64}")
+_MAX_LINE: Final = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class Checkpoint:
+    seq: int
+    hash: str
+    time: str
+    replica: str
+    key_id: str
+    signature: str = ""
+
+    def signed_bytes(self) -> bytes:
+        fields = {"seq": self.seq, "hash": self.hash, "time": self.time, "replica": self.replica, "key_id": self.key_id}
+        return _DOMAIN + json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()
+
+    def line(self) -> bytes:
+        fields = {
+            "seq": self.seq,
+            "hash": self.hash,
+            "time": self.time,
+            "replica": self.replica,
+            "key_id": self.key_id,
+            "signature": self.signature,
+        }
+        return json.dumps(fields, sort_keys=True, separators=(",", ":")).encode() + b"\n"
+
+
+def key_id(public: Ed25519PublicKey) -> str:
+    raw = public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return hashlib.sha256(raw).hexdigest()[:16]
+
+
+def sign(private: Ed25519PrivateKey, seq: int, head_hash: str, moment: datetime, replica: str) -> Checkpoint:
+    unsigned = Checkpoint(seq, head_hash, utc_text(moment), replica, key_id(private.public_key()))
+    signature = base64.urlsafe_b64encode(private.sign(unsigned.signed_bytes())).rstrip(b"=").decode()
+    return Checkpoint(unsigned.seq, unsigned.hash, unsigned.time, unsigned.replica, unsigned.key_id, signature)
+
+
+def _b64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def parse_verified(line: bytes, public: Ed25519PublicKey) -> Checkpoint | None:
+    """The checkpoint on ``line`` if its signature verifies under ``public``; None otherwise."""
+    try:
+        fields = json.loads(line)
+        checkpoint = Checkpoint(
+            seq=fields["seq"],
+            hash=fields["hash"],
+            time=fields["time"],
+            replica=fields["replica"],
+            key_id=fields["key_id"],
+            signature=fields["signature"],
+        )
+        well_formed = (
+            type(checkpoint.seq) is int
+            and checkpoint.seq >= 0
+            and all(isinstance(v, str) for v in (checkpoint.time, checkpoint.replica, checkpoint.key_id))
+            and isinstance(checkpoint.hash, str)
+            and _HASH.fullmatch(checkpoint.hash) is not None
+            and isinstance(checkpoint.signature, str)
+        )
+        if not well_formed or checkpoint.key_id != key_id(public):
+            return None
+        public.verify(_b64(checkpoint.signature), checkpoint.signed_bytes())
+    except (ValueError, KeyError, TypeError, InvalidSignature):
+        return None
+    return checkpoint
+
+
+@dataclass(frozen=True, slots=True)
+class Anchor:
+    """What the checkpoint directory says: the latest trusted checkpoint, and how many lines
+    were refused (and where the first was, as ``file:line``; file names are ours)."""
+
+    latest: Checkpoint | None
+    checkpoints: int
+    refused: int
+    first_refused: str | None = None
+
+
+def _lines(path: Path) -> Iterator[tuple[int, bytes, bool]]:
+    """``(number, line, complete)`` for each line; only the last may lack its newline."""
+    with path.open("rb") as handle:
+        for number, line in enumerate(handle, start=1):
+            yield number, line, line.endswith(b"\n")
+
+
+def read_anchor(directory: Path, public: Ed25519PublicKey | None) -> Anchor:
+    """Scan every checkpoint file in ``directory`` (one line in memory at a time)."""
+    latest: Checkpoint | None = None
+    count = refused = 0
+    first_refused: str | None = None
+    files = sorted(directory.glob("*" + SUFFIX)) if directory.is_dir() else []
+    for path in files:
+        for number, line, complete in _lines(path):
+            if not complete or not line.strip():
+                continue  # a write cut short by a crash; the writer starts the next on a new line
+            checkpoint = parse_verified(line, public) if public is not None and len(line) <= _MAX_LINE else None
+            if checkpoint is None:
+                refused += 1
+                first_refused = first_refused or f"{path.name}:{number}"
+                continue
+            count += 1
+            if latest is None or checkpoint.seq > latest.seq:
+                latest = checkpoint
+    return Anchor(latest, count, refused, first_refused)
+
+
+# -- keys ------------------------------------------------------------------------------------
+
+
+def public_key_path(key_path: Path) -> Path:
+    return key_path.with_name(key_path.name + ".pub")
+
+
+def _write_new(path: Path, data: bytes, mode: int) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def load_signing_key(settings: Settings) -> Ed25519PrivateKey:
+    """The checkpoint signing key. Outside production a missing key is generated (with its
+    ``.pub`` beside it); production refuses to start without one, since a key the service made
+    for itself on a volume an intruder may reach proves little."""
+    path = settings.resolved_checkpoint_key
+    if not path.exists():
+        if settings.env == "production":
+            raise AuditUnavailableError(
+                "MEDINFER_AUDIT_CHECKPOINT_KEY is missing: production needs an Ed25519 key made outside the service"
+            )
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        generated = Ed25519PrivateKey.generate()
+        pem = generated.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+        with contextlib.suppress(FileExistsError):  # another process on this volume made it first
+            _write_new(path, pem, 0o600)
+            public_pem = generated.public_key().public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
+            _write_new(public_key_path(path), public_pem, 0o644)
+    key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    if not isinstance(key, Ed25519PrivateKey):
+        raise AuditUnavailableError("MEDINFER_AUDIT_CHECKPOINT_KEY is not an Ed25519 private key")
+    return key
+
+
+def load_verify_key(settings: Settings) -> Ed25519PublicKey | None:
+    """The public key checkpoints are verified with: from the private key, from ``<key>.pub``,
+    or from the configured path if it holds a public key. None when there is none."""
+    path = settings.resolved_checkpoint_key
+    for candidate in (path, public_key_path(path)):
+        try:
+            data = candidate.read_bytes()
+        except OSError:
+            continue
+        key: object
+        if b"PRIVATE KEY" in data:
+            key = serialization.load_pem_private_key(data, password=None)
+            key = key.public_key() if isinstance(key, Ed25519PrivateKey) else None
+        else:
+            key = serialization.load_pem_public_key(data)
+        if isinstance(key, Ed25519PublicKey):
+            return key
+    return None
+
+
+def replica_id() -> str:
+    """This host's name, as a file name: each replica appends to a file of its own."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", socket.gethostname())[:64] or "replica"
+
+
+# -- the writer ------------------------------------------------------------------------------
+
+
+class Checkpointer:
+    """Signs the audit head and appends it to this replica's checkpoint file.
+
+    ``run_once()`` is one checkpoint (the periodic task and the tests call it). A head that has
+    not moved since this process last wrote it is not written again.
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        key: Ed25519PrivateKey,
+        directory: Path,
+        replica: str,
+        clock: Callable[[], datetime] = utcnow,
+    ) -> None:
+        self._engine = engine
+        self._key = key
+        self.directory = directory
+        self.path = directory / f"{replica}{SUFFIX}"
+        self._replica = replica
+        self._clock = clock
+        self._last: tuple[int, str] | None = None
+        self._lock = threading.Lock()
+        self.public_key = key.public_key()
+
+    def _head(self) -> tuple[int, str]:
+        with self._engine.connect() as conn:
+            seq, head_hash = conn.execute(select(AuditHead.seq, AuditHead.hash).where(AuditHead.id == 1)).one()
+            conn.rollback()
+        return int(seq), str(head_hash)
+
+    def _append(self, data: bytes) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            # Replicas that share a volume and host name share the file: one write per line,
+            # under an advisory lock, never interleaves.
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            size = os.fstat(fd).st_size
+            if size:
+                with self.path.open("rb") as existing:
+                    existing.seek(size - 1)
+                    if existing.read(1) != b"\n":
+                        data = b"\n" + data
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def run_once(self) -> Checkpoint | None:
+        """Checkpoint the current head; returns it, or None when it was already written."""
+        with self._lock:
+            seq, head_hash = self._head()
+            if self._last == (seq, head_hash):
+                return None
+            checkpoint = sign(self._key, seq, head_hash, self._clock(), self._replica)
+            self._append(checkpoint.line())
+            self._last = (seq, head_hash)
+        log.info(
+            "audit checkpoint",
+            extra={
+                "event": "audit.checkpoint",
+                "seq": checkpoint.seq,
+                "hash": checkpoint.hash,
+                "signature": checkpoint.signature,
+                "key_id": checkpoint.key_id,
+                "replica": checkpoint.replica,
+            },
+        )
+        return checkpoint
+
+    async def checkpoint(self) -> None:
+        """One checkpoint off the event loop; a failure is logged, not raised (the next try may work)."""
+        try:
+            await asyncio.to_thread(self.run_once)
+        except (SQLAlchemyError, OSError) as exc:
+            log.warning(
+                "audit checkpoint failed",
+                extra={"event": "audit.checkpoint_failed", "exc_type": type(exc).__name__},
+            )
+
+    async def run(self, interval_s: float) -> None:
+        """Checkpoint every ``interval_s`` until cancelled."""
+        while True:
+            await asyncio.sleep(interval_s)
+            await self.checkpoint()
