@@ -97,7 +97,7 @@ def register_api_client(
     engine = create_sync_engine(settings)
     try:
         with Session(engine) as db, db.begin():
-            return register_client(db, client_id, scopes, **public_keys)
+            return register_client(db, client_id, scopes, **public_keys).api_key
     finally:
         engine.dispose()
 
@@ -140,15 +140,74 @@ def _dev_init(settings: Settings) -> int:
 
 
 def _cmd_clients(settings: Settings, args: argparse.Namespace) -> int:
-    from app.security.clients import parse_scopes  # noqa: PLC0415
+    """``register`` (prints the key once), ``list`` and ``revoke``; each is audited with actor ``cli``."""
+    import asyncio  # noqa: PLC0415
 
-    keys = {
-        name: json.loads(Path(path).read_text(encoding="utf-8")) if path else None
-        for name, path in (("encryption_jwk", args.encryption_jwk), ("signing_jwk", args.signing_jwk))
-    }
-    key = register_api_client(settings, args.client_id, sorted(parse_scopes(args.scope), key=lambda s: s.value), **keys)
-    print(json.dumps({"client_id": args.client_id, "api_key": key}))
+    from sqlalchemy.orm import Session  # noqa: PLC0415
+
+    from app.audit.cli import cli_audit_writer  # noqa: PLC0415
+    from app.db import create_sync_engine  # noqa: PLC0415
+    from app.domain import AuditRecord  # noqa: PLC0415
+    from app.security import clients  # noqa: PLC0415
+
+    def audit(action: str, **detail: object) -> None:
+        async def record() -> None:
+            async with cli_audit_writer(settings) as writer:
+                await writer.record(AuditRecord(action=action, outcome="success", actor="cli", detail=detail))
+
+        asyncio.run(record())
+
+    def show(info: clients.ClientKeyInfo) -> None:
+        print(json.dumps({
+            "client_id": info.client_id, "key_id": info.key_id, "scopes": list(info.scopes),
+            "created_at": info.created_at.isoformat(),
+            "revoked_at": info.revoked_at.isoformat() if info.revoked_at else None,
+            "seals_results": info.seals_results, "signs_payloads": info.signs_payloads,
+        }))  # fmt: skip
+
+    engine = create_sync_engine(settings)
+    try:
+        if args.clients_command == "list":
+            with Session(engine) as db:
+                listed = clients.list_clients(db)
+            audit("client.list", keys=len(listed))
+            for info in listed:
+                show(info)
+        elif args.clients_command == "revoke":
+            with Session(engine) as db, db.begin():
+                revoked = clients.revoke_client(db, args.client_id, key_id=args.key_id)
+            audit("client.revoke", client_id=args.client_id, key_ids=[k.key_id for k in revoked])
+            for info in revoked:
+                show(info)
+        else:
+            keys = {
+                name: json.loads(Path(path).read_text(encoding="utf-8")) if path else None
+                for name, path in (("encryption_jwk", args.encryption_jwk), ("signing_jwk", args.signing_jwk))
+            }
+            scopes = sorted(clients.parse_scopes(args.scope), key=lambda s: s.value)
+            with Session(engine) as db, db.begin():
+                new = clients.register_client(db, args.client_id, scopes, **keys)
+            try:
+                audit("client.register", client_id=args.client_id, key_id=new.key_id, scopes=[s.value for s in scopes])
+            except MedinferError:
+                # No audit event, no key: it is never printed, and the id must not stay taken.
+                with Session(engine) as db, db.begin():
+                    clients.undo_registration(db, new.key_id)
+                raise
+            print(json.dumps({"client_id": args.client_id, "api_key": new.api_key}))
+    finally:
+        engine.dispose()
     return 0
+
+
+def _client_id(value: str) -> str:
+    """argparse type: the same rule as the HTTP schema, so a bad id is a usage error, not a 500."""
+    from app.security.clients import check_client_id  # noqa: PLC0415
+
+    try:
+        return check_client_id(value)
+    except MedinferError as exc:
+        raise argparse.ArgumentTypeError(exc.detail) from None
 
 
 def _cmd_models(settings: Settings, args: argparse.Namespace) -> int:
@@ -277,11 +336,21 @@ def build_parser() -> argparse.ArgumentParser:
     keys_sub.add_parser("dev-init", help="create dev credentials and a key if absent (dev only)")
     clients = sub.add_parser("clients", help="manage API clients")
     clients_sub = clients.add_subparsers(dest="clients_command", required=True)
-    register = clients_sub.add_parser("register", help="register a client and print its API key once")
-    register.add_argument("--client-id", required=True)
+    register = clients_sub.add_parser(
+        "register", help="register a client and print its API key once (refused if the id holds an unrevoked key)"
+    )
+    register.add_argument("--client-id", required=True, type=_client_id)
     register.add_argument("--scope", action="append", required=True, choices=[s.value for s in Scope])
     register.add_argument("--encryption-jwk", help="public JWK file: results are sealed to it on request")
     register.add_argument("--signing-jwk", help="public JWK file: payloads must then be signed, then encrypted")
+    clients_sub.add_parser("list", help="list every key, revoked ones too (never a key, hash or salt)")
+    revoke = clients_sub.add_parser(
+        "revoke",
+        help="revoke a client's keys (running services refuse them within MEDINFER_AUTH_CACHE_S); the id is "
+        "then free for a new registration",
+    )
+    revoke.add_argument("--client-id", required=True, type=_client_id)
+    revoke.add_argument("--key-id", default=None, help="revoke only this key of the client (see `clients list`)")
     models = sub.add_parser("models", help="inspect the model repository")
     models_sub = models.add_subparsers(dest="models_command", required=True)
     validate = models_sub.add_parser(

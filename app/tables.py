@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import BigInteger, DateTime, Float, Index, Integer, LargeBinary, MetaData, String, Text
+from sqlalchemy import BigInteger, DateTime, Float, Index, Integer, LargeBinary, MetaData, String, Text, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 NAMING = {
@@ -27,9 +27,22 @@ class ApiClient(Base):
     API keys read ``mi_<key_id>.<secret>``; only ``HMAC-SHA256(salt, secret)`` is stored, and it
     is compared in constant time. ``encryption_jwk`` (results are sealed to it on request) and
     ``signing_jwk`` (when set, payloads must be signed, then encrypted) are public JWKs.
+
+    One row per key. A ``client_id`` holds at most one unrevoked key (a partial unique index), so
+    an id names one caller in the audit trail; revoked rows stay, and the id may be registered
+    again once every key it held is revoked.
     """
 
     __tablename__ = "api_client"
+    __table_args__ = (
+        Index(
+            "uq_api_client_active_client_id",
+            "client_id",
+            unique=True,
+            sqlite_where=text("revoked_at IS NULL"),
+            postgresql_where=text("revoked_at IS NULL"),
+        ),
+    )
 
     key_id: Mapped[str] = mapped_column(String(32), primary_key=True)
     client_id: Mapped[str] = mapped_column(String(128), index=True)

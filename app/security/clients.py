@@ -5,21 +5,80 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import re
 import secrets
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Final
 
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
 from app.domain import Principal, Scope
-from app.errors import AuthenticationError, InvalidRequestError
+from app.errors import AuthenticationError, ClientExistsError, ClientNotFoundError, InvalidRequestError
 from app.security.keys import API_KEY_PREFIX
+from app.security.oauth import MAX_CLIENT_ID_CHARS
 from app.tables import ApiClient
 
 _MAX_KEY_LEN = 256
+
+#: What a ``client_id`` may be (HTTP schema, path parameter and CLI alike): it names the caller in
+#: every audit event, so it is short, printable and fits the trail's ``actor`` column.
+CLIENT_ID_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9._:-]*$"
+_CLIENT_ID = re.compile(CLIENT_ID_PATTERN)
+
+
+def check_client_id(client_id: str) -> str:
+    """``client_id`` if it is 1-128 characters of the allowed set; else :class:`InvalidRequestError`
+    (the value itself is not echoed)."""
+    if not 1 <= len(client_id) <= MAX_CLIENT_ID_CHARS or _CLIENT_ID.fullmatch(client_id) is None:
+        raise InvalidRequestError(
+            f"client_id must be 1-{MAX_CLIENT_ID_CHARS} characters: letters, digits and . _ : - "
+            "(starting with a letter or digit)"
+        )
+    return client_id
+
+
+@dataclass(frozen=True, slots=True)
+class ClientKeyInfo:
+    """One registered key of a client, as an administrator may see it: never a hash or a salt."""
+
+    client_id: str
+    key_id: str
+    scopes: tuple[str, ...]
+    created_at: datetime
+    revoked_at: datetime | None
+    seals_results: bool
+    signs_payloads: bool
+
+    @classmethod
+    def of(cls, row: ApiClient) -> ClientKeyInfo:
+        return cls(
+            client_id=row.client_id,
+            key_id=row.key_id,
+            scopes=tuple(row.scopes.split()),
+            created_at=_utc(row.created_at),
+            revoked_at=_utc(row.revoked_at) if row.revoked_at is not None else None,
+            seals_results=row.encryption_jwk is not None,
+            signs_payloads=row.signing_jwk is not None,
+        )
+
+
+def _utc(moment: datetime) -> datetime:
+    # SQLite hands timestamps back without their zone; they were written in UTC.
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class NewClient:
+    """A registration's outcome: the API key (shown once) and the id of the key row."""
+
+    api_key: str
+    key_id: str
 
 
 def parse_scopes(raw: Iterable[str]) -> frozenset[Scope]:
@@ -41,14 +100,22 @@ def register_client(
     *,
     encryption_jwk: Mapping[str, Any] | None = None,
     signing_jwk: Mapping[str, Any] | None = None,
-) -> str:
-    """Store a new client and return its API key, which is not kept anywhere in clear."""
+) -> NewClient:
+    """Store a new client and return its API key, which is not kept anywhere in clear.
+
+    Raises :class:`ClientExistsError` if a client with this id holds an unrevoked key: an id names
+    one caller in the audit trail, so a new registration cannot take over an existing one. (The
+    partial unique index of revision 0006 enforces the same between concurrent registrations.)
+    """
+    check_client_id(client_id)
     key_id = secrets.token_hex(8)
     secret = secrets.token_urlsafe(32)
     salt = secrets.token_hex(16)
     for jwk in (encryption_jwk, signing_jwk):
         if jwk is not None and "d" in jwk:
             raise InvalidRequestError("register public keys only (the JWK has a private 'd' member)")
+    if _active_keys(db, client_id):
+        raise ClientExistsError("a client with this client_id is already registered")
     db.add(
         ApiClient(
             key_id=key_id,
@@ -61,7 +128,52 @@ def register_client(
             created_at=datetime.now(UTC),
         )
     )
-    return f"{API_KEY_PREFIX}{key_id}.{secret}"
+    try:
+        db.flush()
+    except IntegrityError as exc:
+        raise ClientExistsError("a client with this client_id is already registered") from exc
+    return NewClient(api_key=f"{API_KEY_PREFIX}{key_id}.{secret}", key_id=key_id)
+
+
+def _active_keys(db: Session, client_id: str) -> Sequence[ApiClient]:
+    query = select(ApiClient).where(ApiClient.client_id == client_id, ApiClient.revoked_at.is_(None))
+    return db.scalars(query).all()
+
+
+def list_clients(db: Session) -> list[ClientKeyInfo]:
+    """Every registered key, revoked ones included, by client id then age."""
+    rows = db.scalars(select(ApiClient).order_by(ApiClient.client_id, ApiClient.created_at, ApiClient.key_id))
+    return [ClientKeyInfo.of(row) for row in rows]
+
+
+def revoke_client(db: Session, client_id: str, *, key_id: str | None = None) -> list[ClientKeyInfo]:
+    """Revoke the client's unrevoked keys (or only ``key_id``) and return all of its keys.
+
+    Idempotent: revoking a revoked client changes nothing. Raises :class:`ClientNotFoundError`
+    when no key of this client (or no such ``key_id`` of it) was ever registered. The caller
+    commits; caches of authenticated keys forget the client separately (:class:`PrincipalCache`).
+    """
+    check_client_id(client_id)
+    query = select(ApiClient).where(ApiClient.client_id == client_id).order_by(ApiClient.created_at, ApiClient.key_id)
+    rows = db.scalars(query).all()
+    if key_id is not None:
+        rows = [row for row in rows if row.key_id == key_id]
+    if not rows:
+        raise ClientNotFoundError("no client with this client_id (and key id) is registered")
+    now = datetime.now(UTC)
+    for row in rows:
+        if row.revoked_at is None:
+            row.revoked_at = now
+    db.flush()
+    return [ClientKeyInfo.of(row) for row in rows]
+
+
+def undo_registration(db: Session, key_id: str) -> None:
+    """Revoke a key whose registration could not be audited: it was never shown to anyone, and
+    its client id must not stay taken by a registration the trail does not know."""
+    row = db.get(ApiClient, key_id)
+    if row is not None and row.revoked_at is None:
+        row.revoked_at = datetime.now(UTC)
 
 
 async def authenticate(db: AsyncSession, authorization: str | None) -> Principal:
@@ -123,3 +235,9 @@ class PrincipalCache:
         if len(self._entries) >= self._max:
             self._entries.clear()
         self._entries[self._key(credential)] = (time.monotonic() + self._ttl_s, principal)
+
+    def forget_client(self, client_id: str) -> None:
+        """Drop the client's cached keys, so a revocation applies at once in this process (other
+        replicas and worker processes still admit the key for up to ``ttl_s``)."""
+        for key in [key for key, (_, principal) in self._entries.items() if principal.client_id == client_id]:
+            del self._entries[key]

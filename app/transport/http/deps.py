@@ -32,6 +32,7 @@ from app.errors import (
 from app.imaging.ingest import ImagingService
 from app.observability.logging import request_id_var
 from app.security.clients import authenticate
+from app.security.failures import AuthFailureLog
 from app.security.jwe import SIGNED_CTY, TokenPolicy, is_jose, open_payload, seal_for, verify_signed
 from app.security.keys import API_KEY_PREFIX
 from app.security.replay import accept_once
@@ -72,6 +73,23 @@ async def get_db(container: ContainerDep) -> AsyncIterator[AsyncSession]:
 DbDep = Annotated[AsyncSession, Depends(get_db)]
 
 
+def get_failure_log(request: Request) -> AuthFailureLog:
+    """The service's tally of anonymous authentication failures (one per application).
+
+    The lifespan creates and starts it beside the container and closes it before the audit
+    writer; an application whose lifespan did not gets one here on first use, written by its
+    periodic task (then only the open window is lost at shutdown).
+    """
+    state = request.app.state
+    failures: AuthFailureLog | None = getattr(state, "auth_failures", None)
+    if failures is None:
+        container: Container = state.container
+        failures = AuthFailureLog(container.pipeline.record, container.settings.auth_failure_interval_s)
+        failures.start()
+        state.auth_failures = failures
+    return failures
+
+
 async def get_principal(
     request: Request,
     container: ContainerDep,
@@ -87,17 +105,10 @@ async def get_principal(
         async with container.sessionmaker() as db:
             principal = await authenticate(db, authorization)
     except AuthenticationError as exc:
+        # Counted one by one, audited as one event per reason per interval: an anonymous flood
+        # must not grow the permanent trail (app.security.failures).
         container.metrics.auth_failures.labels(reason="api_key").inc()
-        context = request_context(request, None)
-        record = AuditRecord(
-            action="auth.failure",
-            outcome="failure",
-            request_id=context.request_id,
-            source_ip=context.source_ip,
-            detail={"reason": exc.detail},
-        )
-        with contextlib.suppress(AuditUnavailableError):
-            await container.pipeline.record(record)
+        get_failure_log(request).note(exc.detail, request.client.host if request.client else None)
         raise
     except SQLAlchemyError as exc:
         raise DatabaseUnavailableError("credential store unavailable", retry_after_s=2) from exc
@@ -108,11 +119,12 @@ async def get_principal(
 PrincipalDep = Annotated[Principal, Depends(get_principal)]
 
 
-def require(scope: Scope) -> Callable[[Principal], Awaitable[Principal]]:
+def require(scope: Scope) -> Callable[..., Awaitable[Principal]]:
     """A dependency that admits only principals holding ``scope``."""
 
-    async def check(principal: PrincipalDep) -> Principal:
+    async def check(request: Request, container: ContainerDep, principal: PrincipalDep) -> Principal:
         if not principal.has(scope):
+            await record_forbidden(request, container, principal, scope)
             raise PermissionDeniedError(f"scope {scope.value!r} required")
         return principal
 
@@ -143,6 +155,8 @@ OPERATION_SCOPES: Final[Mapping[str, Scope | None]] = {
     "loadModel": Scope.MODELS_ADMIN,
     "unloadModel": Scope.MODELS_ADMIN,
     "registerClient": Scope.CLIENTS_ADMIN,
+    "listClients": Scope.CLIENTS_ADMIN,
+    "revokeClient": Scope.CLIENTS_ADMIN,
     "verifyAuditChain": Scope.AUDIT_READ,
     "listAuditEvents": Scope.AUDIT_READ,
     "exportAuditEvents": Scope.AUDIT_READ,
@@ -209,6 +223,23 @@ async def record_action(
             detail=detail,
         )
     )
+
+
+async def record_forbidden(request: Request, container: Container, principal: Principal, scope: Scope) -> None:
+    """Audit a refusal for want of a scope. The caller is authenticated, so one event per refusal
+    is bounded by its own credentials. If the trail is unavailable the answer stays 403 (not 503):
+    the request is refused either way, and the log keeps the refusal."""
+    route = request.scope.get("route")
+    operation = getattr(route, "operation_id", None) or "unknown"
+    try:
+        await record_action(
+            request, container, principal, "auth.forbidden", "failure", scope=scope.value, operation=operation
+        )
+    except AuditUnavailableError:
+        log.warning(
+            "refusal not audited: audit trail unavailable",
+            extra={"event": "auth.forbidden_unaudited", "scope": scope.value, "operation": operation},
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -297,9 +328,12 @@ async def metrics_access(
         return
     principal = await get_principal(request, container, authorization)
     if not principal.has(Scope.METRICS_READ):
+        await record_forbidden(request, container, principal, Scope.METRICS_READ)
         raise PermissionDeniedError(f"scope {Scope.METRICS_READ.value!r} required")
 
 
 AuditReader = Annotated[Principal, Depends(require(Scope.AUDIT_READ))]
-ClientsAdmin = Annotated[Principal, Depends(require(Scope.CLIENTS_ADMIN))]
+#: One callable, so a route that also reads an authenticated body checks (and audits) the scope once.
+clients_admin = require(Scope.CLIENTS_ADMIN)
+ClientsAdmin = Annotated[Principal, Depends(clients_admin)]
 JsonBody = Depends(require_json)

@@ -1,19 +1,35 @@
-"""Administration: live model management and client registration."""
+"""Administration: live model management, and API clients (register, list, revoke)."""
 
 from __future__ import annotations
 
 import asyncio
-from typing import Final
+from typing import Annotated, Any, Final
 
-from fastapi import APIRouter, Request, status
+from fastapi import APIRouter, Depends, Path, Request, status
 
 from app.domain import VersionStatus
-from app.errors import MedinferError
-from app.security.clients import parse_scopes, register_client
-from app.transport.http.deps import ClientsAdmin, ContainerDep, DbDep, JsonBody, ModelsAdmin, record_action
-from app.transport.http.problems import COMMON_ERRORS, problem_responses
+from app.errors import ClientExistsError, ClientNotFoundError, InvalidRequestError, MedinferError
+from app.security.clients import (
+    CLIENT_ID_PATTERN,
+    list_clients,
+    parse_scopes,
+    register_client,
+    revoke_client,
+    undo_registration,
+)
+from app.security.oauth import MAX_CLIENT_ID_CHARS
+from app.transport.http.bodies import authenticated_json, json_request_body
+from app.transport.http.deps import ClientsAdmin, ContainerDep, DbDep, ModelsAdmin, clients_admin, record_action
+from app.transport.http.problems import COMMON_ERRORS, PROBLEM_BASE, PROBLEM_MEDIA_TYPE, problem_responses
 from app.transport.http.routes_models import ModelName
-from app.transport.http.schemas import ClientCredentials, ClientRegistration, ModelLoadResult, ModelVersionStatus
+from app.transport.http.schemas import (
+    ClientCredentials,
+    ClientList,
+    ClientRegistration,
+    ModelLoadResult,
+    ModelVersionStatus,
+    RegisteredClient,
+)
 
 router = APIRouter(prefix="/v1/admin")
 TAG: Final = "admin"
@@ -68,22 +84,66 @@ async def unload_model(name: ModelName, request: Request, container: ContainerDe
     await record_action(request, container, principal, "model.unload", "success", model=name)
 
 
+def _client_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """Problem responses whose 404 and 409 examples are about clients, not models."""
+    responses = problem_responses(*statuses)
+    for code, error, detail in (
+        (404, ClientNotFoundError, "no client with this client_id (and key id) is registered"),
+        (409, ClientExistsError, "a client with this client_id is already registered"),
+    ):
+        if code in responses:
+            example = responses[code]["content"][PROBLEM_MEDIA_TYPE]["example"]
+            example.update(
+                type=PROBLEM_BASE + error.code,
+                title=error.title,
+                code=error.code,
+                detail=detail,
+                instance="/v1/admin/clients",
+            )
+    return responses
+
+
+ClientId = Annotated[
+    str,
+    Path(
+        min_length=1,
+        max_length=MAX_CLIENT_ID_CHARS,
+        pattern=CLIENT_ID_PATTERN,
+        examples=["his-epic-prod"],
+        description="The client's id as registered.",
+    ),
+]
+
+
 @router.post(
     "/clients",
     operation_id="registerClient",
     tags=[TAG],
     summary="Register an API client",
     description=(
-        "Creates a client and returns its API key once; only the key's SHA-256 is stored. "
-        "Send `application/json`. Scope `clients:admin`."
+        "Creates a client and returns its API key once; only a salted hash of the key is stored. "
+        "A `client_id` names one caller in the audit trail, so an id that holds an unrevoked key "
+        "is refused (409); revoke it first to issue a new key under the same id. Send "
+        "`application/json` (at most `MEDINFER_MAX_ADMIN_BODY_BYTES`, read only after the caller "
+        "is authenticated). Audited as `client.register` with the new id, key id and scopes. "
+        "Scope `clients:admin`."
     ),
     status_code=status.HTTP_201_CREATED,
-    dependencies=[JsonBody],
-    responses={**problem_responses(400, 401, 403, 415, 422, *COMMON_ERRORS)},
+    openapi_extra=json_request_body(ClientRegistration),
+    responses={**_client_responses(400, 401, 403, 409, 415, 422, *COMMON_ERRORS)},
 )
-async def create_client(registration: ClientRegistration, db: DbDep, _principal: ClientsAdmin) -> ClientCredentials:
+async def create_client(
+    request: Request,
+    container: ContainerDep,
+    db: DbDep,
+    principal: ClientsAdmin,
+    registration: Annotated[
+        ClientRegistration,
+        Depends(authenticated_json(ClientRegistration, clients_admin, lambda s: s.max_admin_body_bytes)),
+    ],
+) -> ClientCredentials:
     scopes = parse_scopes(registration.scopes)
-    key = await db.run_sync(
+    new = await db.run_sync(
         lambda sync_db: register_client(
             sync_db,
             registration.client_id,
@@ -93,4 +153,66 @@ async def create_client(registration: ClientRegistration, db: DbDep, _principal:
         )
     )
     await db.commit()
-    return ClientCredentials(client_id=registration.client_id, scopes=sorted(s.value for s in scopes), api_key=key)
+    granted = sorted(s.value for s in scopes)
+    try:
+        await record_action(
+            request, container, principal, "client.register", "success",
+            client_id=registration.client_id, key_id=new.key_id, scopes=granted,
+        )  # fmt: skip
+    except MedinferError:
+        # No audit event, no key: the key was never shown, and the id must not stay taken.
+        await db.run_sync(lambda sync_db: undo_registration(sync_db, new.key_id))
+        await db.commit()
+        raise
+    return ClientCredentials(client_id=registration.client_id, scopes=granted, api_key=new.api_key)
+
+
+@router.get(
+    "/clients",
+    operation_id="listClients",
+    tags=[TAG],
+    summary="List API clients",
+    description=(
+        "Every registered key, revoked ones included, by client id: scopes, when it was created and "
+        "revoked, and whether JWKs are registered. Never a key, hash or salt. Audited as "
+        "`client.list`. Scope `clients:admin`."
+    ),
+    responses={**problem_responses(401, 403, *COMMON_ERRORS)},
+)
+async def list_registered_clients(
+    request: Request, container: ContainerDep, db: DbDep, principal: ClientsAdmin
+) -> ClientList:
+    listed = await db.run_sync(list_clients)
+    await record_action(request, container, principal, "client.list", "success", keys=len(listed))
+    return ClientList(clients=[RegisteredClient.of(info) for info in listed])
+
+
+@router.post(
+    "/clients/{client_id}/revoke",
+    operation_id="revokeClient",
+    tags=[TAG],
+    summary="Revoke an API client",
+    description=(
+        "Revokes every unrevoked key of the client and returns all of its keys. Idempotent. The key "
+        "is refused at once by this process; other replicas may admit it for up to "
+        "`MEDINFER_AUTH_CACHE_S` seconds (their cache of authenticated keys). A client cannot "
+        "revoke itself (422): use another administrator or `medinfer clients revoke`. The id is "
+        "free for a new registration afterwards. Audited as `client.revoke`. Scope `clients:admin`."
+    ),
+    responses={**_client_responses(401, 403, 404, 422, *COMMON_ERRORS)},
+)
+async def revoke_registered_client(
+    client_id: ClientId, request: Request, container: ContainerDep, db: DbDep, principal: ClientsAdmin
+) -> ClientList:
+    if client_id == principal.client_id:
+        raise InvalidRequestError("a client cannot revoke itself: use another administrator or the CLI")
+    keys = await db.run_sync(lambda sync_db: revoke_client(sync_db, client_id))
+    await db.commit()
+    container.principals.forget_client(client_id)
+    # Revoked before it is audited: if the trail is down the caller gets 503 and may retry (the
+    # revocation is idempotent); undoing a revocation for want of an audit event would be worse.
+    await record_action(
+        request, container, principal, "client.revoke", "success",
+        client_id=client_id, key_ids=[k.key_id for k in keys],
+    )  # fmt: skip
+    return ClientList(clients=[RegisteredClient.of(info) for info in keys])

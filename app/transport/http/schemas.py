@@ -12,7 +12,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from app.domain import Scope, VersionStatus
 from app.feedback import Reason
+from app.security.clients import CLIENT_ID_PATTERN, ClientKeyInfo
 from app.security.jwe import import_public_jwk, seal_for
+from app.security.oauth import MAX_CLIENT_ID_CHARS
 
 VERSION_STATUS_EXAMPLE: dict[str, Any] = {
     "model": "cxr-pneumonia",
@@ -259,7 +261,7 @@ class ClientRegistration(_Wire):
         json_schema_extra={"example": {"client_id": "his-epic-prod", "scopes": ["infer", "models:read"]}},
     )
 
-    client_id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")
+    client_id: str = Field(min_length=1, max_length=MAX_CLIENT_ID_CHARS, pattern=CLIENT_ID_PATTERN)
     # Checked against Scope by the route (a 422 naming the valid scopes); the enum is for the document.
     scopes: list[Annotated[str, Field(json_schema_extra={"enum": [s.value for s in Scope]})]] = Field(
         min_length=1, max_length=16
@@ -315,6 +317,68 @@ class ClientCredentials(_Wire):
     client_id: str
     scopes: list[str]
     api_key: str
+
+
+_CLIENT_KEY_EXAMPLE: dict[str, Any] = {
+    "client_id": "his-epic-prod",
+    "key_id": "3f9a1c07d2b84e65",
+    "scopes": ["infer", "models:read"],
+    "created_at": "2026-11-02T09:14:03Z",
+    "revoked_at": None,
+    "seals_results": True,
+    "signs_payloads": False,
+}
+
+
+class RegisteredClient(_Wire):
+    """One API key of a client. Neither the key nor its hash or salt is ever shown again."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"example": _CLIENT_KEY_EXAMPLE})
+
+    client_id: str
+    key_id: str = Field(description="The part of the API key before the dot (`mi_<key_id>.<secret>`); not secret.")
+    scopes: list[str]
+    created_at: datetime
+    revoked_at: datetime | None
+    seals_results: bool = Field(description="An encryption JWK is registered (results may be sealed to it).")
+    signs_payloads: bool = Field(description="A signing JWK is registered (payloads must be signed, then encrypted).")
+
+    @classmethod
+    def of(cls, info: ClientKeyInfo) -> RegisteredClient:
+        return cls(
+            client_id=info.client_id,
+            key_id=info.key_id,
+            scopes=list(info.scopes),
+            created_at=info.created_at,
+            revoked_at=info.revoked_at,
+            seals_results=info.seals_results,
+            signs_payloads=info.signs_payloads,
+        )
+
+
+class ClientList(_Wire):
+    """Registered keys by client id, revoked ones included (``revoked_at`` set)."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "example": {
+                "clients": [
+                    _CLIENT_KEY_EXAMPLE,
+                    _CLIENT_KEY_EXAMPLE
+                    | {
+                        "client_id": "pacs-bridge",
+                        "key_id": "a07be2d95c3f1846",
+                        "scopes": ["infer"],
+                        "revoked_at": "2026-12-01T16:40:00Z",
+                        "seals_results": False,
+                    },
+                ]
+            }
+        },
+    )
+
+    clients: list[RegisteredClient]
 
 
 _HASH_EXAMPLE = "4c1f0f2b8f0e4a6b9d3e2c1a0b9f8e7d6c5b4a3928171605f4e3d2c1b0a99887"
