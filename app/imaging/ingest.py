@@ -34,10 +34,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from app.domain import RequestContext
+from pydicom.uid import UID
+
+from app.domain import AuditRecord, RequestContext
 from app.encoders.dicom_sr import build_sr, sr_bytes
 from app.encoders.saliency import saliency_map, sr_reference
-from app.errors import ErrorKind, MedinferError, OutOfResourcesError, StudyMismatchError
+from app.errors import AuditUnavailableError, ErrorKind, MedinferError, OutOfResourcesError, StudyMismatchError
 from app.imaging.outbox import Outbox
 from app.imaging.routing import Router
 from app.inference.registry import ClinicalUsePolicy
@@ -52,6 +54,10 @@ _SUFFIX: Final = ".dcm"
 #: Errors after which a settled study is kept and tried again rather than refused.
 _RETRYABLE: Final = frozenset({ErrorKind.OVERLOADED, ErrorKind.UNAVAILABLE, ErrorKind.DEADLINE_EXCEEDED})
 MAX_RETRY_DELAY_S: Final = 60.0
+#: The audit action of an instance received (C-STORE); STOW-RS audits its request as a whole.
+RECEIPT_ACTION: Final = "dicom.store"
+#: How long an audited receipt waits for its event's commit; a C-STORE SCU waits about 30 s.
+AUDIT_WAIT_S: Final = 10.0
 #: Series of the saliency maps; the SR writes its own series at 990 (dicom_sr.build_sr).
 SALIENCY_SERIES_NUMBER: Final = 991
 
@@ -62,6 +68,36 @@ class Accepted:
     sop_instance_uid: str
     study_uid: str
     model: str
+
+
+def _receipt(
+    transport: str, actor: str, instance: DicomInstance | None, model: str | None, error: MedinferError | None
+) -> AuditRecord:
+    """The ``dicom.store`` event of one received instance. Identifiers go in the fields the
+    writer pseudonymises; the detail holds only our own codes and a standard SOP Class UID."""
+    detail: dict[str, object] = {"transport": transport}
+    if instance is not None:
+        detail["sop_class"] = _known_uid(instance.sop_class_uid)
+    if error is not None:
+        detail["code"] = error.code
+    return AuditRecord(
+        action=RECEIPT_ACTION,
+        outcome="failure" if error is not None else "success",
+        actor=actor,
+        model=model,
+        input_sha256=instance.sha256 if instance is not None else None,
+        patient_id=instance.patient_id if instance is not None else None,
+        study_uid=instance.study_uid if instance is not None else None,
+        series_uid=instance.series_uid if instance is not None else None,
+        sop_uids=(instance.sop_instance_uid,) if instance is not None else (),
+        detail=detail,
+    )
+
+
+def _known_uid(value: str) -> str:
+    """A UID of the standard (a SOP Class) as is; anything else the sender made up is not kept."""
+    uid = UID(value)
+    return str(uid) if uid.name != str(uid) else "other"
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,30 +200,82 @@ class ImagingService:
 
     # -- the door ---------------------------------------------------------------------------
 
-    def accept(self, encoded: bytes, *, transport: str, actor: str, expected_study: str | None = None) -> Accepted:
-        """Check and spool one instance (blocking; any thread). Raises a domain error to refuse."""
+    def accept(
+        self,
+        encoded: bytes,
+        *,
+        transport: str,
+        actor: str,
+        expected_study: str | None = None,
+        audit: bool = False,
+    ) -> Accepted:
+        """Check and spool one instance (blocking; any thread but the event loop's). Raises a
+        domain error to refuse.
+
+        With ``audit`` (C-STORE), every receipt leaves a ``dicom.store`` audit event, accepted
+        or refused. An accepted instance is acknowledged only once its event is committed: if
+        the trail cannot take it, the spooled copy is removed and :class:`AuditUnavailableError`
+        refuses the instance (a transient failure), so the sender keeps it and sends it again.
+        Nothing is lost, and nothing is taken in that the trail does not show. A refusal that
+        cannot be audited is refused all the same (and logged).
+        """
+        instance: DicomInstance | None = None
+        model: str | None = None
         try:
-            accepted = self._accept(encoded, actor=actor, expected_study=expected_study)
+            loop = self._loop
+            if loop is None or self._closing:
+                raise OutOfResourcesError("the imaging service is not running")
+            instance = read_instance(encoded, self._limits)
+            if expected_study is not None and instance.study_uid != expected_study:
+                raise StudyMismatchError("the instance's StudyInstanceUID differs from the study in the request path")
+            model = self._router.model_for(instance)
+            check_policy(instance, self._pipeline.imaging_recipe(self._pipeline.registry.get(model)).policy)
+            path = self._write(encoded, model, actor)
         except MedinferError as exc:
             self._metrics.dicom_instances.labels(transport=transport, outcome=exc.code).inc()
+            if audit:
+                self._audit_refusal(transport, actor, instance, model, exc)
             raise
-        self._metrics.dicom_instances.labels(transport=transport, outcome="accepted").inc()
-        return accepted
-
-    def _accept(self, encoded: bytes, *, actor: str, expected_study: str | None) -> Accepted:
-        loop = self._loop
-        if loop is None or self._closing:
-            raise OutOfResourcesError("the imaging service is not running")
-        instance = read_instance(encoded, self._limits)
-        if expected_study is not None and instance.study_uid != expected_study:
-            raise StudyMismatchError("the instance's StudyInstanceUID differs from the study in the request path")
-        model = self._router.model_for(instance)
-        check_policy(instance, self._pipeline.imaging_recipe(self._pipeline.registry.get(model)).policy)
-        path = self._write(encoded, model, actor)
+        if audit:
+            try:
+                self._record(_receipt(transport, actor, instance, model, None))
+            except MedinferError as exc:
+                self._spool.remove(path)
+                self._metrics.dicom_instances.labels(transport=transport, outcome=exc.code).inc()
+                log.warning(
+                    "instance refused: its receipt could not be audited",
+                    extra={"event": "imaging.receipt_unaudited", "code": exc.code},
+                )
+                raise
         loop.call_soon_threadsafe(
             self._add, model, actor, instance.study_uid, _Spooled(path, instance.sop_instance_uid)
         )
+        self._metrics.dicom_instances.labels(transport=transport, outcome="accepted").inc()
         return Accepted(instance.sop_class_uid, instance.sop_instance_uid, instance.study_uid, model)
+
+    def _audit_refusal(
+        self, transport: str, actor: str, instance: DicomInstance | None, model: str | None, error: MedinferError
+    ) -> None:
+        try:
+            self._record(_receipt(transport, actor, instance, model, error))
+        except MedinferError as exc:
+            log.warning("refused instance not audited", extra={"event": "imaging.refusal_unaudited", "code": exc.code})
+
+    def _record(self, record: AuditRecord) -> None:
+        """Commit ``record`` from a worker thread (pynetdicom's, or STOW's) on the event loop."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            raise AuditUnavailableError("the imaging service is not running", retry_after_s=2)
+        with contextlib.suppress(RuntimeError):
+            if asyncio.get_running_loop() is loop:
+                msg = "an audited accept() must not run on the event loop: it waits for it"
+                raise RuntimeError(msg)
+        future = asyncio.run_coroutine_threadsafe(self._pipeline.record(record), loop)
+        try:
+            future.result(timeout=AUDIT_WAIT_S)
+        except TimeoutError:
+            future.cancel()
+            raise AuditUnavailableError("the audit trail did not answer in time", retry_after_s=2) from None
 
     def _write(self, encoded: bytes, model: str, actor: str) -> Path:
         header = json.dumps({"model": model, "actor": actor}).encode()

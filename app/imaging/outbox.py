@@ -21,16 +21,18 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Final, Protocol
+from urllib.parse import urlsplit
 
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from app.domain import AuditRecord
 from app.errors import DeliveryError, MedinferError
 from app.observability.metrics import Metrics
 from app.security.sealed import SealedFileError, SealedFiles
@@ -45,6 +47,8 @@ SENDING: Final = "sending"
 DELIVERED: Final = "delivered"
 FAILED: Final = "failed"
 HELD: Final = "held"
+#: The audit action of one delivery attempt to the PACS.
+DELIVERY_ACTION: Final = "pacs.delivery"
 
 
 class Sender(Protocol):
@@ -87,9 +91,15 @@ class Outbox:
         retry_base_s: float,
         max_attempts: int,
         clock: Callable[[], datetime] = _now,
+        audit: Callable[[AuditRecord], Awaitable[object]] | None = None,
     ) -> None:
         """Without a sender, results are kept (state ``held``): once a destination is configured, an
-        operator releases them with ``medinfer outbox requeue --state held``."""
+        operator releases them with ``medinfer outbox requeue --state held``.
+
+        ``audit`` (the pipeline's ``record``) receives a ``pacs.delivery`` event after every
+        attempt, delivered or failed, with the destination and the attempt count.
+        """
+        self._audit = audit
         self._sessionmaker = sessionmaker
         self._files = files
         self._sender = sender
@@ -193,9 +203,11 @@ class Outbox:
                 encoded = await self._load(row_id, sop_uid, legacy)
                 await asyncio.to_thread(self._sender.send, encoded)
             except (MedinferError, SealedFileError, OSError) as exc:
-                await self._failed(row_id, attempts + 1, exc)
+                gave_up = await self._failed(row_id, attempts + 1, exc)
+                await self._audit_delivery(sop_uid, attempts + 1, exc, gave_up=gave_up)
                 continue
             await self._delivered(row_id)
+            await self._audit_delivery(sop_uid, attempts + 1, None, gave_up=False)
             if legacy is not None:
                 self._files.remove(legacy)
             delivered += 1
@@ -245,7 +257,30 @@ class Outbox:
         self._metrics.outbox_events.labels(outcome="delivered").inc()
         log.info("result delivered", extra={"event": "outbox.delivered"})
 
-    async def _failed(self, row_id: int, attempts: int, error: BaseException) -> None:
+    async def _audit_delivery(self, sop_uid: str, attempts: int, error: BaseException | None, *, gave_up: bool) -> None:
+        """One ``pacs.delivery`` event per attempt. The result already left (or did not): a
+        trail that cannot take the event is logged and counted by the writer, and delivery goes on.
+        """
+        if self._audit is None:
+            return
+        detail: dict[str, object] = {"destination": public_destination(self.destination), "attempts": attempts}
+        if error is not None:
+            detail["code"] = error.code if isinstance(error, MedinferError) else "io-error"
+            detail["gave_up"] = gave_up
+        try:
+            await self._audit(
+                AuditRecord(
+                    action=DELIVERY_ACTION,
+                    outcome="failure" if error is not None else "success",
+                    actor="outbox",
+                    sop_uids=(sop_uid,),
+                    detail=detail,
+                )
+            )
+        except MedinferError as exc:
+            log.warning("delivery not audited", extra={"event": "outbox.delivery_unaudited", "code": exc.code})
+
+    async def _failed(self, row_id: int, attempts: int, error: BaseException) -> bool:
         gave_up = attempts >= self._max_attempts
         delay = min(self._retry_base_s * 2 ** (attempts - 1), MAX_BACKOFF_S)
         reason = error.detail if isinstance(error, DeliveryError) else type(error).__name__
@@ -267,6 +302,19 @@ class Outbox:
             "result delivery failed",
             extra={"event": "outbox.retry", "attempts": attempts, "gave_up": gave_up, "error": type(error).__name__},
         )
+        return gave_up
+
+
+def public_destination(destination: str) -> str:
+    """The destination as the audit trail keeps it: scheme, host and port (and the called AE
+    title of a DIMSE peer), never a password or query a DICOMweb URL might carry."""
+    parts = urlsplit(destination)
+    if not parts.scheme or parts.hostname is None:
+        return destination if destination == "none" else "unparsed"
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    port = f":{parts.port}" if parts.port is not None else ""
+    user = f"{parts.username}@" if parts.scheme == "dimse" and parts.username else ""
+    return f"{parts.scheme}://{user}{host}{port}{parts.path if parts.scheme != 'dimse' else ''}"
 
 
 async def count_backlog(sessionmaker: async_sessionmaker[AsyncSession]) -> Backlog:

@@ -30,6 +30,7 @@ def build_imaging(container: Container, sender: Sender | None) -> ImagingService
         container.metrics,
         retry_base_s=settings.pacs_retry_base_s,
         max_attempts=settings.pacs_max_attempts,
+        audit=container.pipeline.record,
     )
     router = Router(parse_routes(settings.imaging_routes) if settings.imaging_routes else ())
     return ImagingService(

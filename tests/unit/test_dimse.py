@@ -117,7 +117,7 @@ def scp_config(allowed: tuple[str, ...] = (), max_associations: int = 4) -> ScpC
         port=0,
         allowed_calling_aes=allowed,
         max_associations=max_associations,
-        acse_timeout_s=5,
+        association_timeout_s=5,
         dimse_timeout_s=5,
         network_timeout_s=5,
     )

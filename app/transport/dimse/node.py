@@ -3,6 +3,8 @@ sender the outbox uses, both built from settings."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from app.config import Settings
 from app.imaging.ingest import ImagingService
 from app.imaging.outbox import Sender
@@ -33,7 +35,7 @@ class ImagingSink:
         self._imaging = imaging
 
     def store(self, encoded: bytes, calling_ae: str) -> None:
-        self._imaging.accept(encoded, transport="dimse", actor=f"dimse:{calling_ae.strip()}")
+        self._imaging.accept(encoded, transport="dimse", actor=f"dimse:{calling_ae.strip()}", audit=True)
 
 
 def pacs_sender(settings: Settings) -> Sender | None:
@@ -45,14 +47,23 @@ def pacs_sender(settings: Settings) -> Sender | None:
     return StowSender(url)
 
 
-def dimse_scp(settings: Settings, imaging: ImagingService) -> StoreScp | None:
-    if not settings.dimse_enabled:
-        return None
-    config = ScpConfig(
+def scp_config(settings: Settings) -> ScpConfig:
+    return ScpConfig(
         ae_title=settings.dimse_ae_title,
         host=settings.dimse_host,
         port=settings.dimse_port,
         allowed_calling_aes=tuple(settings.dimse_allowed_calling_aes),
         max_associations=settings.dimse_max_associations,
+        association_timeout_s=settings.dimse_association_timeout_s,
+        max_pdu_bytes=settings.dimse_max_pdu_bytes,
+        max_associations_per_peer=settings.dimse_max_associations_per_peer,
     )
-    return StoreScp(config, ImagingSink(imaging))
+
+
+def dimse_scp(
+    settings: Settings, imaging: ImagingService, on_event: Callable[[str, str], None] | None = None
+) -> StoreScp | None:
+    """The SCP, if enabled. ``on_event(outcome, code)`` counts stores and rejections (metrics)."""
+    if not settings.dimse_enabled:
+        return None
+    return StoreScp(scp_config(settings), ImagingSink(imaging), on_event)

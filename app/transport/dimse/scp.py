@@ -33,10 +33,11 @@ from pydicom.uid import (
 )
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
-from pynetdicom.transport import ThreadedAssociationServer
+from pynetdicom.utils import make_target
 
 from app.errors import ErrorKind, MedinferError
 from app.transport.dimse import status as st
+from app.transport.dimse.limits import LimitedAssociationServer, PduLimits
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,10 @@ FAILED: Final = "failed"
 REJECTED: Final = "association_rejected"
 
 CALLING_AE_NOT_ALLOWED: Final = "calling-ae-not-allowed"
+CALLED_AE_NOT_RECOGNISED: Final = "called-ae-not-recognised"
 ASSOCIATION_LIMIT: Final = "association-limit"
+#: Connections closed by a limit of :mod:`app.transport.dimse.limits` are reported as
+#: ``association_rejected`` too, with that module's reason (``peer-limit``, ``pdu-too-large``...).
 
 #: How long ``stop`` waits for each aborted association's thread to end.
 _JOIN_TIMEOUT_S: Final = 5.0
@@ -92,10 +96,14 @@ class InstanceSink(Protocol):
 class ScpConfig:
     """How the SCP listens. ``port=0`` binds a free port (read it back from :attr:`StoreScp.port`).
 
-    ``allowed_calling_aes`` empty means any calling AE title is accepted. The timeouts bound each
-    phase so that a silent or dead peer cannot hold an association (and a slot) for ever:
-    ``acse`` for association set-up and release, ``dimse`` for a message once started,
-    ``network`` for an idle connection.
+    An association must call us by ``ae_title``; ``allowed_calling_aes`` empty means any calling
+    AE title is accepted. The timeouts bound each phase so that a silent or dead peer cannot
+    hold an association (and a slot) for long: ``association`` from the TCP connection to a
+    complete A-ASSOCIATE-RQ (and for release), ``dimse`` for a message once started and for any
+    one PDU, ``network`` for an idle association. ``max_pdu_bytes`` caps the length a PDU may
+    declare (the request itself: 64 KiB). ``max_associations_per_peer`` (None: no cap of its
+    own) caps connections from one address; at most twice ``max_associations`` connections
+    are open at once, the excess being closed at accept.
     """
 
     ae_title: str
@@ -103,9 +111,11 @@ class ScpConfig:
     port: int
     allowed_calling_aes: tuple[str, ...]
     max_associations: int
-    acse_timeout_s: float = 30.0
+    association_timeout_s: float = 5.0
     dimse_timeout_s: float = 30.0
     network_timeout_s: float = 60.0
+    max_pdu_bytes: int = 4 * 1024 * 1024
+    max_associations_per_peer: int | None = None
 
     def __post_init__(self) -> None:
         if not 0 < len(self.ae_title.strip()) <= 16:  # noqa: PLR2004 - AE is at most 16 characters (PS3.5 6.2)
@@ -114,15 +124,26 @@ class ScpConfig:
             raise ValueError("port must be 0 to 65535")
         if self.max_associations < 1:
             raise ValueError("max_associations must be at least 1")
+        if self.max_associations_per_peer is not None and self.max_associations_per_peer < 1:
+            raise ValueError("max_associations_per_peer must be at least 1")
+
+    @property
+    def pdu_limits(self) -> PduLimits:
+        return PduLimits(
+            association_timeout_s=self.association_timeout_s,
+            max_pdu_bytes=self.max_pdu_bytes,
+            pdu_timeout_s=self.dimse_timeout_s,
+            network_timeout_s=self.network_timeout_s,
+        )
 
 
 class StoreScp:
     """A Storage SCP (all storage SOP classes) and Verification SCP, served by pynetdicom.
 
     ``on_event(outcome, code)`` is called once per C-STORE (``stored``, ``refused`` with the
-    error code, ``failed`` for an unexpected error) and per rejected association
-    (``association_rejected`` with the reason). It feeds metrics; its own errors are logged and
-    otherwise ignored.
+    error code, ``failed`` for an unexpected error) and per rejected association or connection
+    closed by a limit (``association_rejected`` with the reason). It feeds metrics; its own
+    errors are logged and otherwise ignored.
     """
 
     def __init__(
@@ -135,15 +156,18 @@ class StoreScp:
         self._sink = sink
         self._on_event = on_event
         self._lock = threading.Lock()
-        self._server: ThreadedAssociationServer | None = None
+        self._server: LimitedAssociationServer | None = None
         self._ae = self._build_ae(config)
 
     @staticmethod
     def _build_ae(config: ScpConfig) -> AE:
         ae = AE(ae_title=config.ae_title)
         ae.require_calling_aet = list(config.allowed_calling_aes)
+        ae.require_called_aet = True
         ae.maximum_associations = config.max_associations
-        ae.acse_timeout = config.acse_timeout_s
+        # The ACSE timeout is what ends a connection that never sends an A-ASSOCIATE-RQ (the
+        # association waits this long for it, and the DUL's ARTIM timer runs as long).
+        ae.acse_timeout = config.association_timeout_s
         ae.dimse_timeout = config.dimse_timeout_s
         ae.network_timeout = config.network_timeout_s
         # The 128-context limit binds requestors only; an acceptor may support them all.
@@ -157,11 +181,24 @@ class StoreScp:
         with self._lock:
             if self._server is not None:
                 return
-            self._server = self._ae.start_server(
-                (self._config.host, self._config.port),
-                block=False,
+            config = self._config
+            # AE.start_server(block=False), with our server class: served from a daemon thread,
+            # and known to the AE (its shutdown() removes it from there).
+            server = LimitedAssociationServer(
+                self._ae,
+                (config.host, config.port),
+                limits=config.pdu_limits,
+                max_per_peer=config.max_associations_per_peer or 2 * config.max_associations,
+                max_connections=2 * config.max_associations,
+                on_reject=self._on_limit,
                 evt_handlers=[(evt.EVT_C_STORE, self._on_store), (evt.EVT_REJECTED, self._on_rejected)],
             )
+            thread = threading.Thread(
+                target=make_target(server.serve_forever), name="AcceptorServer@medinfer", daemon=True
+            )
+            thread.start()
+            self._ae._servers.append(server)  # as start_server does; shutdown() removes it
+            self._server = server
         log.info(
             "DIMSE SCP listening",
             extra={"event": "dimse.scp.started", "host": self._config.host, "port": self.port},
@@ -222,11 +259,21 @@ class StoreScp:
         return st.SUCCESS
 
     def _on_rejected(self, event: evt.Event) -> None:
-        # pynetdicom says only "rejected"; of the two checks we configure, find which one failed.
+        # pynetdicom says only "rejected"; of the three checks we configure, find which one failed.
         allowed = {title.strip() for title in self._config.allowed_calling_aes}
         calling = event.assoc.requestor.ae_title
-        reason = CALLING_AE_NOT_ALLOWED if allowed and calling not in allowed else ASSOCIATION_LIMIT
+        request = event.assoc.requestor.primitive
+        called = str(getattr(request, "called_ae_title", "")).strip()
+        if allowed and calling not in allowed:
+            reason = CALLING_AE_NOT_ALLOWED
+        elif called != self._config.ae_title.strip():
+            reason = CALLED_AE_NOT_RECOGNISED
+        else:
+            reason = ASSOCIATION_LIMIT
         log.warning("DIMSE association rejected", extra={"event": "dimse.association.rejected", "reason": reason})
+        self._emit(REJECTED, reason)
+
+    def _on_limit(self, reason: str) -> None:
         self._emit(REJECTED, reason)
 
     def _emit(self, outcome: str, code: str) -> None:
