@@ -4,6 +4,11 @@
 # DICOMweb plugin. dcmtk's storescu is used directly by the tests.
 #
 #   scripts/test-services.sh start ENVFILE   writes MEDINFER_TEST_* variables to ENVFILE
+#
+# Two PostgreSQL roles, as in production: `medinfer` owns the tables and runs the migrations
+# (MEDINFER_TEST_PG_URL); `medinfer_app` is the service role, which owns nothing and gets only
+# the grants `medinfer migrate` gives it with MEDINFER_DATABASE_SERVICE_ROLE=medinfer_app
+# (MEDINFER_TEST_PG_SERVICE_URL, the same database as the service role).
 #   scripts/test-services.sh stop ENVFILE    stops what ENVFILE describes and removes its directory
 set -euo pipefail
 
@@ -38,6 +43,7 @@ start() {
   cat > "$envfile" <<ENV
 MEDINFER_TEST_SERVICES_DIR=$root
 MEDINFER_TEST_PG_URL=postgresql+psycopg://medinfer@127.0.0.1:$pg_port/medinfer_test
+MEDINFER_TEST_PG_SERVICE_URL=postgresql+psycopg://medinfer_app@127.0.0.1:$pg_port/medinfer_test
 MEDINFER_TEST_PG_ADMIN_URL=postgresql+psycopg://postgres@127.0.0.1:$pg_port/postgres
 MEDINFER_TEST_PG_DATA=$root/pg
 MEDINFER_TEST_PG_BIN=$(pg_bin)
@@ -55,7 +61,8 @@ ENV
     -o "-c listen_addresses=127.0.0.1 -p $pg_port -k $root/pg-sock -c fsync=off" start >/dev/null \
     || { cat "$root/pg-sock/pg.log" >&2; exit 1; }
   as_postgres "$bin/psql" -h 127.0.0.1 -p "$pg_port" -U postgres -q -v ON_ERROR_STOP=1 \
-    -c "CREATE ROLE medinfer LOGIN" -c "CREATE DATABASE medinfer_test OWNER medinfer" >/dev/null
+    -c "CREATE ROLE medinfer LOGIN" -c "CREATE DATABASE medinfer_test OWNER medinfer" \
+    -c "CREATE ROLE medinfer_app LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOINHERIT" >/dev/null
 
   mkdir -p "$root/orthanc/db"
   # Auto-routing, as a hospital PACS does it, with the very script the compose stack deploys:

@@ -1,5 +1,6 @@
-"""The audit trail on a real PostgreSQL: append-only triggers, one valid chain under several
-writer processes, fail-closed while the database is down, and a clean chain after SIGKILL."""
+"""The audit trail on a real PostgreSQL: append-only triggers, a service role that owns nothing,
+one valid chain under several writer processes, fail-closed while the database is down, and a
+clean chain after SIGKILL."""
 
 from __future__ import annotations
 
@@ -13,8 +14,10 @@ from pathlib import Path
 import httpx
 import pytest
 from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 
+from tests.conftest import require_env
 from tests.integration.conftest import PrivatePostgres, Served, base_env, medinfer, register_key, serve
 
 pytestmark = pytest.mark.integration
@@ -63,6 +66,60 @@ def test_postgres_refuses_update_delete_and_truncate_of_audit_events(
         for statement in ("UPDATE audit_event SET outcome = 'x'", "DELETE FROM audit_event", "TRUNCATE audit_event"):
             with engine.begin() as conn, pytest.raises(DBAPIError, match="append-only"):
                 conn.execute(text(statement))
+    finally:
+        engine.dispose()
+    assert _verify(env)["valid"] is True
+
+
+def _as_service_role(pg_url: str) -> str:
+    """The same database as ``pg_url``, reached as the service role scripts/test-services.sh made."""
+    role = make_url(require_env("MEDINFER_TEST_PG_SERVICE_URL")).username
+    return make_url(pg_url).set(username=role).render_as_string(hide_password=False)
+
+
+def test_the_service_role_owns_nothing_and_cannot_touch_the_triggers(
+    tmp_path: Path, model_repo: Path, pg_url: str
+) -> None:
+    service_url = _as_service_role(pg_url)
+    role = make_url(service_url).username
+    assert role is not None
+    owner_env = base_env(tmp_path, model_repo, pg_url) | {"MEDINFER_DATABASE_SERVICE_ROLE": role}
+    for _ in range(2):  # the grants are set again after every run, idempotently
+        migrated = medinfer(owner_env, "migrate")
+        assert migrated.returncode == 0, migrated.stderr
+    # The service, as the service role: registers a client, serves, audits, verifies.
+    env = base_env(tmp_path, model_repo, service_url)
+    key = register_key(env, "his", "infer")
+    served = serve(env, tmp_path / "serve.log")
+    try:
+        assert _infer(served, key, "as-service-role").status_code == 200
+    finally:
+        served.stop()
+    assert _audited_request_ids(pg_url) >= {"as-service-role"}
+    assert _verify(env)["valid"] is True
+
+    engine = create_engine(service_url)
+    try:
+        for statement, refusal in (
+            ("ALTER TABLE audit_event DISABLE TRIGGER audit_event_no_update_delete", "must be owner"),
+            ("ALTER TABLE audit_event DISABLE TRIGGER ALL", "must be owner"),
+            ("DROP TRIGGER audit_event_no_update_delete ON audit_event", "must be owner"),
+            ("DROP TRIGGER audit_event_no_truncate ON audit_event", "must be owner"),
+            ("DROP FUNCTION medinfer_audit_append_only() CASCADE", "must be owner"),
+            ("DROP TABLE audit_event", "must be owner"),
+            ("DELETE FROM audit_event", "permission denied"),
+            ("UPDATE audit_event SET outcome = 'x'", "permission denied"),
+            ("TRUNCATE audit_event", "permission denied"),
+            ("DELETE FROM audit_head", "permission denied"),
+            ("CREATE TABLE audit_shadow (seq bigint)", "permission denied"),
+        ):
+            with engine.begin() as conn, pytest.raises(DBAPIError, match=refusal):
+                conn.execute(text(statement))
+        with engine.connect() as conn:
+            owned = conn.execute(
+                text("SELECT count(*) FROM pg_tables WHERE schemaname = 'public' AND tableowner = current_user")
+            ).scalar_one()
+        assert owned == 0
     finally:
         engine.dispose()
     assert _verify(env)["valid"] is True
