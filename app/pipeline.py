@@ -148,17 +148,20 @@ class Pipeline:
         audit: AuditWriter | None,
         metrics: Metrics,
         monitor: DriftMonitor | None = None,
+        decode_slots: int | None = None,
     ) -> None:
         """``audit`` is None only when auditing is switched off for a benchmark baseline;
-        ``monitor`` watches inputs and outputs for drift (None: not watched)."""
+        ``monitor`` watches inputs and outputs for drift (None: not watched); ``decode_slots``
+        is how many images may be decoded at once (the container derives it from the memory the
+        process may use, :func:`app.preprocess.memory.decode_concurrency`; None: one per CPU)."""
         self.registry = registry
         self.batchers = batchers
         self.audit = audit
         self.metrics = metrics
         self.monitor = monitor
         self._recipes: dict[tuple[str, str, str], ImagingRecipe] = {}
-        # Decoded images are large; at most one per core is decoded at a time, off the event loop.
-        self._decode_slots = asyncio.Semaphore(max(1, os.cpu_count() or 1))
+        # A decode at the pixel cap costs gigabytes: only as many at once as memory allows, off the loop.
+        self._decode_slots = asyncio.Semaphore(max(1, decode_slots or os.cpu_count() or 1))
 
     def imaging_recipe(self, served: ServedVersion) -> ImagingRecipe:
         """The allow-lists and pixel recipe of a DICOM model (cached per version)."""
