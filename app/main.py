@@ -34,7 +34,7 @@ from app.transport.http import (
 from app.transport.http.deps import get_principal
 from app.transport.http.middleware import RequestContextMiddleware
 from app.transport.http.problems import install_problem_handlers, normalise_openapi_errors
-from app.transport.http.schemas import Problem
+from app.transport.http.schemas import ClientRegistration, FeedbackRequest, Problem
 from app.transport.http.v2_codec import V2InferRequest, V2InferResponse
 
 log = logging.getLogger(__name__)
@@ -73,8 +73,9 @@ Send `X-Request-ID` to correlate; the service echoes it (or a generated one) on 
 """
 
 
-#: Models that the document references by hand (problem+json bodies, v2 bodies read raw for speed).
-DOCUMENTED_MODELS = (Problem, V2InferRequest, V2InferResponse)
+#: Models that the document references by hand (problem+json bodies, v2 bodies read raw for speed,
+#: JSON bodies read only after authentication: ``bodies.authenticated_json``).
+DOCUMENTED_MODELS = (Problem, V2InferRequest, V2InferResponse, FeedbackRequest, ClientRegistration)
 
 
 ROUTERS = (
@@ -181,7 +182,13 @@ def create_app(settings: Settings) -> FastAPI:
     install_problem_handlers(app)
     for router in ROUTERS:
         app.include_router(router)
-    app.add_middleware(RequestContextMiddleware, metrics=metrics, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        RequestContextMiddleware,
+        metrics=metrics,
+        max_body_bytes=settings.max_body_bytes,
+        max_admin_body_bytes=settings.max_admin_body_bytes,
+        body_timeout_s=settings.http_body_timeout_s,
+    )
     if settings.otel_enabled:
         instrument(app)
     return app

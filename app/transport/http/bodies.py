@@ -10,7 +10,7 @@ then reads at most ``limit`` bytes, then validates. The OpenAPI document still n
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Annotated, Any, TypeVar
+from typing import Any, TypeVar
 
 from fastapi import Depends, Request
 from fastapi.exceptions import RequestValidationError
@@ -47,10 +47,12 @@ def authenticated_json(
     Validation errors are the same 422 (400 for JSON that does not parse) a declared body gives.
     """
 
+    # ``principal`` is a local: FastAPI resolves annotations from the module's globals (they are
+    # strings here), so the dependency goes in the default, evaluated now.
     async def parse(
         request: Request,
         container: ContainerDep,
-        _principal: Annotated[Principal, Depends(principal)],
+        _principal: Principal = Depends(principal),  # noqa: B008
     ) -> M:
         require_json(request.headers.get("content-type"))
         body = await read_capped(request, limit(container.settings))

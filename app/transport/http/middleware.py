@@ -1,11 +1,18 @@
-"""Pure ASGI middleware: request ids, body-size cap, access log and HTTP metrics.
+"""Pure ASGI middleware: request ids, body-size caps, body-read timeout, access log and HTTP metrics.
 
 Pure ASGI (not ``BaseHTTPMiddleware``) so that streaming bodies are not buffered and the cap is
-enforced as bytes arrive, before the application reads the whole body.
+enforced as bytes arrive, before the application reads the whole body. Administration bodies
+(``/v1/admin/*``, small JSON documents) have their own small cap, applied here before routing and
+authentication, by Content-Length and by counting streamed bytes.
+
+Each wait for the next piece of a request body is bounded: a sender that stalls longer than the
+body timeout gets a 408 from here, with ``Connection: close``, and the application sees the
+client disconnect. The header-read timeout belongs to the server's protocol (``server.py``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
@@ -14,7 +21,7 @@ from typing import Final
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.errors import PayloadTooLargeError
+from app.errors import MedinferError, PayloadTooLargeError, RequestTimeoutError
 from app.observability.logging import request_id_var, trace_id_var
 from app.observability.metrics import Metrics
 from app.observability.tracing import scrub_current_span
@@ -23,6 +30,7 @@ from app.transport.http.problems import PROBLEM_MEDIA_TYPE, problem_bytes, statu
 log = logging.getLogger("app.access")
 
 REQUEST_ID_HEADER: Final = b"x-request-id"
+ADMIN_PREFIX: Final = "/v1/admin/"
 _VALID_REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")
 #: W3C Trace Context: version-traceid-parentid-flags; an all-zero trace id is invalid.
 _TRACEPARENT = re.compile(rb"^[0-9a-f]{2}-(?!0{32})([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}$")
@@ -36,12 +44,22 @@ def _header(scope: Scope, name: bytes) -> bytes | None:
 
 
 class RequestContextMiddleware:
-    """Per request: bind a request id, cap the body, then log and count the outcome."""
+    """Per request: bind a request id, cap and time the body, then log and count the outcome."""
 
-    def __init__(self, app: ASGIApp, *, metrics: Metrics, max_body_bytes: int) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        metrics: Metrics,
+        max_body_bytes: int,
+        max_admin_body_bytes: int,
+        body_timeout_s: float,
+    ) -> None:
         self.app = app
         self.metrics = metrics
         self.max_body_bytes = max_body_bytes
+        self.max_admin_body_bytes = max_admin_body_bytes
+        self.body_timeout_s = body_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -56,65 +74,109 @@ class RequestContextMiddleware:
         trace_token = trace_id_var.set(traceparent.group(1).decode() if traceparent else None)
         started = time.perf_counter()
         status = 500
+        response_started = False
+        #: Set once this middleware has answered in the app's stead; the app's own sends are dropped.
+        answered = False
+        limit = (
+            self.max_admin_body_bytes if str(scope.get("path", "")).startswith(ADMIN_PREFIX) else self.max_body_bytes
+        )
 
         async def send_with_id(message: Message) -> None:
-            nonlocal status
+            nonlocal status, response_started
+            if answered:
+                return
             if message["type"] == "http.response.start":
                 status = message["status"]
+                response_started = True
                 # Routing is done by now and the server span (if tracing is on) is still open.
                 scrub_current_span(getattr(scope.get("route"), "path", None) or "<unmatched>")
                 message.setdefault("headers", [])
                 message["headers"] = [*message["headers"], (REQUEST_ID_HEADER, request_id.encode())]
             await send(message)
 
+        body_receive = self._bounded(receive, limit)
+
+        async def receive_or_time_out() -> Message:
+            nonlocal answered
+            try:
+                return await body_receive()
+            except RequestTimeoutError as exc:
+                if not response_started:
+                    await self._refuse(send_with_id, exc)
+                answered = True
+                log.warning("request body stalled", extra={"event": "http.body_timeout"})
+                # What the app sees is what happens next: the connection closes.
+                return {"type": "http.disconnect"}
+
         try:
             declared = _header(scope, b"content-length")
-            if declared is not None and (not declared.isdigit() or int(declared) > self.max_body_bytes):
-                await self._too_large(send_with_id)
+            if declared is not None and (not declared.isdigit() or int(declared) > limit):
+                await self._refuse(send_with_id, PayloadTooLargeError(f"request body exceeds the {limit}-byte limit"))
                 return
-            await self.app(scope, self._capped(receive), send_with_id)
+            try:
+                await self.app(scope, receive_or_time_out, send_with_id)
+            except Exception:
+                if not answered:
+                    raise
+                # The app failed on the disconnect it was handed after our 408: nothing to add.
         finally:
-            route = scope.get("route")
-            template = getattr(route, "path", None) or "<unmatched>"
-            elapsed = time.perf_counter() - started
-            method = scope.get("method", "")
-            self.metrics.http_requests.labels(route=template, method=method, status=str(status)).inc()
-            self.metrics.http_duration.labels(route=template, method=method).observe(elapsed)
-            log.info(
-                "request",
-                extra={
-                    "event": "http.request",
-                    "method": method,
-                    "route": template,
-                    "status": status,
-                    "duration_ms": round(elapsed * 1000, 3),
-                },
-            )
+            self._record(scope, status, time.perf_counter() - started)
             request_id_var.reset(token)
             trace_id_var.reset(trace_token)
 
-    def _capped(self, receive: Receive) -> Receive:
-        seen = 0
-        limit = self.max_body_bytes
+    def _record(self, scope: Scope, status: int, elapsed: float) -> None:
+        template = getattr(scope.get("route"), "path", None) or "<unmatched>"
+        method = scope.get("method", "")
+        self.metrics.http_requests.labels(route=template, method=method, status=str(status)).inc()
+        self.metrics.http_duration.labels(route=template, method=method).observe(elapsed)
+        log.info(
+            "request",
+            extra={
+                "event": "http.request",
+                "method": method,
+                "route": template,
+                "status": status,
+                "duration_ms": round(elapsed * 1000, 3),
+            },
+        )
 
-        async def capped_receive() -> Message:
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > limit:
-                    raise PayloadTooLargeError(f"request body exceeds the {limit}-byte limit")
+    def _bounded(self, receive: Receive, limit: int) -> Receive:
+        """``receive`` with each wait for body bytes bounded in time and the bytes counted.
+
+        Once the body is complete, a further ``receive`` (waiting for the disconnect, as a
+        streaming response does) is not bounded: there is nothing left to time.
+        """
+        seen = 0
+        complete = False
+        timeout_s = self.body_timeout_s
+
+        async def bounded_receive() -> Message:
+            nonlocal seen, complete
+            if complete:
+                return await receive()
+            try:
+                async with asyncio.timeout(timeout_s):
+                    message = await receive()
+            except TimeoutError:
+                raise RequestTimeoutError(f"no request body bytes arrived for {timeout_s:g} s") from None
+            if message["type"] != "http.request":
+                complete = True
+                return message
+            seen += len(message.get("body", b""))
+            if seen > limit:
+                raise PayloadTooLargeError(f"request body exceeds the {limit}-byte limit")
+            complete = not message.get("more_body", False)
             return message
 
-        return capped_receive
+        return bounded_receive
 
-    async def _too_large(self, send: Send) -> None:
-        error = PayloadTooLargeError(f"request body exceeds the {self.max_body_bytes}-byte limit")
+    async def _refuse(self, send: Send, error: MedinferError) -> None:
+        """Answer ``error`` before (or instead of) the app, and close: the rest of the body is unread."""
         body = problem_bytes(error)
         await send(
             {
                 "type": "http.response.start",
-                "status": status_for(PayloadTooLargeError),
+                "status": status_for(type(error)),
                 "headers": [
                     (b"content-type", PROBLEM_MEDIA_TYPE.encode()),
                     (b"content-length", str(len(body)).encode()),

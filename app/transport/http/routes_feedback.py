@@ -19,7 +19,8 @@ from app.feedback import (
     Outcome,
     VersionPerformance,
 )
-from app.transport.http.deps import JsonBody, ModelsReader, request_context, require
+from app.transport.http.bodies import authenticated_json, json_request_body
+from app.transport.http.deps import ModelsReader, request_context, require
 from app.transport.http.problems import COMMON_ERRORS, PROBLEM_BASE, PROBLEM_MEDIA_TYPE, problem_responses, status_for
 from app.transport.http.routes_models import ModelName
 from app.transport.http.schemas import (
@@ -57,8 +58,21 @@ def get_feedback(request: Request) -> FeedbackService:
     return service
 
 
+#: A feedback record is a few hundred bytes; a body this long is not one.
+FEEDBACK_MAX_BYTES: Final = 16 * 1024
+
 FeedbackDep = Annotated[FeedbackService, Depends(get_feedback)]
-FeedbackWriter = Annotated[Principal, Depends(require(Scope.FEEDBACK_WRITE))]
+_feedback_writer = require(Scope.FEEDBACK_WRITE)
+FeedbackWriter = Annotated[Principal, Depends(_feedback_writer)]
+#: Read only once the caller holds ``feedback:write`` (the same dependency, resolved once).
+FeedbackBody = Annotated[
+    FeedbackRequest,
+    Depends(
+        authenticated_json(
+            FeedbackRequest, _feedback_writer, lambda settings: min(settings.max_json_bytes, FEEDBACK_MAX_BYTES)
+        )
+    ),
+]
 
 
 def _proportion(interval: Interval | None) -> ProportionOut | None:
@@ -136,12 +150,12 @@ def _record(r: FeedbackRecord) -> dict[str, Any]:
         "Send `application/json`. Scope `feedback:write`."
     ),
     status_code=status.HTTP_201_CREATED,
-    dependencies=[JsonBody],
     response_model=FeedbackOut,
     responses=FEEDBACK_ERRORS,
+    openapi_extra=json_request_body(FeedbackRequest),
 )
 async def record_feedback(
-    body: FeedbackRequest, request: Request, service: FeedbackDep, principal: FeedbackWriter
+    body: FeedbackBody, request: Request, service: FeedbackDep, principal: FeedbackWriter
 ) -> dict[str, Any]:
     outcome = Outcome(
         request_id=body.request_id,
