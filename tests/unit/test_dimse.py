@@ -4,9 +4,13 @@ a minimal pynetdicom PACS, and the C-STORE status table. Loopback only, ports pi
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import io
 import logging
+import re
 import socket
+import struct
 import subprocess
 import threading
 import time
@@ -21,13 +25,19 @@ from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
-from pynetdicom.sop_class import MRImageStorage, SecondaryCaptureImageStorage  # type: ignore[attr-defined]
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    MRImageStorage,
+    SecondaryCaptureImageStorage,
+    Verification,
+)
 from pynetdicom.status import STATUS_FAILURE, STORAGE_SERVICE_CLASS_STATUS
 
 from app import errors as e
 from app.transport.dimse import status as st
+from app.transport.dimse.limits import ASSOCIATION_TIMEOUT, PDU_TOO_LARGE, PEER_LIMIT
 from app.transport.dimse.scp import (
     ASSOCIATION_LIMIT,
+    CALLED_AE_NOT_RECOGNISED,
     CALLING_AE_NOT_ALLOWED,
     FAILED,
     REFUSED,
@@ -110,16 +120,25 @@ def sink(tmp_path: Path) -> RecordingSink:
     return RecordingSink(tmp_path)
 
 
-def scp_config(allowed: tuple[str, ...] = (), max_associations: int = 4) -> ScpConfig:
+def scp_config(
+    allowed: tuple[str, ...] = (),
+    max_associations: int = 4,
+    *,
+    association_timeout_s: float = 5,
+    max_pdu_bytes: int = 4 * 1024 * 1024,
+    max_associations_per_peer: int | None = None,
+) -> ScpConfig:
     return ScpConfig(
         ae_title=SCP_AE,
         host="127.0.0.1",
         port=0,
         allowed_calling_aes=allowed,
         max_associations=max_associations,
-        association_timeout_s=5,
+        association_timeout_s=association_timeout_s,
         dimse_timeout_s=5,
         network_timeout_s=5,
+        max_pdu_bytes=max_pdu_bytes,
+        max_associations_per_peer=max_associations_per_peer,
     )
 
 
@@ -136,8 +155,18 @@ def start_scp(sink: RecordingSink) -> Iterator[ScpFactory]:
         allowed: tuple[str, ...] = (),
         max_associations: int = 4,
         on_event: Callable[[str, str], None] | None = None,
+        association_timeout_s: float = 5,
+        max_pdu_bytes: int = 4 * 1024 * 1024,
+        max_associations_per_peer: int | None = None,
     ) -> StoreScp:
-        scp = StoreScp(scp_config(allowed, max_associations), sink, on_event)
+        config = scp_config(
+            allowed,
+            max_associations,
+            association_timeout_s=association_timeout_s,
+            max_pdu_bytes=max_pdu_bytes,
+            max_associations_per_peer=max_associations_per_peer,
+        )
+        scp = StoreScp(config, sink, on_event)
         scp.start()
         started.append(scp)
         return scp
@@ -432,6 +461,141 @@ def test_config_refuses_impossible_values() -> None:
         ScpConfig(SCP_AE, "127.0.0.1", 0, (), 0)
     with pytest.raises(ValueError, match="port"):
         ScpConfig(SCP_AE, "127.0.0.1", 70000, (), 1)
+
+
+# Limits: what a peer may cost before and after it associates (security round 2, finding 4)
+
+MIB = 1024 * 1024
+
+
+def pdu_header(pdu_type: int, length: int) -> bytes:
+    """A PDU's 6 bytes (PS3.8 9.3.1): type, reserved, big-endian length."""
+    return struct.pack(">BBL", pdu_type, 0, length)
+
+
+def closed_by_peer(sock: socket.socket, wait_s: float = 15.0) -> bool:
+    """True once the peer closes or resets the connection (an A-ABORT may come first)."""
+    sock.settimeout(wait_s)
+    try:
+        while sock.recv(65536):
+            pass
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+    return True
+
+
+def vm_hwm() -> int:
+    """This process's peak resident set (VmHWM), in bytes."""
+    status = Path("/proc/self/status").read_text(encoding="ascii")
+    return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) * 1024  # type: ignore[union-attr]
+
+
+def connect_from(port: int, source: str = "127.0.0.1") -> socket.socket:
+    sock = socket.socket()
+    sock.bind((source, 0))
+    sock.connect(("127.0.0.1", port))
+    return sock
+
+
+def test_an_association_to_another_called_ae_title_is_rejected(scp: StoreScp, events: EventLog) -> None:
+    ae = AE(ae_title=MODALITY_AE)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 5
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", scp.port, ae_title="WRONG")
+    assert assoc.is_rejected
+    assert events.events == [(REJECTED, CALLED_AE_NOT_RECOGNISED)]
+    assert echo(DimseDestination(SCP_AE, "127.0.0.1", scp.port), timeout_s=5)
+
+
+def test_a_connection_stalled_inside_its_association_request_is_closed_after_the_set_up_timeout(
+    start_scp: ScpFactory,
+) -> None:
+    events = EventLog()
+    scp = start_scp(association_timeout_s=1, on_event=events)
+    with connect_from(scp.port) as stalled:
+        stalled.sendall(pdu_header(0x01, 200)[:3])  # half a header, then nothing
+        assert closed_by_peer(stalled)
+    assert (REJECTED, ASSOCIATION_TIMEOUT) in events.events
+
+
+def test_silent_connections_give_their_slots_back_after_the_set_up_timeout(start_scp: ScpFactory) -> None:
+    scp = start_scp(max_associations=2, association_timeout_s=1)
+    destination = DimseDestination(SCP_AE, "127.0.0.1", scp.port)
+    silent = [connect_from(scp.port) for _ in range(2)]
+    try:
+        deadline = time.monotonic() + 15
+        answered = False
+        while not answered and time.monotonic() < deadline:
+            answered = echo(destination, timeout_s=5)
+        assert answered
+        assert all(closed_by_peer(sock) for sock in silent)
+    finally:
+        for sock in silent:
+            sock.close()
+
+
+def test_an_association_request_declaring_512_mib_is_aborted_before_its_body_is_read(start_scp: ScpFactory) -> None:
+    events = EventLog()
+    scp = start_scp(association_timeout_s=2, on_event=events)
+    Path("/proc/self/clear_refs").write_text("5", encoding="ascii")  # VmHWM := VmRSS
+    before = vm_hwm()
+    sent = 0
+    with connect_from(scp.port) as attacker:
+        attacker.settimeout(10)
+        attacker.sendall(pdu_header(0x01, 512 * MIB) + b"\x00\x01\x00\x00")
+        chunk = bytes(MIB)
+        with contextlib.suppress(OSError):
+            while sent < 64 * MIB:
+                attacker.sendall(chunk)
+                sent += len(chunk)
+        assert closed_by_peer(attacker)
+    grown = vm_hwm() - before
+    print(f"512 MiB A-ASSOCIATE-RQ: {sent / MIB:.0f} MiB sent before the reset, VmHWM +{grown / MIB:.1f} MiB")
+    assert sent < 64 * MIB, "the SCP read the declared body"
+    assert grown < 16 * MIB
+    assert (REJECTED, PDU_TOO_LARGE) in events.events
+
+
+@pynetdicom_979  # the requestor's socket, reset by the abort, is left for the GC to close
+def test_a_pdu_longer_than_the_cap_aborts_an_established_association(start_scp: ScpFactory) -> None:
+    events = EventLog()
+    scp = start_scp(association_timeout_s=2, max_pdu_bytes=64 * 1024, on_event=events)
+    assoc = associate(scp.port, dcmread(sample("CT_small.dcm")))
+    assert assoc.is_established
+    raw = assoc.dul.socket.socket  # type: ignore[union-attr]
+    assert raw is not None
+    raw.sendall(pdu_header(0x04, MIB) + bytes(16))  # a P-DATA-TF declaring 1 MiB, body withheld
+    assoc.join(15)
+    assert assoc.is_aborted
+    assert (REJECTED, PDU_TOO_LARGE) in events.events
+
+
+@pynetdicom_979  # the refused requestor's socket is left for the GC to close
+def test_connections_beyond_the_per_peer_limit_are_closed_at_accept_and_other_peers_still_associate(
+    start_scp: ScpFactory,
+) -> None:
+    events = EventLog()
+    scp = start_scp(max_associations=4, max_associations_per_peer=2, association_timeout_s=2, on_event=events)
+    held = [connect_from(scp.port) for _ in range(2)]
+    try:
+        dataset = dcmread(sample("CT_small.dcm"))
+        third = associate(scp.port, dataset)
+        assert not third.is_established
+        assert (REJECTED, PEER_LIMIT) in events.events
+        del third
+        gc.collect()  # its unclosed socket warns now, under this test's filter
+        ae = AE(ae_title=MODALITY_AE)
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 5
+        ae.add_requested_context(Verification)
+        other = ae.associate("127.0.0.1", scp.port, ae_title=SCP_AE, bind_address=("127.0.0.2", 0))
+        assert other.is_established
+        assert other.send_c_echo().Status == 0x0000
+        other.release()
+    finally:
+        for sock in held:
+            sock.close()
 
 
 # The SCU
