@@ -18,6 +18,7 @@ import httpx
 import pytest
 from sqlalchemy import create_engine, text
 
+from app.__main__ import main as cli
 from tests.integration.conftest import base_env, medinfer, register_key, serve
 from tests.support.models import write_model
 
@@ -36,6 +37,31 @@ def _events(url: str, action: str) -> list[dict[str, Any]]:
     finally:
         engine.dispose()
     return [{"actor": a, "outcome": o, "detail": d if isinstance(d, dict) else json.loads(d)} for a, o, d in rows]
+
+
+def _assert_trail(url: str) -> None:
+    """What the served test must have left in the audit trail."""
+    failures = _events(url, "auth.failure")
+    counts = {e["detail"]["reason"]: e["detail"]["count"] for e in failures}
+    # The flood, and the two revoked keys tried once each.
+    assert counts == {"missing Authorization header": FLOOD // 2, "unknown or revoked API key": FLOOD // 2 + 2}
+    assert len(failures) == 2  # one per reason, not one per request
+    assert all(e["actor"] is None and e["detail"]["distinct_sources"] == 1 for e in failures)
+    assert "guess" not in json.dumps(failures)
+
+    (forbidden,) = _events(url, "auth.forbidden")
+    assert forbidden["actor"] == "reader"
+    assert forbidden["detail"] == {"scope": "clients:admin", "operation": "listClients"}
+    assert [(e["actor"], e["detail"]["client_id"]) for e in _events(url, "client.register")] == [
+        ("cli", "admin"),
+        ("cli", "reader"),
+        ("admin", "his"),
+    ]
+    assert [(e["actor"], e["detail"]["client_id"]) for e in _events(url, "client.revoke")] == [
+        ("admin", "his"),
+        ("cli", "reader"),
+    ]
+    assert [e["actor"] for e in _events(url, "client.list")] == ["admin", "cli"]
 
 
 def test_admin_trail_against_a_served_process(tmp_path: Path, pg_url: str) -> None:
@@ -85,23 +111,7 @@ def test_admin_trail_against_a_served_process(tmp_path: Path, pg_url: str) -> No
     finally:
         assert served.stop() == 0
 
-    failures = _events(pg_url, "auth.failure")
-    counts = {e["detail"]["reason"]: e["detail"]["count"] for e in failures}
-    assert counts == {"missing Authorization header": FLOOD // 2, "unknown or revoked API key": FLOOD // 2}
-    assert len(failures) == 2  # one per reason, not one per request
-    assert all(e["actor"] is None and e["detail"]["distinct_sources"] == 1 for e in failures)
-    assert "guess" not in json.dumps(failures)
-
-    (forbidden,) = _events(pg_url, "auth.forbidden")
-    assert forbidden["actor"] == "reader"
-    assert forbidden["detail"] == {"scope": "clients:admin", "operation": "listClients"}
-    assert [(e["actor"], e["detail"]["client_id"]) for e in _events(pg_url, "client.register")] == [("admin", "his")]
-    assert [(e["actor"], e["detail"]["client_id"]) for e in _events(pg_url, "client.revoke")] == [
-        ("admin", "his"),
-        ("cli", "reader"),
-    ]
-    assert [e["actor"] for e in _events(pg_url, "client.list")] == ["admin", "cli"]
-
+    _assert_trail(pg_url)
     verified = medinfer(env, "audit", "verify")
     assert verified.returncode == 0, verified.stdout + verified.stderr
     assert json.loads(verified.stdout.splitlines()[-1])["valid"] is True
@@ -109,40 +119,42 @@ def test_admin_trail_against_a_served_process(tmp_path: Path, pg_url: str) -> No
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 def test_revision_0006_refuses_duplicate_client_ids_and_says_how_to_fix_them(
-    tmp_path: Path, request: pytest.FixtureRequest, backend: str
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    backend: str,
 ) -> None:
-    url = None if backend == "sqlite" else request.getfixturevalue("pg_url")
-    env = base_env(tmp_path, tmp_path / "models", url)
-    assert medinfer(env, "migrate", "--revision", "0005").returncode == 0
-    first = register_key(env, "his", "infer")
-    register_key(env, "ris", "infer")
+    url = f"sqlite:///{tmp_path / 'm.db'}" if backend == "sqlite" else request.getfixturevalue("pg_url")
+    monkeypatch.setenv("MEDINFER_ENV", "test")
+    monkeypatch.setenv("MEDINFER_DATA_DIR", str(tmp_path / "var"))
+    monkeypatch.setenv("MEDINFER_DATABASE_URL", url)
+    assert cli(["migrate", "--revision", "0005"]) == 0
+    assert cli(["clients", "register", "--client-id", "his", "--scope", "infer"]) == 0
+    keep = json.loads(capsys.readouterr().out)["api_key"].removeprefix("mi_").partition(".")[0]
     # A second key under "his", as a registration before this fix would have stored it.
-    engine = create_engine(url or f"sqlite:///{tmp_path / 'var' / 'medinfer.db'}")
+    engine = create_engine(url)
     try:
         with engine.begin() as conn:
             conn.execute(
                 text(
                     "INSERT INTO api_client (key_id, client_id, salt, key_hash, scopes, created_at) "
-                    "SELECT 'ffff0000ffff0000', client_id, salt, key_hash, scopes, created_at FROM api_client "
-                    "WHERE client_id = 'his'"
+                    "SELECT 'ffff0000ffff0000', client_id, salt, key_hash, scopes, created_at FROM api_client"
                 )
             )
     finally:
         engine.dispose()
 
-    refused = medinfer(env, "migrate")
-    assert refused.returncode != 0
-    assert "1 client id(s) hold more than one unrevoked API key" in refused.stderr
-    assert "medinfer clients revoke --client-id ID --key-id KEY" in refused.stderr
+    with pytest.raises(RuntimeError, match=r"1 client id\(s\) hold more than one unrevoked API key") as refused:
+        cli(["migrate"])
+    assert "medinfer clients revoke --client-id ID --key-id KEY" in str(refused.value)
 
-    listed = [json.loads(line) for line in medinfer(env, "clients", "list").stdout.splitlines()]
-    keep = first.removeprefix("mi_").partition(".")[0]
-    assert sorted(c["key_id"] for c in listed if c["client_id"] == "his") == sorted([keep, "ffff0000ffff0000"])
-    fixed = medinfer(env, "clients", "revoke", "--client-id", "his", "--key-id", "ffff0000ffff0000")
-    assert fixed.returncode == 0, fixed.stderr
-    migrated = medinfer(env, "migrate")
-    assert migrated.returncode == 0, migrated.stderr
-    duplicate = medinfer(env, "clients", "register", "--client-id", "his", "--scope", "infer")
-    assert duplicate.returncode == 1
-    assert "client-exists" in duplicate.stderr
-    assert medinfer(env, "migrate", "--downgrade", "--revision", "0005").returncode == 0
+    assert cli(["clients", "list"]) == 0
+    listed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert sorted(c["key_id"] for c in listed) == sorted([keep, "ffff0000ffff0000"])
+    assert cli(["clients", "revoke", "--client-id", "his", "--key-id", "ffff0000ffff0000"]) == 0
+    assert cli(["migrate"]) == 0
+    assert cli(["clients", "register", "--client-id", "his", "--scope", "infer"]) == 1
+    assert "client-exists" in capsys.readouterr().err
+    assert cli(["migrate", "--downgrade", "--revision", "0005"]) == 0
+    assert cli(["migrate"]) == 0
