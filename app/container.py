@@ -132,7 +132,6 @@ class Container:
         if self.settings.model_poll_interval_s > 0:
             self._spawn(self._poll_repository(self.settings.model_poll_interval_s, loading), "model-poll")
         if self.checkpointer is not None:
-            await self.checkpointer.checkpoint()
             self._spawn(self.checkpointer.run(self.settings.audit_checkpoint_interval_s), "audit-checkpoint")
         log.info("service starting", extra={"event": "service.start"})
 

@@ -320,7 +320,8 @@ class Checkpointer:
             )
 
     async def run(self, interval_s: float) -> None:
-        """Checkpoint every ``interval_s`` until cancelled."""
+        """Checkpoint now, then every ``interval_s``, until cancelled (a database that is not
+        reachable at start delays nothing but the first checkpoint)."""
         while True:
-            await asyncio.sleep(interval_s)
             await self.checkpoint()
+            await asyncio.sleep(interval_s)
