@@ -74,10 +74,11 @@ RUN groupadd --system --gid 10001 medinfer \
 COPY --from=builder /opt/venv /opt/venv
 COPY models/ /opt/medinfer/models/
 
-# Writable state lives only in /var/lib/medinfer (SQLite in dev, keys, dev credentials) and /tmp;
+# Writable state lives only in /var/lib/medinfer (SQLite in dev, keys, dev credentials),
+# /var/lib/medinfer-audit (signed audit checkpoints, its own volume) and /tmp;
 # the rest of the file system can be mounted read-only. The build fails here if the CUDA provider
 # of ONNX Runtime would not find its CUDA 13 libraries, or cuDNN 9 is absent, on this base.
-RUN install -d -o 10001 -g 10001 -m 0750 /var/lib/medinfer \
+RUN install -d -o 10001 -g 10001 -m 0750 /var/lib/medinfer /var/lib/medinfer-audit \
     && chmod -R a+rX,go-w /opt/medinfer \
     && so="$(echo /opt/venv/lib/python3*/site-packages/onnxruntime/capi/libonnxruntime_providers_cuda.so)" \
     && test -f "$so" \

@@ -28,6 +28,7 @@ from app.inference.spec import iter_model_dirs
 from app.observability.drift import DriftMonitor
 from app.observability.metrics import Metrics
 from app.pipeline import Pipeline
+from app.preprocess.memory import decode_concurrency
 from app.security.clients import PrincipalCache
 from app.security.keys import load_ed25519_public_key
 from app.security.keystore import KeyStore
@@ -102,7 +103,10 @@ class Container:
             checkpointer.public_key if checkpointer is not None else load_verify_key(settings),
         )
         metrics.watch_gpus()
-        pipeline = Pipeline(registry, BatcherPool(metrics), audit, metrics, DriftMonitor(metrics))
+        pipeline = Pipeline(
+            registry, BatcherPool(metrics), audit, metrics, DriftMonitor(metrics),
+            decode_slots=decode_concurrency(settings),
+        )  # fmt: skip
         keys = KeyStore(settings.resolved_keys_dir, settings.key_encryption_key.get_secret_value()).load()
         max_age = timedelta(days=settings.key_max_age_days)
         metrics.watch_keys(lambda: keys.rotation_due(max_age))

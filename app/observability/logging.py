@@ -22,6 +22,12 @@ trace_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("trace
 ALLOWED_EXTRA: Final = frozenset(
     {
         "event",
+        # audit.checkpoint: the signed head, the second copy outside the database (no PHI)
+        "seq",
+        "hash",
+        "signature",
+        "key_id",
+        "replica",
         "code",
         "status",
         "method",

@@ -24,6 +24,8 @@ from typing import Any
 
 import pydicom
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 from pydicom.data import get_testdata_file
@@ -91,6 +93,14 @@ def production(
             pacs_retry_base_s=0.2,
             study_settle_s=0.2,
             **overrides,
+        )
+        # Production refuses to start without the audit checkpoint key, made outside the service.
+        key = settings.resolved_checkpoint_key
+        key.parent.mkdir(parents=True, exist_ok=True)
+        key.write_bytes(
+            Ed25519PrivateKey.generate().private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
         )
         # The CLI (migrate, outbox) reads the environment, as in the container.
         monkeypatch.setenv("MEDINFER_ENV", "production")

@@ -104,6 +104,7 @@ PROBE_PATHS = {"startupProbe": "/livez", "livenessProbe": "/livez", "readinessPr
 SERVER = ("StatefulSet", "medinfer")
 #: Where the server's data volume (a claim per pod) is mounted: MEDINFER_DATA_DIR.
 DATA_DIR = "/var/lib/medinfer"
+CHECKPOINT_DIR = "/var/lib/medinfer-audit"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -301,6 +302,27 @@ CUSTOM_RESOURCE_SCHEMAS: dict[str, dict[str, Any]] = {
                         }
                     ),
                     "resources": _RESOURCES,
+                    "managed": _object(
+                        {
+                            "roles": {
+                                "type": "array",
+                                "items": _object(
+                                    {
+                                        "name": _STRING,
+                                        "ensure": {"enum": ["present", "absent"]},
+                                        "login": {"type": "boolean"},
+                                        "superuser": {"type": "boolean"},
+                                        "createdb": {"type": "boolean"},
+                                        "createrole": {"type": "boolean"},
+                                        "inherit": {"type": "boolean"},
+                                        "replication": {"type": "boolean"},
+                                        "passwordSecret": _object({"name": _STRING}, ("name",)),
+                                    },
+                                    ("name",),
+                                ),
+                            }
+                        }
+                    ),
                 },
                 ("instances", "storage", "bootstrap"),
             ),
@@ -460,9 +482,9 @@ def test_stages_come_in_dependency_order(rendered: dict[str, list[Object]]) -> N
 
 
 def _graceful_shutdown_s() -> int:
-    source = (REPO / "app" / "__main__.py").read_text(encoding="utf-8")
+    source = (REPO / "app" / "transport" / "http" / "server.py").read_text(encoding="utf-8")
     match = re.search(r'"timeout_graceful_shutdown":\s*(\d+)', source)
-    assert match, "app/__main__.py no longer sets uvicorn's timeout_graceful_shutdown"
+    assert match, "app/transport/http/server.py no longer sets uvicorn's timeout_graceful_shutdown"
     return int(match.group(1))
 
 
@@ -533,7 +555,9 @@ def test_pods_are_hardened(rendered: dict[str, list[Object]], overlay: str, kind
     claims = {c["metadata"]["name"] for c in obj["spec"].get("volumeClaimTemplates", [])}
     assert not claims & set(volumes), "a pod volume would shadow the claim of the same name"
     writable = {m["mountPath"] for m in main["volumeMounts"] if not m.get("readOnly")}
-    assert writable == {DATA_DIR, "/tmp"}  # noqa: S108 - the container's own /tmp
+    # The server also appends signed audit checkpoints to a claim of its own.
+    expected = {DATA_DIR, "/tmp"} | ({CHECKPOINT_DIR} if kind_name == SERVER else set())  # noqa: S108
+    assert writable == expected
     for mount in main["volumeMounts"]:
         if mount["name"] in claims:
             assert not mount.get("readOnly"), mount
@@ -580,7 +604,11 @@ def test_secrets_come_from_secrets(rendered: dict[str, list[Object]], overlay: s
     for name in _secret_settings() | {"PGPASSWORD"}:
         assert name in env, f"{kind_name[0]} lacks {name}"
         assert "value" not in env[name], f"{name} must not be a literal"
-        assert env[name]["valueFrom"]["secretKeyRef"]["name"] in {"medinfer-secrets", "medinfer-db-app"}
+        assert env[name]["valueFrom"]["secretKeyRef"]["name"] in {
+            "medinfer-secrets",
+            "medinfer-db-app",
+            "medinfer-db-service",
+        }
     for name, entry in env.items():
         if re.search(r"_KEY$|SECRET|PASSWORD|TOKEN", name):
             assert "valueFrom" in entry, f"{name} is a literal"
@@ -591,11 +619,22 @@ def test_database_url_points_at_the_cnpg_cluster(rendered: dict[str, list[Object
     objects = rendered[overlay]
     cluster = find(objects, "Cluster", "medinfer-db")
     initdb = cluster["spec"]["bootstrap"]["initdb"]
-    for kind, name in (SERVER, ("Job", "medinfer-migrate")):
+    (service_role,) = cluster["spec"]["managed"]["roles"]
+    assert service_role["login"] is True
+    assert not any(service_role[k] for k in ("superuser", "createdb", "createrole", "inherit", "replication"))
+    job = find(objects, "Job", "medinfer-migrate")
+    assert env_of(job)["MEDINFER_DATABASE_SERVICE_ROLE"]["value"] == service_role["name"]
+    # The Job migrates as the owner (the CNPG app Secret); the service runs as a role that owns nothing.
+    logins = {
+        SERVER: (service_role["name"], service_role["passwordSecret"]["name"]),
+        ("Job", "medinfer-migrate"): (initdb["owner"], f"{cluster['metadata']['name']}-app"),
+    }
+    assert service_role["name"] != initdb["owner"]
+    for (kind, name), (username, password_secret) in logins.items():
         obj = find(objects, kind, name)
         url = urlsplit(env_of(obj)["MEDINFER_DATABASE_URL"]["value"])
         assert url.scheme == "postgresql+psycopg", "psycopg 3 is the driver the image installs"
-        assert url.username == initdb["owner"]
+        assert url.username == username
         assert url.password is None, "the password comes from PGPASSWORD (the CNPG app Secret), not the URL"
         assert url.hostname == f"{cluster['metadata']['name']}-rw", "the read-write Service of the cluster"
         assert url.port == 5432
@@ -607,10 +646,7 @@ def test_database_url_points_at_the_cnpg_cluster(rendered: dict[str, list[Object
         volume = next(v for v in kustomize.pod_specs(obj)[0]["volumes"] if v["name"] == mount["name"])
         assert volume["secret"]["secretName"] == f"{cluster['metadata']['name']}-ca"
         assert volume["secret"]["items"] == [{"key": "ca.crt", "path": "ca.crt"}], "never the CA's private key"
-        assert env_of(obj)["PGPASSWORD"]["valueFrom"]["secretKeyRef"] == {
-            "name": f"{cluster['metadata']['name']}-app",
-            "key": "password",
-        }
+        assert env_of(obj)["PGPASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": password_secret, "key": "password"}
 
 
 def _version() -> str:
@@ -665,8 +701,14 @@ def test_data_volume_is_a_claim_per_pod(
     assert env["MEDINFER_DATA_DIR"]["value"] == DATA_DIR
     assert not data_mount.get("readOnly")
     # The data dir is the pod's own claim, which outlives the pod: not an emptyDir.
-    (claim,) = spec["volumeClaimTemplates"]
-    assert claim["metadata"]["name"] == data_mount["name"]
+    claim = next(c for c in spec["volumeClaimTemplates"] if c["metadata"]["name"] == data_mount["name"])
+    checkpoints = next(c for c in spec["volumeClaimTemplates"] if c["metadata"]["name"] != data_mount["name"])
+    checkpoint_mount = next(
+        m for m in container(server)["volumeMounts"] if m["name"] == checkpoints["metadata"]["name"]
+    )
+    assert checkpoint_mount["mountPath"] == env["MEDINFER_AUDIT_CHECKPOINT_DIR"]["value"] == CHECKPOINT_DIR
+    assert not Path(CHECKPOINT_DIR).is_relative_to(DATA_DIR), "checkpoints on a claim apart from the spool"
+    assert checkpoints["spec"]["accessModes"] == ["ReadWriteOnce"]
     assert data_mount["name"] not in {v["name"] for v in pod["volumes"]}
     assert not [v for v in pod["volumes"] if "persistentVolumeClaim" in v], "one claim per pod, from the template"
     assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
@@ -949,8 +991,13 @@ def test_migration_job(rendered: dict[str, list[Object]], overlay: str) -> None:
     assert kustomize.pod_specs(job)[0]["restartPolicy"] == "Never"
     assert container(job)["image"] == container(server)["image"]
     job_env, server_env = env_of(job), env_of(server)
-    for name in ("MEDINFER_ENV", "MEDINFER_DATABASE_URL", "PGPASSWORD", *_secret_settings()):
+    for name in ("MEDINFER_ENV", *_secret_settings()):
         assert job_env[name] == server_env[name], f"{name}: the Job migrates the database the service uses"
+    job_url = urlsplit(job_env["MEDINFER_DATABASE_URL"]["value"])
+    server_url = urlsplit(server_env["MEDINFER_DATABASE_URL"]["value"])
+    assert job_url._replace(netloc=job_url.hostname or "") == server_url._replace(netloc=server_url.hostname or "")
+    assert job_url.port == server_url.port
+    assert job_url.username != server_url.username, "the Job as the owner, the service as its own role"
     assert "probe" not in " ".join(container(job)), "a one-shot Job has nothing to probe"
 
 

@@ -612,21 +612,32 @@ def test_medinfer_keeps_state_in_a_named_volume(compose: dict[str, Any], service
 def test_database_url_matches_postgres_service(services: dict[str, dict[str, Any]]) -> None:
     raw_env = services["medinfer"]["environment"]
     migrate_env = services["migrate"]["environment"]
-    # migrate shares every setting it has with serve; serve adds only its DICOM node's.
-    assert {k: raw_env.get(k) for k in migrate_env} == migrate_env, "migrate and serve use the same settings"
-    assert {k for k in raw_env if k not in migrate_env} == DIMSE_SETTINGS
+    # migrate shares every setting with serve but its login (the owner's) and the service role it
+    # grants; serve adds only its DICOM node's and its audit checkpoint directory.
+    logins = {"MEDINFER_DATABASE_URL", "MEDINFER_DATABASE_SERVICE_ROLE"}
+    shared = {k: v for k, v in migrate_env.items() if k not in logins}
+    assert {k: raw_env.get(k) for k in shared} == shared, "migrate and serve use the same settings"
+    assert {k for k in raw_env if k not in migrate_env} == DIMSE_SETTINGS | {"MEDINFER_AUDIT_CHECKPOINT_DIR"}
     postgres_env = services["postgres"]["environment"]
-    url = re.fullmatch(
-        r"postgresql\+psycopg://(?P<user>[^:]+):(?P<password>[^@]+)@(?P<host>[^:/]+):(?P<port>\d+)/(?P<db>\w+)",
-        interpolate(raw_env["MEDINFER_DATABASE_URL"]),
-    )
-    assert url, raw_env["MEDINFER_DATABASE_URL"]
-    assert url["host"] == "postgres"
-    assert url["port"] == "5432"
-    assert url["user"] == postgres_env["POSTGRES_USER"]
-    assert url["db"] == postgres_env["POSTGRES_DB"]
-    assert url["password"] == interpolate(postgres_env["POSTGRES_PASSWORD"])
-    assert "${POSTGRES_PASSWORD" in raw_env["MEDINFER_DATABASE_URL"]
+    pattern = r"postgresql\+psycopg://(?P<user>[^:]+):(?P<password>[^@]+)@(?P<host>[^:/]+):(?P<port>\d+)/(?P<db>\w+)"
+    owner = re.fullmatch(pattern, interpolate(migrate_env["MEDINFER_DATABASE_URL"]))
+    service = re.fullmatch(pattern, interpolate(raw_env["MEDINFER_DATABASE_URL"]))
+    assert owner, migrate_env["MEDINFER_DATABASE_URL"]
+    assert service, raw_env["MEDINFER_DATABASE_URL"]
+    for url in (owner, service):
+        assert url["host"] == "postgres"
+        assert url["port"] == "5432"
+        assert url["db"] == postgres_env["POSTGRES_DB"]
+    # migrate logs in as the owner of the tables, the service as a role that owns nothing.
+    assert owner["user"] == postgres_env["POSTGRES_USER"]
+    assert owner["password"] == interpolate(postgres_env["POSTGRES_PASSWORD"])
+    assert "${POSTGRES_PASSWORD" in migrate_env["MEDINFER_DATABASE_URL"]
+    assert service["user"] == migrate_env["MEDINFER_DATABASE_SERVICE_ROLE"] != owner["user"]
+    assert service["password"] == interpolate(postgres_env["MEDINFER_APP_DB_PASSWORD"])
+    assert "${MEDINFER_APP_DB_PASSWORD" in raw_env["MEDINFER_DATABASE_URL"]
+    init = (COMPOSE_DIR / "postgres-init" / "10-service-role.sh").read_text(encoding="utf-8")
+    assert f"CREATE ROLE {service['user']} LOGIN NOSUPERUSER" in init
+    assert "./deploy/compose/postgres-init:/docker-entrypoint-initdb.d:ro" in services["postgres"]["volumes"]
 
 
 def _placeholder_secret() -> str:
