@@ -293,6 +293,14 @@ class Metrics:
             ["reason"],
             registry=self.registry,
         )
+        self.dimse_rejections = Counter(
+            "medinfer_dimse_rejections_total",
+            "DIMSE connections and associations refused or aborted, by reason (calling-ae-not-allowed, "
+            "called-ae-not-recognised, association-limit, peer-limit, connection-limit, pdu-too-large, "
+            "association-timeout, pdu-timeout).",
+            ["reason"],
+            registry=self.registry,
+        )
         self.auth_failures = Counter(
             "medinfer_auth_failures_total",
             "Rejected authentications by reason.",
