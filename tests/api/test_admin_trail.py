@@ -97,7 +97,15 @@ def test_clients_are_listed_without_secrets_and_the_listing_is_audited(
     assert entry["scopes"] == ["infer"]
     assert entry["revoked_at"] is None
     assert entry["created_at"].endswith(("Z", "+00:00"))
-    assert set(entry) == {"client_id", "key_id", "scopes", "created_at", "revoked_at", "seals_results", "signs_payloads"}
+    assert set(entry) == {
+        "client_id",
+        "key_id",
+        "scopes",
+        "created_at",
+        "revoked_at",
+        "seals_results",
+        "signs_payloads",
+    }
     with sqlite3.connect(migrated.sqlalchemy_url.removeprefix("sqlite:///")) as db:
         (salt, key_hash) = db.execute("SELECT salt, key_hash FROM api_client WHERE client_id = 'his-list'").fetchone()
     assert salt not in response.text
@@ -133,7 +141,7 @@ def test_revocation_applies_at_once_despite_the_cache_is_audited_and_frees_the_i
         ("nobody-here", 404, "client-not-found"),
         ("x" * 129, 422, "invalid-request"),
         ("-leading-dash", 422, "invalid-request"),
-        ("admin", 422, "invalid-request"),  # itself: it would lock itself out
+        ("admin", 403, "forbidden"),  # itself: it would lock itself out
     ],
 )
 def test_revocation_refusals(client: TestClient, admin_key: str, client_id: str, status: int, code: str) -> None:

@@ -8,7 +8,7 @@ from typing import Annotated, Any, Final
 from fastapi import APIRouter, Depends, Path, Request, status
 
 from app.domain import VersionStatus
-from app.errors import ClientExistsError, ClientNotFoundError, InvalidRequestError, MedinferError
+from app.errors import ClientExistsError, ClientNotFoundError, MedinferError, PermissionDeniedError
 from app.security.clients import (
     CLIENT_ID_PATTERN,
     list_clients,
@@ -196,7 +196,7 @@ async def list_registered_clients(
         "Revokes every unrevoked key of the client and returns all of its keys. Idempotent. The key "
         "is refused at once by this process; other replicas may admit it for up to "
         "`MEDINFER_AUTH_CACHE_S` seconds (their cache of authenticated keys). A client cannot "
-        "revoke itself (422): use another administrator or `medinfer clients revoke`. The id is "
+        "revoke itself (403): use another administrator or `medinfer clients revoke`. The id is "
         "free for a new registration afterwards. Audited as `client.revoke`. Scope `clients:admin`."
     ),
     responses={**_client_responses(401, 403, 404, 422, *COMMON_ERRORS)},
@@ -205,7 +205,11 @@ async def revoke_registered_client(
     client_id: ClientId, request: Request, container: ContainerDep, db: DbDep, principal: ClientsAdmin
 ) -> ClientList:
     if client_id == principal.client_id:
-        raise InvalidRequestError("a client cannot revoke itself: use another administrator or the CLI")
+        # Schemathesis and careless scripts alike would otherwise lock the last administrator out.
+        await record_action(
+            request, container, principal, "client.revoke", "failure", client_id=client_id, reason="self"
+        )
+        raise PermissionDeniedError("a client cannot revoke itself: use another administrator or the CLI")
     keys = await db.run_sync(lambda sync_db: revoke_client(sync_db, client_id))
     await db.commit()
     container.principals.forget_client(client_id)
