@@ -70,6 +70,24 @@ def _read_until_closed(sock: socket.socket) -> tuple[bytes, float]:
     return received, time.monotonic() - started
 
 
+def _read_response(sock: socket.socket) -> bytes:
+    """One response with a Content-Length, read whole (its head and body may come apart)."""
+    received = b""
+    while b"\r\n\r\n" not in received:
+        chunk = sock.recv(64 * KIB)
+        assert chunk, f"connection closed mid-response: {received[:80]!r}"
+        received += chunk
+    head, body = received.split(b"\r\n\r\n", 1)
+    length = next(
+        int(line.split(b":")[1]) for line in head.lower().split(b"\r\n") if line.startswith(b"content-length:")
+    )
+    while len(body) < length:
+        chunk = sock.recv(64 * KIB)
+        assert chunk, "connection closed mid-body"
+        body += chunk
+    return head + b"\r\n\r\n" + body
+
+
 def _status(response: bytes) -> int:
     return int(response.split(b" ", 2)[1])
 
@@ -178,6 +196,19 @@ def test_headers_trickled_byte_by_byte_do_not_outlast_the_timeout(limited: tuple
             if time.monotonic() - started > PATIENCE_S:
                 break
     assert closed, "the server kept reading a trickled header"
+
+
+def test_an_idle_keep_alive_connection_outlives_the_header_timeout(limited: tuple[Served, dict[str, str]]) -> None:
+    """Idle between requests is the keep-alive timeout's business (75 s), not the header timeout's."""
+    served, _ = limited
+    request = b"GET /livez HTTP/1.1\r\nHost: medinfer\r\n\r\n"
+    with _connect(served) as sock:
+        sock.sendall(request)
+        assert _read_response(sock).startswith(b"HTTP/1.1 200 ")
+        readable, _, _ = select.select([sock], [], [], 2.5 * HEADER_TIMEOUT_S)
+        assert readable == [], "the server closed an idle kept-alive connection at the header timeout"
+        sock.sendall(request)
+        assert _read_response(sock).startswith(b"HTTP/1.1 200 ")
 
 
 def test_a_stalled_authenticated_body_gets_408_and_the_connection_closes(
