@@ -136,7 +136,18 @@ class LimitedH11Protocol(H11Protocol):
         self.requests += 1
         if self.requests >= self.limits.max_requests:
             # The cycle's task has not run yet, so its first response already sees these.
-            self.cycle.keep_alive = False
+            self._close_after_response()
+
+    def shutdown(self) -> None:
+        """Graceful shutdown: the request in progress is answered with ``Connection: close``,
+        as uvicorn's httptools protocol says it (its h11 protocol closes without saying so)."""
+        super().shutdown()
+        if self.cycle is not None and not self.cycle.response_started:
+            self._close_after_response()
+
+    def _close_after_response(self) -> None:
+        self.cycle.keep_alive = False
+        if CLOSE_HEADER not in self.cycle.default_headers:
             self.cycle.default_headers = [*self.cycle.default_headers, CLOSE_HEADER]
 
     def on_response_complete(self) -> None:
