@@ -33,6 +33,7 @@ HEADER_TIMEOUT_S = 1
 BODY_TIMEOUT_S = 1
 MAX_REQUESTS = 3
 MAX_CONNECTIONS = 50
+MAX_CONCURRENCY = 2
 #: How long a test waits for the server to act on a 1 s limit before calling it a failure.
 PATIENCE_S = 15.0
 PROBLEM = "application/problem+json"
@@ -310,20 +311,22 @@ def test_an_anonymous_admin_body_is_refused_without_being_buffered(limited: tupl
 
 
 @pytest.fixture(scope="module")
-def capped(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    """A server that holds at most 50 connections, with a header timeout long enough to tell a
-    connection closed at once from one timed out."""
+def capped(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Served, str]]:
+    """A server that holds at most 50 connections and 2 requests in flight, with a header
+    timeout long enough to tell a connection closed at once from one timed out."""
     tmp_path = tmp_path_factory.mktemp("http-capped")
     repo = tmp_path / "models"
     write_model(repo, "alpha", {"1": 1})
     env = base_env(tmp_path, repo, None) | {
         "MEDINFER_HTTP_MAX_CONNECTIONS": str(MAX_CONNECTIONS),
+        "MEDINFER_HTTP_MAX_CONCURRENCY": str(MAX_CONCURRENCY),
         "MEDINFER_HTTP_HEADER_TIMEOUT_S": "120",
     }
     assert medinfer(env, "migrate").returncode == 0
+    key = register_key(env, "feedback-writer", "feedback:write")
     served = serve(env, tmp_path / "serve.log")
     try:
-        yield served
+        yield served, key
     finally:
         served.stop()
 
@@ -345,7 +348,8 @@ def _closed_by_server(socks: list[socket.socket], expected: int, wait_s: float) 
     return closed
 
 
-def test_connections_beyond_the_cap_are_closed_at_once_and_service_resumes(capped: Served) -> None:
+def test_connections_beyond_the_cap_are_closed_at_once_and_service_resumes(capped: tuple[Served, str]) -> None:
+    capped, _ = capped
     pid = capped.process.pid
     baseline = _open_descriptors(pid)
     held: list[socket.socket] = []
@@ -380,3 +384,48 @@ def test_connections_beyond_the_cap_are_closed_at_once_and_service_resumes(cappe
     finally:
         for sock in held:
             sock.close()
+
+
+def test_requests_in_flight_are_capped_but_idle_connections_are_not_load(capped: tuple[Served, str]) -> None:
+    served, key = capped
+    idle: list[http.client.HTTPConnection] = []
+    stalled: list[socket.socket] = []
+    host, port = _address(served)
+    try:
+        # Kept-alive connections that answered and now wait: a load balancer's pool. uvicorn's own
+        # limit_concurrency counted them, so 2 of them would have turned every request away.
+        for _ in range(MAX_CONCURRENCY + 3):
+            connection = http.client.HTTPConnection(host, port, timeout=PATIENCE_S)
+            connection.request("GET", "/livez")
+            assert connection.getresponse().read() is not None
+            idle.append(connection)
+        assert httpx.get(f"{served.base_url}/livez", timeout=10).status_code == 200
+        # Two authenticated bodies that stall (the body timeout is 30 s): two requests in flight.
+        body = json.dumps(FEEDBACK_EXAMPLE).encode()
+        head = (
+            "POST /v1/feedback HTTP/1.1\r\nHost: medinfer\r\nContent-Type: application/json\r\n"
+            f"Authorization: Bearer {key}\r\nContent-Length: {len(body)}\r\n\r\n"
+        ).encode()
+        for _ in range(MAX_CONCURRENCY):
+            sock = _connect(served)
+            sock.sendall(head + body[:10])
+            stalled.append(sock)
+        deadline = time.monotonic() + PATIENCE_S
+        while (refused := httpx.get(f"{served.base_url}/livez", timeout=10)).status_code == 200:
+            assert time.monotonic() < deadline, "a third request in flight was never refused"
+            time.sleep(0.05)
+        assert refused.status_code == 429, refused.text  # MEDINFER_OVERLOAD_STATUS, as a full queue answers
+        assert refused.headers["content-type"] == PROBLEM
+        assert refused.headers["retry-after"] == "1"
+        assert refused.json()["code"] == "overloaded"
+        for sock in stalled:
+            sock.close()
+        deadline = time.monotonic() + PATIENCE_S
+        while httpx.get(f"{served.base_url}/livez", timeout=10).status_code != 200:
+            assert time.monotonic() < deadline, "service did not resume once the stalled requests ended"
+            time.sleep(0.05)
+    finally:
+        for sock in stalled:
+            sock.close()
+        for connection in idle:
+            connection.close()

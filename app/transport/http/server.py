@@ -7,7 +7,8 @@ The parser is h11, not httptools: h11 caps the bytes it buffers for an incomplet
 request line and headers) and parses them in linear time, where uvicorn's httptools protocol
 accepts headers of any size and joins their pieces in quadratic time. uvicorn has no limit on
 how long headers may take, how many connections a process holds or how many requests one
-connection makes; :class:`LimitedH11Protocol` adds those three. The body-read timeout and the
+connection makes, and its concurrency limit counts idle connections as load;
+:class:`LimitedH11Protocol` adds those and limits the requests in flight. The body-read timeout and the
 body caps live in the ASGI middleware (``middleware.py``), where the body is read.
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import logging
 import os
 import resource
@@ -34,8 +36,8 @@ from uvicorn.protocols.http.h11_impl import H11Protocol, RequestResponseCycle
 from uvicorn.server import ServerState
 
 from app.config import Settings
-from app.errors import RequestTimeoutError
-from app.transport.http.problems import PROBLEM_MEDIA_TYPE, problem_bytes
+from app.errors import OverloadedError, RequestTimeoutError
+from app.transport.http.problems import PROBLEM_MEDIA_TYPE, problem_body, problem_bytes
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +54,8 @@ class ConnectionLimits:
     max_connections: int
     max_requests: int
     max_header_bytes: int
+    max_concurrency: int = 512
+    overload_status: int = 503
 
     @classmethod
     def of(cls, settings: Settings) -> ConnectionLimits:
@@ -60,6 +64,8 @@ class ConnectionLimits:
             max_connections=settings.http_max_connections,
             max_requests=settings.http_max_requests_per_connection,
             max_header_bytes=settings.http_max_header_bytes,
+            max_concurrency=settings.http_max_concurrency,
+            overload_status=settings.overload_status,
         )
 
 
@@ -128,7 +134,17 @@ class LimitedH11Protocol(H11Protocol):
 
     def handle_events(self) -> None:
         before = self.cycle
-        super().handle_events()
+        if len(self.tasks) >= self.limits.max_concurrency:
+            # Requests in flight, not connections (uvicorn's own limit_concurrency counts both, so
+            # a pool of idle kept-alive connections would turn every request away). A request whose
+            # headers complete now is answered by ``_overloaded`` instead of the application.
+            app, self.app = self.app, functools.partial(_overloaded, self.limits.overload_status)
+            try:
+                super().handle_events()
+            finally:
+                self.app = app
+        else:
+            super().handle_events()
         if self.cycle is before:
             return
         # A request's headers arrived (at most one per call: h11 pauses until it is answered).
@@ -191,6 +207,17 @@ class LimitedH11Protocol(H11Protocol):
         self.transport.close()
 
 
+async def _overloaded(status: int, _scope: Any, _receive: Any, send: Any) -> None:
+    """The answer to a request beyond ``max_concurrency``: problem+json with Retry-After."""
+    body = json.dumps(
+        problem_body(OverloadedError("the server is handling its maximum of requests at once"), status=status),
+        separators=(",", ":"),
+    ).encode()
+    headers = [(b"content-type", PROBLEM_MEDIA_TYPE.encode()), (b"retry-after", b"1"), (b"connection", b"close")]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
 def raise_descriptor_limit(max_connections: int) -> int:
     """Raise the soft RLIMIT_NOFILE to the hard one; returns the soft limit now in force.
 
@@ -225,7 +252,6 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
         # A partial of a module-level class, so that it pickles into worker processes.
         "http": functools.partial(LimitedH11Protocol, limits=ConnectionLimits.of(settings)),
         "h11_max_incomplete_event_size": settings.http_max_header_bytes,
-        "limit_concurrency": settings.http_max_concurrency,
         # No operation speaks WebSocket; an upgraded connection would also leave the connection count.
         "ws": "none",
     }
