@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import signal
 import sys
@@ -86,17 +87,29 @@ def _cmd_keys(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def register_api_client(
-    settings: Settings, client_id: str, scopes: Sequence[Scope], **public_keys: dict[str, Any] | None
+    settings: Settings,
+    client_id: str,
+    scopes: Sequence[Scope],
+    *,
+    replace: bool = False,
+    **public_keys: dict[str, Any] | None,
 ) -> str:
-    """Register a client (``encryption_jwk`` / ``signing_jwk`` optional) and return its API key."""
+    """Register a client (``encryption_jwk`` / ``signing_jwk`` optional) and return its API key.
+
+    With ``replace``, the client's keys in use are revoked first, in the same transaction (a
+    client id holds one unrevoked key)."""
     from sqlalchemy.orm import Session  # noqa: PLC0415
 
     from app.db import create_sync_engine  # noqa: PLC0415
-    from app.security.clients import register_client  # noqa: PLC0415
+    from app.errors import ClientNotFoundError  # noqa: PLC0415
+    from app.security.clients import register_client, revoke_client  # noqa: PLC0415
 
     engine = create_sync_engine(settings)
     try:
         with Session(engine) as db, db.begin():
+            if replace:
+                with contextlib.suppress(ClientNotFoundError):
+                    revoke_client(db, client_id)
             return register_client(db, client_id, scopes, **public_keys).api_key
     finally:
         engine.dispose()
@@ -130,7 +143,8 @@ def _dev_init(settings: Settings) -> int:
     if creds.exists() and _key_registered(settings, json.loads(creds.read_text(encoding="utf-8"))["api_key"]):
         print(f"dev credentials already in {creds}")
         return 0
-    key = register_api_client(settings, "dev", list(Scope))
+    # The credentials file was lost (or names a key no longer registered): a new key replaces it.
+    key = register_api_client(settings, "dev", list(Scope), replace=True)
     creds.parent.mkdir(parents=True, exist_ok=True)
     creds.unlink(missing_ok=True)
     creds.write_text(json.dumps({"client_id": "dev", "api_key": key}, indent=2), encoding="utf-8")

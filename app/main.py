@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -20,7 +20,9 @@ from app.imaging.service import build_imaging
 from app.observability.logging import configure_logging
 from app.observability.metrics import Metrics
 from app.observability.tracing import instrument
+from app.security.failures import AuthFailureLog
 from app.transport.dimse.node import dimse_scp, pacs_sender
+from app.transport.dimse.scp import REJECTED
 from app.transport.http import (
     routes_admin,
     routes_audit,
@@ -138,6 +140,16 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
     return app.openapi_schema
 
 
+def _dimse_counter(metrics: Metrics) -> Callable[[str, str], None]:
+    """The SCP's ``on_event`` hook: associations and connections refused, by reason."""
+
+    def count(outcome: str, code: str) -> None:
+        if outcome == REJECTED:
+            metrics.dimse_rejections.labels(reason=code).inc()
+
+    return count
+
+
 def create_app(settings: Settings) -> FastAPI:
     """The application for ``settings``. Building it performs no I/O; the lifespan does."""
     metrics = Metrics(service_version())
@@ -153,7 +165,11 @@ def create_app(settings: Settings) -> FastAPI:
         await container.start()
         await imaging.start()
         await feedback.start()
-        scp = dimse_scp(settings, imaging)
+        # Anonymous authentication failures, counted per reason per interval (one audit row each).
+        auth_failures = AuthFailureLog(container.pipeline.record, settings.auth_failure_interval_s)
+        auth_failures.start()
+        app.state.auth_failures = auth_failures
+        scp = dimse_scp(settings, imaging, on_event=_dimse_counter(metrics))
         try:
             if scp is not None:
                 await asyncio.to_thread(scp.start)
@@ -165,6 +181,7 @@ def create_app(settings: Settings) -> FastAPI:
                 await asyncio.to_thread(scp.stop)
             await feedback.aclose()
             await imaging.aclose()
+            await auth_failures.aclose()  # its last counts reach the trail before the audit writer closes
             await container.aclose()
             metrics.mark_process_dead()
 

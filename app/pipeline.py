@@ -148,6 +148,7 @@ class Pipeline:
         audit: AuditWriter | None,
         metrics: Metrics,
         monitor: DriftMonitor | None = None,
+        *,
         decode_slots: int | None = None,
     ) -> None:
         """``audit`` is None only when auditing is switched off for a benchmark baseline;

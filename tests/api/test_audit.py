@@ -16,6 +16,7 @@ from fhir.resources.R4B.auditevent import AuditEvent
 from app.__main__ import main as cli
 from app.config import Settings
 from app.domain import Scope
+from app.main import create_app
 from tests.conftest import register
 
 BODY = {"id": "a-1", "inputs": [{"name": "features", "shape": [1, 3], "datatype": "FP32", "data": [1, 2, 3]}]}
@@ -74,14 +75,22 @@ def test_an_inference_leaves_one_event_with_provenance_and_hashes(
     assert len(event["output_sha256"]) == 64
 
 
-def test_failed_inferences_and_auth_failures_are_audited_too(client: TestClient, keys: dict[str, str]) -> None:
+def test_failed_inferences_are_audited_too_and_anonymous_failures_are_counted(
+    migrated: Settings, keys: dict[str, str]
+) -> None:
     bad = {"inputs": [{"name": "features", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}]}
-    assert client.post("/v2/models/alpha/infer", json=bad, headers=_auth(keys["infer"])).status_code == 422
-    assert client.get("/v1/models", headers=_auth("mi_wrong")).status_code == 401
-    events = client.get("/v1/audit/events", headers=_auth(keys["audit"])).json()["events"]
-    assert [(e["action"], e["outcome"]) for e in events] == [("inference", "failure"), ("auth.failure", "failure")]
-    assert events[0]["detail"] == {"error_code": "invalid-tensor"}
-    assert "mi_wrong" not in json.dumps(events)
+    with TestClient(create_app(migrated)) as client:
+        assert client.post("/v2/models/alpha/infer", json=bad, headers=_auth(keys["infer"])).status_code == 422
+        assert client.get("/v1/models", headers=_auth("mi_wrong")).status_code == 401
+        events = client.get("/v1/audit/events", headers=_auth(keys["audit"])).json()["events"]
+        # The anonymous 401 is tallied, not written at once: one row per reason per interval.
+        assert [(e["action"], e["outcome"]) for e in events] == [("inference", "failure")]
+        assert events[0]["detail"] == {"error_code": "invalid-tensor"}
+    # Shutdown wrote the open interval's tally.
+    with sqlite3.connect(migrated.data_dir / "medinfer.db") as db:
+        ((detail,),) = db.execute("SELECT detail FROM audit_event WHERE action = 'auth.failure'").fetchall()
+    assert json.loads(detail)["count"] == 1
+    assert "mi_wrong" not in detail
 
 
 def test_verify_passes_on_an_intact_chain_and_is_itself_audited(client: TestClient, keys: dict[str, str]) -> None:

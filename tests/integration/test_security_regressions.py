@@ -5,7 +5,8 @@
 5. A 4,000-digit integer as a feature value (``float()`` overflowed: 500), in a record and in a
    v2 tensor; the refused record leaves an audit event.
 6. A JWE JSON serialization whose unprotected header overrides the protected ``cty``.
-9. A 250-character ``jti`` on PostgreSQL (with the client id, past the 256-character column) (it overflowed the column: 503 with Retry-After).
+9. A 250-character ``jti`` on PostgreSQL: with the client id it overflowed the 256-character
+   column, a 503 with Retry-After that a client retries for ever.
 """
 
 from __future__ import annotations

@@ -237,7 +237,8 @@ class LimitedAssociationServer(ThreadedAssociationServer):
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         listener = self.socket
-        assert listener is not None  # noqa: S101 - bound in __init__
+        if listener is None:  # bound in __init__; closed only by shutdown
+            raise OSError("the listening socket is closed")
         sock, address = listener.accept()
         return GuardedSocket.adopt(sock, self._limits, self._reject), address
 

@@ -18,6 +18,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from app import errors as e
 from app.observability.logging import request_id_var
@@ -137,7 +138,25 @@ async def _on_http_exception(request: Request, exc: Exception) -> JSONResponse:
         # FastAPI wraps errors raised while it reads the body (our size cap among them) in a 400.
         return _render(request, exc.__cause__)
     error = _FRAMEWORK_ERRORS.get(exc.status_code) or e.MalformedBodyError("request body could not be read")
-    return _render(request, error, headers=exc.headers)
+    headers = dict(exc.headers or {})
+    if exc.status_code == HTTPStatus.METHOD_NOT_ALLOWED:
+        headers["Allow"] = _allowed_methods(request) or headers.get("Allow", "")
+    return _render(request, error, headers=headers)
+
+
+_METHODS: Final = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
+
+
+def _allowed_methods(request: Request) -> str:
+    """Every method some route takes at this path (RFC 9110 15.5.6). Starlette names only the
+    first matching route's, so a path served by two routes (``GET`` and ``POST
+    /v1/admin/clients``) would advertise one. Probed per method, as routers may be nested."""
+    allowed = []
+    for method in _METHODS:
+        probe = {**request.scope, "method": method}
+        if any(route.matches(probe)[0] is Match.FULL for route in request.app.router.routes):
+            allowed.append(method)
+    return ", ".join(allowed)
 
 
 async def _on_validation_error(request: Request, exc: Exception) -> JSONResponse:
