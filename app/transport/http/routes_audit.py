@@ -89,7 +89,11 @@ def _out(row: AuditEvent) -> AuditEventOut:
     operation_id="verifyAuditChain",
     tags=[TAG],
     summary="Verify the audit chain",
-    description="Walks the whole chain and names the first broken link, if any. Scope `audit:read`.",
+    description=(
+        "Walks the whole chain and names the first broken link, if any, then checks it against the latest "
+        "signed head checkpoint kept outside the database: events missing up to it are a rollback. Scope "
+        "`audit:read`."
+    ),
     responses={**problem_responses(401, 403, 503, *COMMON_ERRORS)},
 )
 async def verify(request: Request, container: ContainerDep, principal: AuditReader) -> AuditVerification:
@@ -105,6 +109,7 @@ async def verify(request: Request, container: ContainerDep, principal: AuditRead
         head_hash=result.head_hash,
         first_broken_seq=result.first_broken_seq,
         reason=result.reason,
+        checkpoint_seq=result.checkpoint_seq,
     )
 
 

@@ -395,6 +395,7 @@ class AuditVerification(_Wire):
                 "head_hash": _HASH_EXAMPLE,
                 "first_broken_seq": 42,
                 "reason": "content does not match its hash (altered)",
+                "checkpoint_seq": 57,
             }
         },
     )
@@ -405,6 +406,11 @@ class AuditVerification(_Wire):
     head_hash: str
     first_broken_seq: int | None
     reason: str | None
+    checkpoint_seq: int | None = Field(
+        default=None,
+        description="The signed checkpoint (outside the database) the chain was checked against: the events "
+        "up to it must be there with the hash it names, or the result is a rollback. None: no checkpoint yet.",
+    )
 
 
 class AuditEventOut(_Wire):
