@@ -71,7 +71,11 @@ def decode_concurrency(
         return settings.decode_concurrency
     cpus = cpus if cpus is not None else available_cpus()
     budget = read_budget(cgroup_root, proc_root)
-    slots = decode_slots(budget.free, per_decode_bytes(settings.dicom_max_pixel_bytes), cpus)
+    # Every uvicorn worker is a process of the same container, each with its own slots: share.
+    free = None if budget.free is None else budget.free // max(1, settings.workers)
+    slots = decode_slots(
+        free, per_decode_bytes(settings.dicom_max_pixel_bytes), max(1, cpus // max(1, settings.workers))
+    )
     log.info(
         "decode concurrency derived",
         extra={
@@ -79,6 +83,7 @@ def decode_concurrency(
             "slots": slots,
             "cpus": cpus,
             "free_bytes": budget.free,
+            "workers": settings.workers,
             "per_decode_bytes": per_decode_bytes(settings.dicom_max_pixel_bytes),
         },
     )

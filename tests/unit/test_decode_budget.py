@@ -123,3 +123,15 @@ def test_unreadable_or_missing_files_fall_back_to_the_cpus(tmp_path: Path) -> No
 
 def test_this_machine_gives_a_sane_answer() -> None:
     assert decode_concurrency(settings()) >= 1
+
+
+def test_workers_of_one_container_share_its_memory(tmp_path: Path, proc: Path) -> None:
+    """Each uvicorn worker is a process with its own slots; together they must fit the limit."""
+    cgroup = tmp_path / "cgroup"
+    write(cgroup / "memory.max", f"{17 * GIB}\n")
+    write(cgroup / "memory.current", f"{1 * GIB}\n")
+    alone = decode_concurrency(settings(), cgroup_root=cgroup, proc_root=proc, cpus=64)
+    per_worker = decode_concurrency(settings(workers=4), cgroup_root=cgroup, proc_root=proc, cpus=64)
+    assert alone == (16 * GIB - HEADROOM_BYTES) // PER_DECODE == 6
+    assert per_worker == (4 * GIB - HEADROOM_BYTES) // PER_DECODE == 1
+    assert 4 * (per_worker * PER_DECODE + HEADROOM_BYTES) <= 16 * GIB
