@@ -197,3 +197,24 @@ def test_finding_6_an_unprotected_cty_cannot_change_how_the_payload_is_parsed(on
     (jwk,) = service.jwks["keys"]
     same = service.predict(_json_jwe(service, recipient={"kid": jwk["kid"]}), "application/jose+json")
     assert same.status_code == 200, same.text
+
+
+def test_a_json_record_over_the_json_cap_is_413_declared_or_streamed(on_sqlite: Service) -> None:
+    """Records are kilobytes: MEDINFER_MAX_JSON_BYTES (8 MiB), not the 64 MiB DICOM body cap."""
+    service = on_sqlite
+    padding = " " * (9 * 1024 * 1024)
+    body = json.dumps({"features": FEATURES}).encode()[:-1] + padding.encode() + b"}"
+    declared = service.predict(body, "application/fhir+json")
+    assert declared.status_code == 413, declared.text
+
+    def chunks() -> Iterator[bytes]:
+        for start in range(0, len(body), 1 << 20):
+            yield body[start : start + (1 << 20)]
+
+    streamed = service.http.post(
+        f"/v1/models/{EHR}/predict",
+        content=chunks(),
+        headers={"Authorization": f"Bearer {service.key}", "Content-Type": "application/json"},
+    )
+    assert streamed.status_code == 413, streamed.text
+    assert service.predict(json.dumps({"features": FEATURES}).encode(), "application/json").status_code == 200

@@ -26,7 +26,7 @@ from app.encoders.explanation import explanation_fhir, explanation_json
 from app.encoders.fhir import risk_assessment
 from app.encoders.json import features_used, prediction, shown_probabilities, validated_input
 from app.encoders.saliency import overlay_png
-from app.errors import InferenceFailedError, NotAcceptableError, UnsupportedMediaTypeError
+from app.errors import InferenceFailedError, NotAcceptableError, PayloadTooLargeError, UnsupportedMediaTypeError
 from app.imaging.service import dicom_limits
 from app.parsing.dicom import DicomInstance, DicomLimits, read_instance
 from app.pipeline import StudyPrediction
@@ -141,6 +141,11 @@ _OPENAPI: Final = {
 }
 
 
+def _is_json(media: str) -> bool:
+    """A record (features or FHIR), not a JWE in its JSON serialization (``application/jose+json``)."""
+    return media in {"application/json", FHIR_JSON}
+
+
 @router.post(
     "/{name}/predict",
     operation_id="predict",
@@ -214,8 +219,15 @@ async def predict(
     wants = media_type_of(accept)
     if wants not in ANSWERS:
         raise NotAcceptableError("answers are application/json, application/fhir+json or application/dicom")
+    json_cap = container.settings.max_json_bytes
+    declared = request.headers.get("content-length", "")
+    if _is_json(media_type_of(request.headers.get("content-type"))) and declared.isdigit() and int(declared) > json_cap:
+        # A record is kilobytes: refused by its declared length, before a byte is read.
+        raise PayloadTooLargeError(f"a JSON record exceeds the {json_cap}-byte limit")
     payload = await read_payload(request, container, principal)
     media = media_type_of(payload.media_type)
+    if _is_json(media) and len(payload.body) > json_cap:  # sent without a length, or inside a JWE
+        raise PayloadTooLargeError(f"a JSON record exceeds the {json_cap}-byte limit")
     if media in {DICOM, MULTIPART_RELATED}:
         return await _predict_images(
             name, request, container, principal, payload, wants, operating_point, explain=explain
