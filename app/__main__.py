@@ -182,13 +182,13 @@ def _cmd_clients(settings: Settings, args: argparse.Namespace) -> int:
     engine = create_sync_engine(settings)
     try:
         if args.clients_command == "list":
-            with Session(engine) as db:
+            with clients.client_store(), Session(engine) as db:
                 listed = clients.list_clients(db)
             audit("client.list", keys=len(listed))
             for info in listed:
                 show(info)
         elif args.clients_command == "revoke":
-            with Session(engine) as db, db.begin():
+            with clients.client_store(), Session(engine) as db, db.begin():
                 revoked = clients.revoke_client(db, args.client_id, key_id=args.key_id)
             audit("client.revoke", client_id=args.client_id, key_ids=[k.key_id for k in revoked])
             for info in revoked:
@@ -199,14 +199,18 @@ def _cmd_clients(settings: Settings, args: argparse.Namespace) -> int:
                 for name, path in (("encryption_jwk", args.encryption_jwk), ("signing_jwk", args.signing_jwk))
             }
             scopes = sorted(clients.parse_scopes(args.scope), key=lambda s: s.value)
-            with Session(engine) as db, db.begin():
+            with clients.client_store(), Session(engine) as db, db.begin():
                 new = clients.register_client(db, args.client_id, scopes, **keys)
             try:
                 audit("client.register", client_id=args.client_id, key_id=new.key_id, scopes=[s.value for s in scopes])
             except MedinferError:
                 # No audit event, no key: it is never printed, and the id must not stay taken.
-                with Session(engine) as db, db.begin():
-                    clients.undo_registration(db, new.key_id)
+                try:
+                    with clients.client_store(), Session(engine) as db, db.begin():
+                        clients.undo_registration(db, new.key_id)
+                except MedinferError:
+                    # Report why the registration failed, not the undo; say which key to revoke.
+                    print(f"registration not undone: revoke key {new.key_id}", file=sys.stderr)
                 raise
             print(json.dumps({"client_id": args.client_id, "api_key": new.api_key}))
     finally:
@@ -220,6 +224,17 @@ def _client_id(value: str) -> str:
 
     try:
         return check_client_id(value)
+    except MedinferError as exc:
+        raise argparse.ArgumentTypeError(exc.detail) from None
+
+
+def _stored_client_id(value: str) -> str:
+    """argparse type for naming an existing client: any id a registration may have stored (also
+    before ids were restricted, such as "HIS Epic"), matched exactly."""
+    from app.security.clients import check_stored_client_id  # noqa: PLC0415
+
+    try:
+        return check_stored_client_id(value)
     except MedinferError as exc:
         raise argparse.ArgumentTypeError(exc.detail) from None
 
@@ -363,7 +378,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="revoke a client's keys (running services refuse them within MEDINFER_AUTH_CACHE_S); the id is "
         "then free for a new registration",
     )
-    revoke.add_argument("--client-id", required=True, type=_client_id)
+    revoke.add_argument(
+        "--client-id", required=True, type=_stored_client_id, help="exactly as listed (any stored id, quoted)"
+    )
     revoke.add_argument("--key-id", default=None, help="revoke only this key of the client (see `clients list`)")
     models = sub.add_parser("models", help="inspect the model repository")
     models_sub = models.add_subparsers(dest="models_command", required=True)

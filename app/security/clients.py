@@ -8,18 +8,25 @@ import json
 import re
 import secrets
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final
 
 from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
 from app.domain import Principal, Scope
-from app.errors import AuthenticationError, ClientExistsError, ClientNotFoundError, InvalidRequestError
+from app.errors import (
+    AuthenticationError,
+    ClientExistsError,
+    ClientNotFoundError,
+    DatabaseUnavailableError,
+    InvalidRequestError,
+)
 from app.security.keys import API_KEY_PREFIX
 from app.security.oauth import MAX_CLIENT_ID_CHARS
 from app.tables import ApiClient
@@ -32,15 +39,42 @@ CLIENT_ID_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9._:-]*$"
 _CLIENT_ID = re.compile(CLIENT_ID_PATTERN)
 
 
+#: What names an existing client (revocation): any id a registration may ever have stored, that
+#: is 1-128 characters without control characters. Before the pattern above, the CLI stored ids as
+#: typed ("HIS Epic", "lab/prod"); they must stay revocable. The value is matched exactly against
+#: the stored one, never interpreted, so only what cannot be stored or printed is refused.
+STORED_CLIENT_ID_PATTERN: Final = r"^[^\x00-\x1f\x7f-\x9f]+$"
+_STORED_CLIENT_ID = re.compile(STORED_CLIENT_ID_PATTERN)
+
+
 def check_client_id(client_id: str) -> str:
     """``client_id`` if it is 1-128 characters of the allowed set; else :class:`InvalidRequestError`
-    (the value itself is not echoed)."""
+    (the value itself is not echoed). For new registrations."""
     if not 1 <= len(client_id) <= MAX_CLIENT_ID_CHARS or _CLIENT_ID.fullmatch(client_id) is None:
         raise InvalidRequestError(
             f"client_id must be 1-{MAX_CLIENT_ID_CHARS} characters: letters, digits and . _ : - "
             "(starting with a letter or digit)"
         )
     return client_id
+
+
+def check_stored_client_id(client_id: str) -> str:
+    """``client_id`` if it could name a stored client (:data:`STORED_CLIENT_ID_PATTERN`); else
+    :class:`InvalidRequestError` (the value itself is not echoed). For revocation."""
+    if not 1 <= len(client_id) <= MAX_CLIENT_ID_CHARS or _STORED_CLIENT_ID.fullmatch(client_id) is None:
+        raise InvalidRequestError(f"client_id must be 1-{MAX_CLIENT_ID_CHARS} characters without control characters")
+    return client_id
+
+
+@contextmanager
+def client_store() -> Iterator[None]:
+    """Translate a failure of the database under the client store into
+    :class:`DatabaseUnavailableError` (503 with ``Retry-After``, exit 1 from the CLI), so an
+    outage is a retryable refusal, not an unexpected error."""
+    try:
+        yield
+    except SQLAlchemyError as exc:
+        raise DatabaseUnavailableError("client store unavailable", retry_after_s=2) from exc
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,8 +186,10 @@ def revoke_client(db: Session, client_id: str, *, key_id: str | None = None) -> 
     Idempotent: revoking a revoked client changes nothing. Raises :class:`ClientNotFoundError`
     when no key of this client (or no such ``key_id`` of it) was ever registered. The caller
     commits; caches of authenticated keys forget the client separately (:class:`PrincipalCache`).
+    Any stored id is accepted (:func:`check_stored_client_id`), also one registered before ids
+    were restricted.
     """
-    check_client_id(client_id)
+    check_stored_client_id(client_id)
     query = select(ApiClient).where(ApiClient.client_id == client_id).order_by(ApiClient.created_at, ApiClient.key_id)
     rows = db.scalars(query).all()
     if key_id is not None:

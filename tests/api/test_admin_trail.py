@@ -4,6 +4,7 @@ audited; a client id names one caller; anonymous failures are counted, not store
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 from typing import Any
 
@@ -140,7 +141,8 @@ def test_revocation_applies_at_once_despite_the_cache_is_audited_and_frees_the_i
     [
         ("nobody-here", 404, "client-not-found"),
         ("x" * 129, 422, "invalid-request"),
-        ("-leading-dash", 422, "invalid-request"),
+        ("-leading-dash", 404, "client-not-found"),  # not registrable now, but may be stored
+        ("a%01b", 422, "invalid-request"),  # a control character names nothing
         ("admin", 403, "forbidden"),  # itself: it would lock itself out
     ],
 )
@@ -217,3 +219,105 @@ def test_cli_refuses_a_client_id_the_schema_refuses(
     err = capsys.readouterr().err
     assert "client_id must be 1-128 characters" in err
     assert client_id not in err or client_id == ""
+
+
+def _store_legacy_client(settings: Settings, client_id: str, key_id: str) -> None:
+    """A row as the CLI stored it before client ids were restricted (it took any string)."""
+    with sqlite3.connect(settings.sqlalchemy_url.removeprefix("sqlite:///")) as db:
+        db.execute(
+            "INSERT INTO api_client (key_id, client_id, salt, key_hash, scopes, created_at) "
+            "VALUES (?, ?, 'salt', 'hash', 'infer', '2024-05-01 10:00:00.000000')",
+            (key_id, client_id),
+        )
+
+
+def _revoked_at(settings: Settings, key_id: str) -> str | None:
+    with sqlite3.connect(settings.sqlalchemy_url.removeprefix("sqlite:///")) as db:
+        (revoked_at,) = db.execute("SELECT revoked_at FROM api_client WHERE key_id = ?", (key_id,)).fetchone()
+    return revoked_at  # type: ignore[no-any-return]
+
+
+def test_ids_stored_before_ids_were_restricted_can_be_revoked_by_cli_and_http(
+    client: TestClient, admin_key: str, migrated: Settings, capsys: pytest.CaptureFixture[str]
+) -> None:
+    legacy = {"HIS Epic": "aaaa000000000001", "lab/prod": "aaaa000000000002", "ris 2/a b": "aaaa000000000003"}
+    for client_id, key_id in legacy.items():
+        _store_legacy_client(migrated, client_id, key_id)
+
+    assert cli(["clients", "revoke", "--client-id", "HIS Epic"]) == 0
+    (revoked,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert (revoked["client_id"], revoked["key_id"]) == ("HIS Epic", legacy["HIS Epic"])
+    assert _revoked_at(migrated, legacy["HIS Epic"]) is not None
+
+    # Over HTTP an id is one percent-encoded path segment; "/" travels as %2F.
+    by_http = client.post("/v1/admin/clients/lab%2Fprod/revoke", headers=_auth(admin_key))
+    assert by_http.status_code == 200, by_http.text
+    assert [(c["client_id"], c["key_id"]) for c in by_http.json()["clients"]] == [("lab/prod", legacy["lab/prod"])]
+    spaced = client.post("/v1/admin/clients/ris%202%2Fa%20b/revoke", headers=_auth(admin_key))
+    assert spaced.status_code == 200, spaced.text
+    assert all(_revoked_at(migrated, key_id) is not None for key_id in legacy.values())
+
+    events = [
+        (e["actor"], e["detail"]["client_id"], e["detail"]["key_ids"]) for e in _events(migrated, "client.revoke")
+    ]
+    assert events == [
+        ("cli", "HIS Epic", [legacy["HIS Epic"]]),
+        ("admin", "lab/prod", [legacy["lab/prod"]]),
+        ("admin", "ris 2/a b", [legacy["ris 2/a b"]]),
+    ]
+    # A new registration still takes only the strict form.
+    refused = client.post(
+        "/v1/admin/clients", json={"client_id": "HIS Epic", "scopes": ["infer"]}, headers=_auth(admin_key)
+    )
+    assert refused.status_code == 422
+
+
+@pytest.mark.parametrize("client_id", ["x" * 129, "", "a\x01b", "tab\there"])
+def test_cli_revoke_refuses_only_what_no_registration_could_have_stored(
+    migrated: Settings, capsys: pytest.CaptureFixture[str], client_id: str
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        cli(["clients", "revoke", f"--client-id={client_id}"])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert "client_id must be 1-128 characters without control characters" in err
+    assert client_id not in err or client_id == ""
+
+
+def test_client_routes_answer_503_while_the_client_store_is_unreachable(migrated: Settings) -> None:
+    settings = migrated.model_copy(update={"auth_cache_s": 300.0})
+    admin = register(settings, *Scope, client_id="admin")
+    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+        wait_ready(client)
+        assert client.get("/v1/admin/clients", headers=_auth(admin)).status_code == 200  # admin now cached
+        with sqlite3.connect(settings.sqlalchemy_url.removeprefix("sqlite:///")) as db:
+            db.execute("ALTER TABLE api_client RENAME TO api_client_away")
+        answers = [
+            client.get("/v1/admin/clients", headers=_auth(admin)),
+            client.post("/v1/admin/clients/his/revoke", headers=_auth(admin)),
+            client.post("/v1/admin/clients", json={"client_id": "his", "scopes": ["infer"]}, headers=_auth(admin)),
+        ]
+    assert [(r.status_code, r.json()["code"]) for r in answers] == [(503, "database-unavailable")] * 3
+    assert all(r.headers["Retry-After"] == "2" for r in answers)
+    assert all("api_client" not in r.text for r in answers)
+
+
+def test_an_unaudited_registration_whose_undo_fails_answers_the_audit_error_and_logs_the_key_id(
+    client: TestClient, admin_key: str, migrated: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    with sqlite3.connect(migrated.sqlalchemy_url.removeprefix("sqlite:///")) as db:
+        db.execute("ALTER TABLE audit_event RENAME TO audit_event_away")
+        # The undo (an UPDATE of revoked_at) fails as it would with the database gone.
+        db.execute("CREATE TRIGGER no_undo BEFORE UPDATE ON api_client BEGIN SELECT RAISE(ABORT, 'down'); END")
+    with caplog.at_level(logging.ERROR, logger="app"):
+        response = client.post(
+            "/v1/admin/clients", json={"client_id": "his-undo", "scopes": ["infer"]}, headers=_auth(admin_key)
+        )
+    assert response.status_code == 503
+    assert response.json()["code"] == "audit-unavailable"
+    assert "api_key" not in response.text
+    with sqlite3.connect(migrated.sqlalchemy_url.removeprefix("sqlite:///")) as db:
+        (key_id,) = db.execute("SELECT key_id FROM api_client WHERE client_id = 'his-undo'").fetchone()
+    (record,) = [r for r in caplog.records if getattr(r, "event", None) == "client.register_undo_failed"]
+    assert record.key_id == key_id  # type: ignore[attr-defined]
+    assert "his-undo" not in record.getMessage()

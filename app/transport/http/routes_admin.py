@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Annotated, Any, Final
 
 from fastapi import APIRouter, Depends, Path, Request, status
 
 from app.domain import VersionStatus
-from app.errors import ClientExistsError, ClientNotFoundError, MedinferError, PermissionDeniedError
+from app.errors import (
+    ClientExistsError,
+    ClientNotFoundError,
+    DatabaseUnavailableError,
+    MedinferError,
+    PermissionDeniedError,
+)
 from app.security.clients import (
-    CLIENT_ID_PATTERN,
+    STORED_CLIENT_ID_PATTERN,
+    client_store,
     list_clients,
     parse_scopes,
     register_client,
@@ -33,6 +41,7 @@ from app.transport.http.schemas import (
 
 router = APIRouter(prefix="/v1/admin")
 TAG: Final = "admin"
+log = logging.getLogger(__name__)
 
 
 def _statuses(name: str, statuses: tuple[VersionStatus, ...]) -> ModelLoadResult:
@@ -85,11 +94,12 @@ async def unload_model(name: ModelName, request: Request, container: ContainerDe
 
 
 def _client_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    """Problem responses whose 404 and 409 examples are about clients, not models."""
+    """Problem responses whose 404, 409 and 503 examples are about clients, not models."""
     responses = problem_responses(*statuses)
     for code, error, detail in (
         (404, ClientNotFoundError, "no client with this client_id (and key id) is registered"),
         (409, ClientExistsError, "a client with this client_id is already registered"),
+        (503, DatabaseUnavailableError, "client store unavailable"),
     ):
         if code in responses:
             example = responses[code]["content"][PROBLEM_MEDIA_TYPE]["example"]
@@ -108,9 +118,13 @@ ClientId = Annotated[
     Path(
         min_length=1,
         max_length=MAX_CLIENT_ID_CHARS,
-        pattern=CLIENT_ID_PATTERN,
+        pattern=STORED_CLIENT_ID_PATTERN,
         examples=["his-epic-prod"],
-        description="The client's id as registered.",
+        description=(
+            "The client's id as registered, percent-encoded as a path segment. Any stored id is "
+            "accepted, also one registered before ids were restricted (`HIS Epic` as `HIS%20Epic`, "
+            "`lab/prod` as `lab%2Fprod`)."
+        ),
     ),
 ]
 
@@ -130,7 +144,7 @@ ClientId = Annotated[
     ),
     status_code=status.HTTP_201_CREATED,
     openapi_extra=json_request_body(ClientRegistration),
-    responses={**_client_responses(400, 401, 403, 409, 415, 422, *COMMON_ERRORS)},
+    responses={**_client_responses(400, 401, 403, 409, 415, 422, 503, *COMMON_ERRORS)},
 )
 async def create_client(
     request: Request,
@@ -143,16 +157,17 @@ async def create_client(
     ],
 ) -> ClientCredentials:
     scopes = parse_scopes(registration.scopes)
-    new = await db.run_sync(
-        lambda sync_db: register_client(
-            sync_db,
-            registration.client_id,
-            scopes,
-            encryption_jwk=registration.encryption_jwk,
-            signing_jwk=registration.signing_jwk,
+    with client_store():
+        new = await db.run_sync(
+            lambda sync_db: register_client(
+                sync_db,
+                registration.client_id,
+                scopes,
+                encryption_jwk=registration.encryption_jwk,
+                signing_jwk=registration.signing_jwk,
+            )
         )
-    )
-    await db.commit()
+        await db.commit()
     granted = sorted(s.value for s in scopes)
     try:
         await record_action(
@@ -161,8 +176,22 @@ async def create_client(
         )  # fmt: skip
     except MedinferError:
         # No audit event, no key: the key was never shown, and the id must not stay taken.
-        await db.run_sync(lambda sync_db: undo_registration(sync_db, new.key_id))
-        await db.commit()
+        try:
+            with client_store():
+                await db.run_sync(lambda sync_db: undo_registration(sync_db, new.key_id))
+                await db.commit()
+        except DatabaseUnavailableError as undo_failed:
+            # The caller learns why the registration failed (the audit error), not that the undo
+            # did too; the unshown key stays registered until an operator revokes it by key id.
+            # No traceback: the driver's message may quote the statement's parameters.
+            log.error(  # noqa: TRY400
+                "unaudited registration not undone: revoke its key",
+                extra={
+                    "event": "client.register_undo_failed",
+                    "key_id": new.key_id,
+                    "exc_type": type(undo_failed.__cause__).__name__,
+                },
+            )
         raise
     return ClientCredentials(client_id=registration.client_id, scopes=granted, api_key=new.api_key)
 
@@ -177,18 +206,20 @@ async def create_client(
         "revoked, and whether JWKs are registered. Never a key, hash or salt. Audited as "
         "`client.list`. Scope `clients:admin`."
     ),
-    responses={**problem_responses(401, 403, *COMMON_ERRORS)},
+    responses={**_client_responses(401, 403, 503, *COMMON_ERRORS)},
 )
 async def list_registered_clients(
     request: Request, container: ContainerDep, db: DbDep, principal: ClientsAdmin
 ) -> ClientList:
-    listed = await db.run_sync(list_clients)
+    with client_store():
+        listed = await db.run_sync(list_clients)
     await record_action(request, container, principal, "client.list", "success", keys=len(listed))
     return ClientList(clients=[RegisteredClient.of(info) for info in listed])
 
 
 @router.post(
-    "/clients/{client_id}/revoke",
+    # ``:path``: a stored id may hold a "/" (sent as %2F, which the server decodes before routing).
+    "/clients/{client_id:path}/revoke",
     operation_id="revokeClient",
     tags=[TAG],
     summary="Revoke an API client",
@@ -199,7 +230,7 @@ async def list_registered_clients(
         "revoke itself (403): use another administrator or `medinfer clients revoke`. The id is "
         "free for a new registration afterwards. Audited as `client.revoke`. Scope `clients:admin`."
     ),
-    responses={**_client_responses(401, 403, 404, 422, *COMMON_ERRORS)},
+    responses={**_client_responses(401, 403, 404, 422, 503, *COMMON_ERRORS)},
 )
 async def revoke_registered_client(
     client_id: ClientId, request: Request, container: ContainerDep, db: DbDep, principal: ClientsAdmin
@@ -210,8 +241,9 @@ async def revoke_registered_client(
             request, container, principal, "client.revoke", "failure", client_id=client_id, reason="self"
         )
         raise PermissionDeniedError("a client cannot revoke itself: use another administrator or the CLI")
-    keys = await db.run_sync(lambda sync_db: revoke_client(sync_db, client_id))
-    await db.commit()
+    with client_store():
+        keys = await db.run_sync(lambda sync_db: revoke_client(sync_db, client_id))
+        await db.commit()
     container.principals.forget_client(client_id)
     # Revoked before it is audited: if the trail is down the caller gets 503 and may retry (the
     # revocation is idempotent); undoing a revocation for want of an audit event would be worse.
