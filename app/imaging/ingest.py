@@ -246,6 +246,10 @@ class ImagingService:
                     "instance refused: its receipt could not be audited",
                     extra={"event": "imaging.receipt_unaudited", "code": exc.code},
                 )
+                # A receipt that timed out may still commit later (the writer's queue keeps it): the
+                # refusal follows it in the trail, so the trail never ends on an acceptance the
+                # sender was told had failed.
+                self._audit_refusal(transport, actor, instance, model, exc)
                 raise
         loop.call_soon_threadsafe(
             self._add, model, actor, instance.study_uid, _Spooled(path, instance.sop_instance_uid)

@@ -164,12 +164,12 @@ class GuardedSocket(socket.socket):
         streaming a declared-huge PDU stops at once.
         """
         log.warning("DIMSE connection aborted", extra={"event": "dimse.connection.aborted", "reason": reason})
+        with contextlib.suppress(Exception):  # counted before the peer can see the close
+            self._on_violation(reason)
         with contextlib.suppress(OSError):
             self.settimeout(_ABORT_SEND_TIMEOUT_S)
             self.sendall(_ABORT_PDU)
         self.close()
-        with contextlib.suppress(Exception):
-            self._on_violation(reason)
         raise PduLimitExceededError(reason)
 
 
