@@ -4,9 +4,10 @@
 Someone with write access to the database but not the key can delete or alter rows, but cannot
 produce MACs that verify, and ``seq`` numbers are gap-free, so :func:`verify` names the first
 link that breaks. The head row's MAC over ``(seq, hash)`` reveals events cut from the end.
-A rollback (events cut from the end and an older head row put back) is caught only by an anchor
-kept outside the database: a signed checkpoint of an earlier head (:mod:`app.audit.checkpoint`),
-which ``verify`` checks the chain against.
+A rollback (events cut from the end and an older head row put back, and perhaps new events
+written after it) is caught only by anchors kept outside the database: signed checkpoints of
+earlier heads (:mod:`app.audit.checkpoint`), every one of which ``verify`` checks the chain
+against.
 """
 
 from __future__ import annotations
@@ -96,15 +97,8 @@ def _row_problem(row: ChainRow, expected_seq: int, expected_prev: str, key: byte
     return None
 
 
-def _rollback(anchor: tuple[int, str] | None, count: int, hash_at_anchor: str | None) -> str | None:
-    if anchor is None:
-        return None
-    seq, anchored_hash = anchor
-    if seq > count:
-        return f"rollback: the signed checkpoint at seq {seq} is past the chain's {count} events"
-    if seq > 0 and hash_at_anchor != anchored_hash:
-        return f"rollback: event {seq} does not have the hash of the signed checkpoint at seq {seq}"
-    return None
+def _rollback_at(seq: int) -> str:
+    return f"rollback: event {seq} does not have the hash of the signed checkpoint at seq {seq}"
 
 
 def verify(
@@ -114,17 +108,20 @@ def verify(
     head_mac_value: str | None,
     key: bytes,
     *,
-    anchor: tuple[int, str] | None = None,
+    checkpoints: Mapping[int, bytes] | None = None,
 ) -> Verification:
     """Walk the chain in ``seq`` order; stop at the first broken link and say why.
 
-    ``anchor`` is ``(seq, hash)`` of the latest trusted checkpoint: a chain that no longer holds
-    that event with that hash was rolled back, however consistent it is otherwise. ``rows`` is
-    consumed once, so it may stream: nothing but the current row is kept.
+    ``checkpoints`` maps the seq of every trusted checkpoint to the hash it signed (raw digest):
+    a chain that no longer holds each of those events with that hash was rolled back, however
+    consistent it is otherwise. Every one is checked, not only the latest: after a rollback new
+    events are written past the old head, and a checkpoint of the rewritten head is genuine too.
+    ``rows`` is consumed once, so it may stream: nothing but the current row is kept.
     """
+    signed = checkpoints or {}
+    latest = max(signed, default=None)
     expected_prev = GENESIS
     count = 0
-    hash_at_anchor: str | None = None
     for row in rows:
         problem = _row_problem(row, count + 1, expected_prev, key)
         if problem is not None:
@@ -138,8 +135,17 @@ def verify(
             )
         expected_prev = row.hash
         count += 1
-        if anchor is not None and row.seq == anchor[0]:
-            hash_at_anchor = row.hash
+        anchored = signed.get(row.seq)
+        if anchored is not None and anchored != bytes.fromhex(row.hash):
+            return Verification(
+                valid=False,
+                events=count,
+                head_seq=head_seq,
+                head_hash=head_hash,
+                first_broken_seq=row.seq,
+                reason=_rollback_at(row.seq),
+                checkpoint_seq=row.seq,
+            )
     problem, at = None, None
     if head_seq != count or head_hash != expected_prev:
         problem, at = f"head says {head_seq} events but the chain holds {count} (truncated)", count + 1
@@ -147,8 +153,8 @@ def verify(
         head_mac_value is None or not hmac.compare_digest(head_mac(key, head_seq, head_hash), head_mac_value)
     ):
         problem, at = "head MAC does not verify", head_seq
-    elif (rolled_back := _rollback(anchor, count, hash_at_anchor)) is not None:
-        problem, at = rolled_back, min(anchor[0] if anchor else count, count + 1)
+    elif latest is not None and latest > count:
+        problem, at = f"rollback: the signed checkpoint at seq {latest} is past the chain's {count} events", count + 1
     return Verification(
         valid=problem is None,
         events=count,
@@ -156,7 +162,7 @@ def verify(
         head_hash=head_hash,
         first_broken_seq=at,
         reason=problem,
-        checkpoint_seq=anchor[0] if anchor is not None else None,
+        checkpoint_seq=latest,
     )
 
 

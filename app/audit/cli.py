@@ -10,7 +10,7 @@ from pathlib import Path
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from app.audit.checkpoint import load_verify_key
+from app.audit.checkpoint import load_verify_keys
 from app.audit.export import to_ndjson_line
 from app.audit.query import EventFilter, iter_events
 from app.audit.recorder import AuditWriter, create_audit_engine
@@ -57,7 +57,7 @@ def run_audit_command(settings: Settings, command: str, *, output: str | None = 
                     reader,
                     settings.audit_hmac_key.get_secret_value().encode(),
                     settings.resolved_checkpoint_dir,
-                    load_verify_key(settings),
+                    load_verify_keys(settings),
                 ).verify()
             finally:
                 reader.dispose()

@@ -4,13 +4,16 @@ The chain is read a page at a time by keyset (``seq > last ORDER BY seq LIMIT pa
 synchronous connection in a worker thread, and each row is hashed and dropped before the next
 page is fetched: memory does not grow with the chain, and the event loop (``/livez``, requests)
 keeps running while 200,000 events are hashed. One verification runs at a time per process;
-further callers wait for it rather than multiply the load.
+further callers wait for it rather than multiply the load, and a caller that gives up (a
+cancelled request) does not free the turn: the walk it started runs on in its thread, and the
+next one starts only when that has finished.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+import threading
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +42,9 @@ def _pages(conn: Connection, upto: int, page: int) -> Iterator[Any]:
 
 
 class ChainVerifier:
-    """Checks the chain in the database against itself, its head MAC and the latest signed
-    checkpoint in ``checkpoint_dir``.
+    """Checks the chain in the database against itself, its head MAC and every signed
+    checkpoint in ``checkpoint_dir`` that verifies under ``public_key`` (one key, or the current
+    one and those retired by rotations).
 
     ``engine`` must be a plain synchronous engine: on SQLite not the audit writer's, whose every
     transaction takes the write lock.
@@ -51,7 +55,7 @@ class ChainVerifier:
         engine: Engine,
         hmac_key: bytes,
         checkpoint_dir: Path,
-        public_key: Ed25519PublicKey | None,
+        public_key: Ed25519PublicKey | Sequence[Ed25519PublicKey] | None,
         page: int = PAGE,
     ) -> None:
         self._engine = engine
@@ -60,9 +64,15 @@ class ChainVerifier:
         self._public_key = public_key
         self._page = page
         self._one_at_a_time = asyncio.Lock()
+        self._walking = threading.Lock()
+        self._running: asyncio.Future[Verification] | None = None
 
     def run(self) -> Verification:
         """Verify every event up to the head read first, so writers appending meanwhile do not count."""
+        with self._walking:
+            return self._run()
+
+    def _run(self) -> Verification:
         # The anchor is read before the head: a checkpoint written meanwhile names a head no
         # later than the one read next, so a live service never looks rolled back.
         anchor = read_anchor(self._checkpoint_dir, self._public_key)
@@ -72,14 +82,20 @@ class ChainVerifier:
                 select(AuditEvent.seq).where(AuditEvent.seq > head.seq).order_by(AuditEvent.seq).limit(1)
             )
             conn.rollback()
-            latest = anchor.latest
             result = verify(
                 _pages(conn, head.seq, self._page),
                 head.seq,
                 head.hash,
                 head.mac,
                 self._hmac_key,
-                anchor=(latest.seq, latest.hash) if latest is not None else None,
+                checkpoints=anchor.signed,
+            )
+        if result.valid and anchor.conflict is not None:
+            return _invalid(
+                result,
+                anchor.conflict,
+                f"rollback: two signed checkpoints at seq {anchor.conflict} name different hashes",
+                anchor.conflict,
             )
         if result.valid and beyond is not None and beyond != head.seq + 1:
             # Rows past the head that a concurrent writer did not put there (its commit moves the head).
@@ -94,11 +110,27 @@ class ChainVerifier:
         return result
 
     async def verify(self) -> Verification:
-        async with self._one_at_a_time:
-            return await asyncio.to_thread(self.run)
+        """One walk at a time. The turn is handed back when the walk's thread ends, not when the
+        caller stops waiting: ``asyncio.Lock`` alone was released on cancellation while the thread
+        went on hashing, so repeated cancelled requests ran several full walks at once."""
+        await self._one_at_a_time.acquire()
+        try:
+            walk = asyncio.ensure_future(asyncio.to_thread(self.run))
+        except BaseException:
+            self._one_at_a_time.release()
+            raise
+        self._running = walk  # the loop keeps only a weak reference to a task
+        walk.add_done_callback(self._walk_done)
+        return await asyncio.shield(walk)
+
+    def _walk_done(self, walk: asyncio.Future[Verification]) -> None:
+        if not walk.cancelled():
+            walk.exception()  # retrieved: a walk nobody waits for any more must not warn at exit
+        self._running = None
+        self._one_at_a_time.release()
 
 
-def _invalid(result: Verification, at: int | None, reason: str) -> Verification:
+def _invalid(result: Verification, at: int | None, reason: str, checkpoint_seq: int | None = None) -> Verification:
     return Verification(
         valid=False,
         events=result.events,
@@ -106,5 +138,5 @@ def _invalid(result: Verification, at: int | None, reason: str) -> Verification:
         head_hash=result.head_hash,
         first_broken_seq=at,
         reason=reason,
-        checkpoint_seq=result.checkpoint_seq,
+        checkpoint_seq=result.checkpoint_seq if checkpoint_seq is None else checkpoint_seq,
     )

@@ -1,5 +1,5 @@
-"""Signed audit checkpoints: signing, the append-only files, refusing what does not verify, and the
-rollback rule of the chain verifier (pure functions; no database)."""
+"""Signed audit checkpoints: signing, the append-only files, refusing what does not verify, keys
+retired by a rotation, and the rollback rule of the chain verifier (pure functions; no database)."""
 
 from __future__ import annotations
 
@@ -15,9 +15,13 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from app.audit.chain import CHAINED, GENESIS, Verification, canonical, head_mac, link_hash, mac, verify
 from app.audit.checkpoint import (
     SUFFIX,
+    key_id,
+    latest_signed,
     load_signing_key,
     load_verify_key,
+    load_verify_keys,
     parse_verified,
+    previous_keys_dir,
     public_key_path,
     read_anchor,
     sign,
@@ -156,9 +160,22 @@ def _chain(n: int, salt: str = "") -> list[Row]:
     return rows
 
 
-def _verify(rows: list[Row], anchor: tuple[int, str] | None) -> Verification:
+def _verify(rows: list[Row], *checkpoints: tuple[int, str]) -> Verification:
     head = rows[-1]
-    return verify(rows, head.seq, head.hash, head_mac(KEY, head.seq, head.hash), KEY, anchor=anchor)
+    signed = {seq: bytes.fromhex(digest) for seq, digest in checkpoints}
+    return verify(rows, head.seq, head.hash, head_mac(KEY, head.seq, head.hash), KEY, checkpoints=signed)
+
+
+def _append(rows: list[Row], n: int, salt: str) -> list[Row]:
+    """``rows`` and ``n`` more events chained after them (what the service writes after a rollback)."""
+    extra = _chain(len(rows) + n, salt=salt)[len(rows) :]
+    prev = rows[-1].hash
+    for row in extra:
+        row.prev_hash = prev
+        row.hash = link_hash(prev, canonical({name: getattr(row, name) for name in CHAINED}))
+        row.mac = mac(KEY, row.hash)
+        prev = row.hash
+    return rows + extra
 
 
 def test_a_chain_that_no_longer_holds_the_checkpointed_head_was_rolled_back() -> None:
@@ -174,15 +191,75 @@ def test_a_chain_that_no_longer_holds_the_checkpointed_head_was_rolled_back() ->
     assert "seq 8" in result.reason
     assert result.checkpoint_seq == 8
     # Cut back to 5, then 3 different events written after: as long as before, other hashes.
-    rewritten = cut + _chain(8, salt="x")[5:]
-    prev = cut[-1].hash
-    for row in rewritten[5:]:
-        row.prev_hash = prev
-        row.hash = link_hash(prev, canonical({name: getattr(row, name) for name in CHAINED}))
-        row.mac = mac(KEY, row.hash)
-        prev = row.hash
-    assert _verify(rewritten, None).valid
+    rewritten = _append(cut, 3, salt="x")
+    assert _verify(rewritten).valid
     result = _verify(rewritten, (8, original[7].hash))
     assert result.valid is False
     assert result.reason is not None
     assert result.reason.startswith("rollback")
+
+
+def test_a_rollback_written_past_is_caught_by_the_older_checkpoint() -> None:
+    """Review finding: checkpoint (8, H8); roll back to 5; the service writes 6..10 anew and
+    signs (10, H'10). The latest checkpoint matches the chain; the one at 8 does not."""
+    original = _chain(8)
+    rewritten = _append(original[:5], 5, salt="x")
+    result = _verify(rewritten, (8, original[7].hash), (10, rewritten[9].hash))
+    assert result.valid is False
+    assert result.reason == "rollback: event 8 does not have the hash of the signed checkpoint at seq 8"
+    assert (result.first_broken_seq, result.checkpoint_seq) == (8, 8)
+    # Every checkpoint of the chain as it is: valid, checked against the latest.
+    result = _verify(rewritten, (3, rewritten[2].hash), (8, rewritten[7].hash), (10, rewritten[9].hash))
+    assert (result.valid, result.checkpoint_seq) == (True, 10)
+
+
+def test_every_checkpoint_of_every_file_is_kept_and_a_conflict_is_named(tmp_path: Path) -> None:
+    private = Ed25519PrivateKey.generate()
+    directory = tmp_path / "checkpoints"
+    _write(directory, "medinfer-0", *(sign(private, s, f"{s:064x}", MOMENT, "medinfer-0").line() for s in (3, 8)))
+    _write(directory, "medinfer-1", sign(private, 10, "a" * 64, MOMENT, "medinfer-1").line())
+    anchor = read_anchor(directory, private.public_key())
+    assert dict(anchor.signed) == {3: bytes.fromhex(f"{3:064x}"), 8: bytes.fromhex(f"{8:064x}"), 10: b"\xaa" * 32}
+    assert anchor.conflict is None
+    # A service before the fix signed the rewritten head at a seq it had signed before.
+    _write(directory, "medinfer-1", sign(private, 8, "b" * 64, MOMENT, "medinfer-1").line())
+    assert read_anchor(directory, private.public_key()).conflict == 8
+
+
+def test_checkpoints_of_a_retired_key_stay_trusted_through_the_previous_directory(tmp_path: Path) -> None:
+    settings = Settings(env="test", data_dir=tmp_path)
+    old = load_signing_key(settings)
+    directory = tmp_path / "checkpoints"
+    _write(directory, "r", sign(old, 5, "a" * 64, MOMENT, "r").line())
+    # The rotation, as docs/operations.md describes it.
+    key_path = settings.resolved_checkpoint_key
+    previous = previous_keys_dir(key_path)
+    previous.mkdir()
+    public_key_path(key_path).rename(previous / "2026-12.pub")
+    key_path.unlink()
+    new = load_signing_key(settings)
+    _write(directory, "r", sign(new, 9, "b" * 64, MOMENT, "r").line())
+
+    assert read_anchor(directory, load_verify_key(settings)).refused == 1, "the current key alone refuses the old line"
+    keys = load_verify_keys(settings)
+    assert keys == (new.public_key(), old.public_key())
+    anchor = read_anchor(directory, keys)
+    assert (anchor.checkpoints, anchor.refused, sorted(anchor.signed)) == (2, 0, [5, 9])
+    # A key that is not one is not silently skipped.
+    (previous / "junk.pub").write_text("not a key")
+    with pytest.raises(AuditUnavailableError, match=r"junk\.pub"):
+        load_verify_keys(settings)
+
+
+def test_the_last_signed_checkpoint_is_found_without_trusting_forged_lines(tmp_path: Path) -> None:
+    private = Ed25519PrivateKey.generate()
+    keys = {key_id(private.public_key()): private.public_key()}
+    directory = tmp_path / "checkpoints"
+    assert latest_signed(directory, keys) is None
+    genuine = [sign(private, s, f"{s:064x}", MOMENT, "r") for s in range(1, 30)]
+    _write(directory, "r", *(c.line() for c in genuine))
+    assert latest_signed(directory, keys) == genuine[-1]
+    # More forged lines with higher seqs than there are candidates: the genuine one is still found.
+    forged = [json.loads(sign(Ed25519PrivateKey.generate(), s, "f" * 64, MOMENT, "x").line()) for s in range(90, 110)]
+    _write(directory, "x", *(json.dumps(f | {"key_id": genuine[0].key_id}).encode() + b"\n" for f in forged))
+    assert latest_signed(directory, keys) == genuine[-1]
