@@ -5,12 +5,16 @@
 - a duplicate ``client_id`` is a 409 (it was accepted, so a new key could act under an existing
   caller's name), and revision 0006 refuses a database that already holds duplicates;
 - revoked keys are refused (``MEDINFER_AUTH_CACHE_S=0``), over HTTP and from the CLI;
-- registrations, listings, revocations and 403s leave audit events, and the chain verifies.
+- registrations, listings, revocations and 403s leave audit events, and the chain verifies;
+- client ids stored before ids were restricted ("HIS Epic", "lab/prod") can be revoked, from the CLI
+  and over HTTP as a percent-encoded segment (each was refused as malformed);
+- while PostgreSQL is down the client routes answer 503 with Retry-After (they answered 500).
 """
 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +23,7 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from app.__main__ import main as cli
-from tests.integration.conftest import base_env, medinfer, register_key, serve
+from tests.integration.conftest import PrivatePostgres, base_env, medinfer, register_key, serve
 from tests.support.models import write_model
 
 pytestmark = pytest.mark.integration
@@ -158,3 +162,56 @@ def test_revision_0006_refuses_duplicate_client_ids_and_says_how_to_fix_them(
     assert "client-exists" in capsys.readouterr().err
     assert cli(["migrate", "--downgrade", "--revision", "0005"]) == 0
     assert cli(["migrate"]) == 0
+
+
+def test_legacy_ids_are_revocable_and_an_outage_is_a_503_against_a_served_process(
+    tmp_path: Path, private_pg: PrivatePostgres
+) -> None:
+    repo = tmp_path / "models"
+    write_model(repo, "alpha", {"1": 1})
+    env = base_env(tmp_path, repo, private_pg.url) | {"MEDINFER_AUTH_CACHE_S": "300"}
+    assert medinfer(env, "migrate").returncode == 0
+    admin = register_key(env, "admin", "clients:admin")
+    engine = create_engine(private_pg.url)
+    try:
+        with engine.begin() as conn:
+            for key_id, client_id in (("aaaa000000000001", "HIS Epic"), ("aaaa000000000002", "lab/prod")):
+                conn.execute(
+                    text(
+                        "INSERT INTO api_client (key_id, client_id, salt, key_hash, scopes, created_at) "
+                        "VALUES (:k, :c, 'salt', 'hash', 'infer', now())"
+                    ),
+                    {"k": key_id, "c": client_id},
+                )
+    finally:
+        engine.dispose()
+    revoked = medinfer(env, "clients", "revoke", "--client-id", "HIS Epic")
+    assert revoked.returncode == 0, revoked.stderr
+    assert json.loads(revoked.stdout)["revoked_at"] is not None
+
+    served = serve(env, tmp_path / "serve.log")
+    try:
+        with httpx.Client(base_url=served.base_url, timeout=30, headers={"Authorization": f"Bearer {admin}"}) as http:
+            by_http = http.post("/v1/admin/clients/lab%2Fprod/revoke")
+            assert by_http.status_code == 200, by_http.text
+            assert [c["client_id"] for c in by_http.json()["clients"]] == ["lab/prod"]
+            listed = http.get("/v1/admin/clients")  # the admin key is now cached for 300 s
+            assert all(c["revoked_at"] for c in listed.json()["clients"] if c["client_id"] != "admin")
+
+            private_pg.stop("immediate")
+            down = [http.get("/v1/admin/clients"), http.post("/v1/admin/clients/lab%2Fprod/revoke")]
+            private_pg.start()
+            deadline = time.monotonic() + 30
+            while (back := http.get("/v1/admin/clients")).status_code != 200 and time.monotonic() < deadline:
+                time.sleep(0.2)
+    finally:
+        assert served.stop() == 0
+
+    assert [(r.status_code, r.json()["code"]) for r in down] == [(503, "database-unavailable")] * 2
+    assert all(r.headers.get("Retry-After") == "2" for r in down)
+    assert back.status_code == 200
+    assert "unhandled error" not in served.log_path.read_text(encoding="utf-8")
+    assert [(e["actor"], e["detail"]["client_id"]) for e in _events(private_pg.url, "client.revoke")] == [
+        ("cli", "HIS Epic"),
+        ("admin", "lab/prod"),
+    ]
