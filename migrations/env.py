@@ -19,13 +19,18 @@ from app.db import create_sync_engine
 from app.tables import Base
 
 #: Every table the service touches, and the least it needs. A table missing here is not
-#: reachable by the service at all: a revision that adds one adds its line here.
+#: reachable by the service at all: a revision that adds one adds its line here. UPDATE is
+#: granted on the columns the service writes, never on the whole row: with the service's
+#: credentials a key's scopes, hash or salt cannot be changed, only its revocation recorded
+#: (and revision 0007's trigger keeps a revoked key revoked).
 SERVICE_GRANTS: Final[dict[str, str]] = {
     "audit_event": "SELECT, INSERT",  # append-only: never UPDATE, DELETE or TRUNCATE
-    "audit_head": "SELECT, UPDATE",  # the chain lock (SELECT ... FOR UPDATE) and the new head
-    "api_client": "SELECT, INSERT, UPDATE",  # register, revoke (revoked_at); keys are never deleted
+    # The chain lock (SELECT ... FOR UPDATE needs UPDATE on a column) and the new head.
+    "audit_head": "SELECT, UPDATE (seq, hash, mac)",
+    "api_client": "SELECT, INSERT, UPDATE (revoked_at)",  # register, revoke; keys are never deleted
     "jwe_replay": "SELECT, INSERT, DELETE",  # expired jti rows are purged
-    "pacs_outbox": "SELECT, INSERT, UPDATE",  # delivery state
+    # Delivery state (claim, delivered, failed, requeue); never the destination or the instance UID.
+    "pacs_outbox": "SELECT, INSERT, UPDATE (state, attempts, next_attempt_at, delivered_at, last_error, payload)",
     "outcome_feedback": "SELECT, INSERT, DELETE",  # DELETE only to take back unaudited feedback
     "alembic_version": "SELECT",  # the service may check the schema revision
 }
@@ -45,6 +50,8 @@ def grant_service_role(connection: Connection, role: str) -> None:
         raise RuntimeError(msg)
     quoted = connection.dialect.identifier_preparer.quote(role)
     # Role names are also validated by the setting's pattern; quoting keeps the statement sound anyway.
+    # Revoking a table privilege also revokes it from every column, so column grants of an
+    # earlier run (or a wider grant) do not survive.
     connection.execute(text(f"REVOKE ALL ON ALL TABLES IN SCHEMA public FROM {quoted}"))
     connection.execute(text(f"REVOKE ALL ON ALL SEQUENCES IN SCHEMA public FROM {quoted}"))
     connection.execute(text(f"GRANT USAGE ON SCHEMA public TO {quoted}"))

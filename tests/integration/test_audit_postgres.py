@@ -112,9 +112,40 @@ def test_the_service_role_owns_nothing_and_cannot_touch_the_triggers(
             ("TRUNCATE audit_event", "permission denied"),
             ("DELETE FROM audit_head", "permission denied"),
             ("CREATE TABLE audit_shadow (seq bigint)", "permission denied"),
+            # UPDATE is granted on the columns the service writes only (review finding): a key's
+            # scopes, hash, salt or client id cannot be changed with the service's credentials.
+            ("UPDATE api_client SET scopes = 'admin audit:read infer'", "permission denied"),
+            ("UPDATE api_client SET key_hash = repeat('0', 64), salt = repeat('0', 32)", "permission denied"),
+            ("UPDATE api_client SET client_id = 'pacs'", "permission denied"),
+            ("UPDATE audit_head SET id = 2", "permission denied"),
+            ("UPDATE pacs_outbox SET destination = 'elsewhere'", "permission denied"),
+            ("UPDATE pacs_outbox SET sop_instance_uid = '1.2.3'", "permission denied"),
         ):
             with engine.begin() as conn, pytest.raises(DBAPIError, match=refusal):
                 conn.execute(text(statement))
+        # What the service does write, it still may: revoke a key (the CLI, as the service role),
+        # requeue deliveries (every column the outbox updates), and move the head (served above).
+        revoked = medinfer(env, "clients", "revoke", "--client-id", "his")
+        assert revoked.returncode == 0, revoked.stderr
+        requeued = medinfer(env, "outbox", "requeue", "--state", "failed")
+        assert requeued.returncode == 0, requeued.stderr
+        with engine.begin() as conn:
+            conn.execute(
+                text(
+                    "UPDATE pacs_outbox SET state = 'pending', attempts = 0, next_attempt_at = now(), "
+                    "delivered_at = NULL, last_error = NULL, payload = NULL WHERE false"
+                )
+            )
+        # A revoked key stays revoked, whoever asks (revision 0007's trigger).
+        for url in (service_url, pg_url):
+            other = create_engine(url)
+            try:
+                with other.begin() as conn, pytest.raises(DBAPIError, match="a revoked key stays revoked"):
+                    conn.execute(text("UPDATE api_client SET revoked_at = NULL WHERE client_id = 'his'"))
+            finally:
+                other.dispose()
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT count(*) FROM api_client WHERE revoked_at IS NULL")).scalar_one() == 0
         with engine.connect() as conn:
             owned = conn.execute(
                 text("SELECT count(*) FROM pg_tables WHERE schemaname = 'public' AND tableowner = current_user")
