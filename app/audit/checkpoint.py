@@ -169,7 +169,7 @@ class Anchor:
     """What the checkpoint directory says.
 
     ``signed`` maps every seq a trusted checkpoint names to the hash it names (raw digest, 32
-    bytes: about 130 bytes of memory per checkpoint). ``conflict`` is the lowest seq for which two
+    bytes: about 140 bytes of memory per checkpoint). ``conflict`` is the lowest seq for which two
     trusted checkpoints name different hashes: proof, by the service's own signatures, that the
     chain was rolled back and rewritten. ``refused`` counts lines that do not verify (and
     ``first_refused`` says where the first was, as ``file:line``; file names are ours).
