@@ -148,10 +148,49 @@ def test_oversized_headers_are_refused_with_431_before_being_read(limited: tuple
     assert httpx.get(f"{served.base_url}/livez", timeout=10).status_code == 200
 
 
+def _padded_get(padding: int, extra_headers: bytes = b"") -> bytes:
+    return b"GET /livez HTTP/1.1\r\nHost: medinfer\r\nX-Padding: " + b"a" * padding + b"\r\n" + extra_headers + b"\r\n"
+
+
+@pytest.mark.parametrize("size", [17 * KIB, 60 * KIB, 100 * KIB])
+def test_headers_over_the_cap_in_one_read_are_refused_with_431(
+    limited: tuple[Served, dict[str, str]], size: int
+) -> None:
+    """h11's own cap bounds only an incomplete head: one that arrived whole in one socket read
+    was parsed at any size, and 17,000 to 100,000 bytes against the 16 KiB cap got 200."""
+    served, _ = limited
+    with _connect(served) as sock:
+        sock.sendall(_padded_get(size))
+        response, _ = _read_until_closed(sock)
+    assert response.startswith(b"HTTP/1.1 431 "), response[:80]
+    assert b"connection: close" in response.lower()
+
+
 def test_headers_at_the_cap_less_a_little_are_served(limited: tuple[Served, dict[str, str]]) -> None:
     served, _ = limited
-    response = httpx.get(f"{served.base_url}/livez", headers={"X-Padding": "a" * (12 * KIB)}, timeout=10)
-    assert response.status_code == 200
+    with _connect(served) as sock:
+        sock.sendall(_padded_get(12 * KIB))
+        assert _status(_read_response(sock)) == 200
+
+
+def test_only_the_head_counts_against_the_header_cap(limited: tuple[Served, dict[str, str]]) -> None:
+    """A body, or a second pipelined request, in the same read as a head is not part of it:
+    two 10 KiB heads (20 KiB together) and then a 100 KiB body are each served."""
+    served, _ = limited
+    with _connect(served) as sock:
+        sock.sendall(
+            _padded_get(10 * KIB) + _padded_get(10 * KIB, b"Content-Length: %d\r\n" % (100 * KIB)) + b"b" * (100 * KIB)
+        )
+        statuses = []
+        with sock.makefile("rb") as responses:  # both answers may come in one read
+            for _ in range(2):
+                head = [responses.readline()]
+                while head[-1] not in {b"\r\n", b""}:
+                    head.append(responses.readline())
+                length = next(int(line.split(b":")[1]) for line in head if line.lower().startswith(b"content-length:"))
+                responses.read(length)
+                statuses.append(_status(head[0]))
+    assert statuses == [200, 200]
 
 
 def test_half_a_request_line_is_closed_after_the_header_timeout(limited: tuple[Served, dict[str, str]]) -> None:
@@ -233,6 +272,40 @@ def test_a_stalled_authenticated_body_gets_408_and_the_connection_closes(
     assert httpx.get(f"{served.base_url}/livez", timeout=10).status_code == 200
 
 
+def test_an_authenticated_body_trickled_inside_each_wait_is_cut_off_with_408(
+    limited: tuple[Served, dict[str, str]],
+) -> None:
+    """A byte every half body-timeout never stalls one wait, so before the body deadline it held
+    the request (and a slot of the concurrency cap) for as long as the body lasted."""
+    served, auth = limited
+    body = json.dumps(FEEDBACK_EXAMPLE).encode()
+    head = (
+        "POST /v1/feedback HTTP/1.1\r\nHost: medinfer\r\nContent-Type: application/json\r\n"
+        f"Authorization: {auth['Authorization']}\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    started = time.monotonic()
+    with _connect(served) as sock:
+        sock.sendall(head)
+        answered = False
+        for byte in body:  # len(body) / 2 s of trickle: far past the patience below
+            readable, _, _ = select.select([sock], [], [], BODY_TIMEOUT_S / 2)
+            if readable:
+                answered = True
+                break
+            assert time.monotonic() - started < PATIENCE_S, "a trickled body was never cut off"
+            try:
+                sock.sendall(bytes([byte]))
+            except (BrokenPipeError, ConnectionResetError):
+                break
+        assert answered, "the whole body was read at a byte every half timeout"
+        response, _ = _read_until_closed(sock)
+    print(f"trickled authenticated body: 408 and closed after {time.monotonic() - started:.2f}s")
+    assert _status(response) == 408
+    headers = response.split(b"\r\n\r\n", 1)[0].lower()
+    assert b"connection: close" in headers
+    assert json.loads(response.split(b"\r\n\r\n", 1)[1])["code"] == "request-timeout"
+
+
 def test_the_last_allowed_request_on_a_connection_says_connection_close(
     limited: tuple[Served, dict[str, str]],
 ) -> None:
@@ -274,9 +347,10 @@ def test_the_feedback_example_is_accepted_and_a_longer_body_is_413(limited: tupl
 
 
 def test_an_anonymous_admin_body_is_refused_without_being_buffered(limited: tuple[Served, dict[str, str]]) -> None:
-    """60 MiB declared: 413 from its Content-Length, before routing. 2 MiB streamed without a
+    """60 MiB declared: 413 from its Content-Length, before routing. 8 MiB streamed without a
     length: never parsed, 401 (or 413 once it passes the admin cap). Peak RSS must not grow by
-    anything like the body."""
+    anything like the body (the allowance is a quarter of it: the peak of an idle server moves
+    by up to about 1.3 MiB between runs)."""
     served, _ = limited
     pid = served.process.pid
     with _connect(served) as sock:
@@ -291,8 +365,8 @@ def test_an_anonymous_admin_body_is_refused_without_being_buffered(limited: tupl
 
     reset = _reset_peak(pid)
     rss_before = _proc_bytes(pid, "VmRSS" if reset else "VmHWM")
-    document = json.dumps({"client_id": "x", "scopes": ["infer"], "padding": ["a" * 64] * (32 * KIB)}).encode()
-    assert len(document) > 2 * MIB
+    document = json.dumps({"client_id": "x", "scopes": ["infer"], "padding": ["a" * 64] * (128 * KIB)}).encode()
+    assert len(document) > 8 * MIB
 
     def streamed() -> Iterator[bytes]:
         for start in range(0, len(document), 64 * KIB):
@@ -305,9 +379,9 @@ def test_an_anonymous_admin_body_is_refused_without_being_buffered(limited: tupl
         timeout=PATIENCE_S,
     )
     growth = _proc_bytes(pid, "VmHWM") - rss_before
-    print(f"anonymous 2 MiB admin JSON: {answer.status_code}, peak RSS growth {growth / MIB:.1f} MiB")
+    print(f"anonymous 8 MiB admin JSON: {answer.status_code}, peak RSS growth {growth / MIB:.1f} MiB")
     assert answer.status_code in {401, 413}
-    assert growth < MIB
+    assert growth < 2 * MIB
 
 
 @pytest.fixture(scope="module")
@@ -349,14 +423,14 @@ def _closed_by_server(socks: list[socket.socket], expected: int, wait_s: float) 
 
 
 def test_connections_beyond_the_cap_are_closed_at_once_and_service_resumes(capped: tuple[Served, str]) -> None:
-    capped, _ = capped
-    pid = capped.process.pid
+    served, _ = capped
+    pid = served.process.pid
     baseline = _open_descriptors(pid)
     held: list[socket.socket] = []
     extra = 30
     try:
         for _ in range(MAX_CONNECTIONS + extra):
-            sock = _connect(capped)
+            sock = _connect(served)
             sock.sendall(b"GET /livez HTTP/1.1\r\n")  # a half request, held open
             held.append(sock)
         # Those beyond the cap close at once, though their header timeout is 120 s away.
@@ -366,16 +440,16 @@ def test_connections_beyond_the_cap_are_closed_at_once_and_service_resumes(cappe
         print(f"{len(held)} half-requests: {len(closed)} closed at once, server holds {descriptors} more fds")
         assert len(closed) == extra
         assert descriptors <= MAX_CONNECTIONS + 5
-        assert capped.process.poll() is None
+        assert served.process.poll() is None
         # A normal request while the cap is full is closed too: nothing is queued behind it.
         with pytest.raises(httpx.TransportError):
-            httpx.get(f"{capped.base_url}/livez", timeout=5)
+            httpx.get(f"{served.base_url}/livez", timeout=5)
         for sock in held[:10]:
             sock.close()
         deadline = time.monotonic() + PATIENCE_S
         while True:
             try:
-                status = httpx.get(f"{capped.base_url}/livez", timeout=5).status_code
+                status = httpx.get(f"{served.base_url}/livez", timeout=5).status_code
                 break
             except httpx.TransportError:
                 assert time.monotonic() < deadline, "no request served after connections were freed"

@@ -5,9 +5,12 @@ enforced as bytes arrive, before the application reads the whole body. Administr
 (``/v1/admin/*``, small JSON documents) have their own small cap, applied here before routing and
 authentication, by Content-Length and by counting streamed bytes.
 
-Each wait for the next piece of a request body is bounded: a sender that stalls longer than the
-body timeout gets a 408 from here, with ``Connection: close``, and the application sees the
-client disconnect. The header-read timeout belongs to the server's protocol (``server.py``).
+A request body is timed twice: each wait for its next piece is bounded by the body timeout, and
+the whole body must arrive by a deadline of the body timeout plus its size at
+:data:`MIN_BODY_RATE` (so a sender that trickles a byte just inside each wait cannot hold a
+request, and a slot of the concurrency cap, for ever). A sender that misses either gets a 408
+from here, with ``Connection: close``, and the application sees the client disconnect. The
+header-read timeout belongs to the server's protocol (``server.py``).
 """
 
 from __future__ import annotations
@@ -30,10 +33,19 @@ from app.transport.http.problems import PROBLEM_MEDIA_TYPE, problem_bytes, statu
 log = logging.getLogger("app.access")
 
 REQUEST_ID_HEADER: Final = b"x-request-id"
+#: Bytes per second a request body must average, on top of the body timeout's allowance: a
+#: 64 MiB upload may take 30 s + 1024 s. Slower than any link a hospital client sends over
+#: (about 0.5 Mbit/s), fast enough that a trickle cannot hold a request.
+MIN_BODY_RATE: Final = 64 * 1024
 ADMIN_PREFIX: Final = "/v1/admin/"
 _VALID_REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")
 #: W3C Trace Context: version-traceid-parentid-flags; an all-zero trace id is invalid.
 _TRACEPARENT = re.compile(rb"^[0-9a-f]{2}-(?!0{32})([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}$")
+
+
+def body_deadline(started: float, timeout_s: float, size: int, min_rate: float = MIN_BODY_RATE) -> float:
+    """When a body of ``size`` bytes whose reading began at ``started`` must have arrived."""
+    return started + timeout_s + size / min_rate
 
 
 def _header(scope: Scope, name: bytes) -> bytes | None:
@@ -54,12 +66,14 @@ class RequestContextMiddleware:
         max_body_bytes: int,
         max_admin_body_bytes: int,
         body_timeout_s: float,
+        min_body_rate: float = MIN_BODY_RATE,
     ) -> None:
         self.app = app
         self.metrics = metrics
         self.max_body_bytes = max_body_bytes
         self.max_admin_body_bytes = max_admin_body_bytes
         self.body_timeout_s = body_timeout_s
+        self.min_body_rate = min_body_rate
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -94,7 +108,9 @@ class RequestContextMiddleware:
                 message["headers"] = [*message["headers"], (REQUEST_ID_HEADER, request_id.encode())]
             await send(message)
 
-        body_receive = self._bounded(receive, limit)
+        declared = _header(scope, b"content-length")
+        declared_size = int(declared) if declared is not None and declared.isdigit() else None
+        body_receive = self._bounded(receive, limit, declared_size)
 
         async def receive_or_time_out() -> Message:
             nonlocal answered
@@ -104,13 +120,12 @@ class RequestContextMiddleware:
                 if not response_started:
                     await self._refuse(send_with_id, exc)
                 answered = True
-                log.warning("request body stalled", extra={"event": "http.body_timeout"})
+                log.warning("request body stalled or too slow", extra={"event": "http.body_timeout"})
                 # What the app sees is what happens next: the connection closes.
                 return {"type": "http.disconnect"}
 
         try:
-            declared = _header(scope, b"content-length")
-            if declared is not None and (not declared.isdigit() or int(declared) > limit):
+            if declared is not None and (declared_size is None or declared_size > limit):
                 await self._refuse(send_with_id, PayloadTooLargeError(f"request body exceeds the {limit}-byte limit"))
                 return
             try:
@@ -140,25 +155,37 @@ class RequestContextMiddleware:
             },
         )
 
-    def _bounded(self, receive: Receive, limit: int) -> Receive:
-        """``receive`` with each wait for body bytes bounded in time and the bytes counted.
+    def _bounded(self, receive: Receive, limit: int, declared: int | None) -> Receive:
+        """``receive`` with the body bounded in time and its bytes counted.
 
-        Once the body is complete, a further ``receive`` (waiting for the disconnect, as a
-        streaming response does) is not bounded: there is nothing left to time.
+        The clock starts at the first ``receive`` (the application may authenticate first). Each
+        wait ends at the body timeout or the body's deadline (:func:`body_deadline`), whichever
+        comes first; the deadline is reckoned on the declared Content-Length, or on the bytes
+        received so far when the body is chunked. Once the body is complete, a further
+        ``receive`` (waiting for the disconnect, as a streaming response does) is not bounded:
+        there is nothing left to time.
         """
         seen = 0
         complete = False
         timeout_s = self.body_timeout_s
+        min_rate = self.min_body_rate
+        started: float | None = None
 
         async def bounded_receive() -> Message:
-            nonlocal seen, complete
+            nonlocal seen, complete, started
             if complete:
                 return await receive()
+            now = asyncio.get_running_loop().time()
+            if started is None:
+                started = now
+            deadline = body_deadline(started, timeout_s, seen if declared is None else declared, min_rate)
             try:
-                async with asyncio.timeout(timeout_s):
+                async with asyncio.timeout_at(min(now + timeout_s, deadline)):
                     message = await receive()
             except TimeoutError:
-                raise RequestTimeoutError(f"no request body bytes arrived for {timeout_s:g} s") from None
+                if now + timeout_s <= deadline:
+                    raise RequestTimeoutError(f"no request body bytes arrived for {timeout_s:g} s") from None
+                raise RequestTimeoutError("the request body did not arrive in time") from None
             if message["type"] != "http.request":
                 complete = True
                 return message

@@ -24,6 +24,7 @@ import ssl
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any, Final
 
@@ -44,6 +45,7 @@ log = logging.getLogger(__name__)
 #: Descriptors a process needs besides its client connections (database pool, model files,
 #: DIMSE, logs); below this many spare, the connection cap may meet EMFILE first.
 SPARE_DESCRIPTORS: Final = 256
+TOO_LARGE: Final = HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +81,39 @@ def _raw_response(status: int, reason: bytes, content_type: bytes, body: bytes) 
     return head + body
 
 
+class HeaderCappedConnection(h11.Connection):
+    """An h11 server connection that refuses a request line and headers over ``max_header_bytes``.
+
+    h11's ``max_incomplete_event_size`` bounds only what it buffers while the headers are still
+    incomplete: a header block that arrives whole in one socket read (asyncio reads up to
+    256 KiB) is parsed at any size. This connection measures each request's head as the bytes
+    h11 takes out of its receive buffer to produce the :class:`h11.Request`, so the cap holds
+    however the bytes were split, and a body or a pipelined request in the same read is not
+    counted. Both refusals raise :class:`h11.RemoteProtocolError` with ``error_status_hint``
+    431 and set :attr:`head_too_large`.
+    """
+
+    def __init__(self, max_header_bytes: int) -> None:
+        super().__init__(h11.SERVER, max_incomplete_event_size=max_header_bytes)
+        self.max_header_bytes = max_header_bytes
+        self.head_too_large = False
+
+    def next_event(self) -> h11.Event | type[h11.NEED_DATA] | type[h11.PAUSED]:
+        waiting_for_head = self.their_state is h11.IDLE
+        # len() of h11's buffer, not ``trailing_data`` (a copy): this runs on every read.
+        buffered = len(self._receive_buffer)
+        try:
+            event = super().next_event()
+        except h11.RemoteProtocolError as exc:
+            self.head_too_large = exc.error_status_hint == TOO_LARGE
+            raise
+        head_bytes = buffered - len(self._receive_buffer)
+        if waiting_for_head and isinstance(event, h11.Request) and head_bytes > self.max_header_bytes:
+            self.head_too_large = True
+            raise h11.RemoteProtocolError("request line and headers too long", error_status_hint=TOO_LARGE)
+        return event
+
+
 class LimitedH11Protocol(H11Protocol):
     """uvicorn's h11 protocol with the connection limits uvicorn lacks.
 
@@ -92,8 +127,9 @@ class LimitedH11Protocol(H11Protocol):
       answered.
     * **Requests per connection.** The ``max_requests``-th response on a connection carries
       ``Connection: close`` and the connection is closed after it.
-    * **Header size.** h11 refuses a request line and headers longer than the cap (the
-      ``h11_max_incomplete_event_size`` option); this class answers 431 instead of uvicorn's 400.
+    * **Header size.** A request line and headers longer than ``max_header_bytes`` are answered
+      431 and the connection is closed, however they arrive (see :class:`HeaderCappedConnection`;
+      uvicorn would answer h11's refusal with 400).
 
     A waiting-for-headers state needs no extra flag: the protocol is waiting exactly while its
     ``cycle`` is still the one it had when the previous response completed (or ``None``).
@@ -109,6 +145,7 @@ class LimitedH11Protocol(H11Protocol):
         limits: ConnectionLimits,
     ) -> None:
         super().__init__(config, server_state, app_state, _loop)
+        self.conn: HeaderCappedConnection = HeaderCappedConnection(limits.max_header_bytes)
         self.limits = limits
         self.requests = 0
         self.header_timer: asyncio.TimerHandle | None = None
@@ -172,14 +209,14 @@ class LimitedH11Protocol(H11Protocol):
         super().on_response_complete()
 
     def send_400_response(self, msg: str) -> None:
-        if len(self.conn.trailing_data[0]) <= self.limits.max_header_bytes:
+        if not self.conn.head_too_large:
             super().send_400_response(msg)
             return
-        # h11 refused its receive buffer as too long: that is 431, which it hints and uvicorn drops.
+        # The head is over the cap: that is 431, which h11 hints and uvicorn drops.
         self.logger.warning("Request header fields too large.")
         event = h11.Response(
-            status_code=431,
-            reason=b"Request Header Fields Too Large",
+            status_code=TOO_LARGE,
+            reason=TOO_LARGE.phrase.encode(),
             headers=[(b"content-type", b"text/plain; charset=utf-8"), (b"connection", b"close")],
         )
         self.transport.write(self.conn.send(event))
