@@ -91,8 +91,9 @@ def register_api_client(
     client_id: str,
     scopes: Sequence[Scope],
     *,
+    encryption_jwk: dict[str, Any] | None = None,
+    signing_jwk: dict[str, Any] | None = None,
     replace: bool = False,
-    **public_keys: dict[str, Any] | None,
 ) -> str:
     """Register a client (``encryption_jwk`` / ``signing_jwk`` optional) and return its API key.
 
@@ -110,7 +111,9 @@ def register_api_client(
             if replace:
                 with contextlib.suppress(ClientNotFoundError):
                     revoke_client(db, client_id)
-            return register_client(db, client_id, scopes, **public_keys).api_key
+            return register_client(
+                db, client_id, scopes, encryption_jwk=encryption_jwk, signing_jwk=signing_jwk
+            ).api_key
     finally:
         engine.dispose()
 

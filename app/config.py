@@ -122,10 +122,14 @@ class Settings(BaseSettings):
     http_body_timeout_s: float = Field(
         default=30.0,
         gt=0,
-        description="Longest wait for the next piece of a request body; a sender that stalls longer gets 408.",
+        description="Longest wait for the next piece of a request body, and the allowance on top of size / 64 KiB/s "
+        "within which the whole body must arrive; a sender that misses either gets 408.",
     )
     http_max_concurrency: int = Field(
-        default=512, ge=1, description="Requests and connections handled at once; beyond it new ones get 503."
+        default=512,
+        ge=1,
+        description="Requests in flight per process (idle kept-alive connections do not count); beyond it a "
+        "request gets MEDINFER_OVERLOAD_STATUS with Retry-After.",
     )
     http_max_connections: int = Field(
         default=2048, ge=1, description="Open connections per process; beyond it new connections are closed at once."

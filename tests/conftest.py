@@ -74,11 +74,17 @@ def client(migrated: Settings) -> Iterator[TestClient]:
 
 
 def register(
-    settings: Settings, *scopes: Scope, client_id: str = "test-client", **public_keys: dict[str, Any] | None
+    settings: Settings,
+    *scopes: Scope,
+    client_id: str = "test-client",
+    encryption_jwk: dict[str, Any] | None = None,
+    signing_jwk: dict[str, Any] | None = None,
 ) -> str:
     from app.__main__ import register_api_client
 
-    return register_api_client(settings, client_id, list(scopes), **public_keys)
+    return register_api_client(
+        settings, client_id, list(scopes), encryption_jwk=encryption_jwk, signing_jwk=signing_jwk
+    )
 
 
 @pytest.fixture
