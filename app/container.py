@@ -15,7 +15,7 @@ import pydicom.config
 from sqlalchemy import Engine
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from app.audit.checkpoint import Checkpointer, load_signing_key, load_verify_key, replica_id
+from app.audit.checkpoint import Checkpointer, load_previous_keys, load_signing_key, load_verify_keys, replica_id
 from app.audit.recorder import AuditWriter, create_audit_engine
 from app.audit.verifier import ChainVerifier
 from app.config import Settings
@@ -92,16 +92,18 @@ class Container:
         reader_engine = create_sync_engine(settings)
         hmac_key = settings.audit_hmac_key.get_secret_value().encode()
         checkpointer = (
-            Checkpointer(reader_engine, load_signing_key(settings), settings.resolved_checkpoint_dir, replica_id())
+            Checkpointer(
+                reader_engine,
+                load_signing_key(settings),
+                settings.resolved_checkpoint_dir,
+                replica_id(),
+                previous_keys=load_previous_keys(settings),
+                on_refused=metrics.audit_checkpoints_refused.inc,
+            )
             if settings.audit_enabled
             else None
         )
-        verifier = ChainVerifier(
-            reader_engine,
-            hmac_key,
-            settings.resolved_checkpoint_dir,
-            checkpointer.public_key if checkpointer is not None else load_verify_key(settings),
-        )
+        verifier = ChainVerifier(reader_engine, hmac_key, settings.resolved_checkpoint_dir, load_verify_keys(settings))
         metrics.watch_gpus()
         pipeline = Pipeline(
             registry, BatcherPool(metrics), audit, metrics, DriftMonitor(metrics),

@@ -374,8 +374,11 @@ class Checkpointer:
         clock: Callable[[], datetime] = utcnow,
         *,
         previous_keys: Sequence[Ed25519PublicKey] = (),
+        on_refused: Callable[[], None] | None = None,
     ) -> None:
+        """``on_refused`` is told of every refusal to sign (a rolled-back chain): a metric."""
         self._engine = engine
+        self._on_refused = on_refused
         self._key = key
         self.directory = directory
         self.path = directory / f"{replica}{SUFFIX}"
@@ -449,6 +452,8 @@ class Checkpointer:
                         "head_seq": seq,
                     },
                 )
+                if self._on_refused is not None:
+                    self._on_refused()
                 return None
             checkpoint = sign(self._key, seq, head_hash, self._clock(), self._replica)
             self._append(checkpoint.line())

@@ -28,6 +28,8 @@ ALLOWED_EXTRA: Final = frozenset(
         "signature",
         "key_id",
         "replica",
+        "signed_seq",
+        "head_seq",
         "code",
         "status",
         "method",

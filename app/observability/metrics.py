@@ -293,6 +293,12 @@ class Metrics:
             ["reason"],
             registry=self.registry,
         )
+        self.audit_checkpoints_refused = Counter(
+            "medinfer_audit_checkpoint_refused_total",
+            "Times the checkpointer refused to sign the audit head because it does not extend the last "
+            "signed checkpoint: the chain was rolled back or rewritten in the database.",
+            registry=self.registry,
+        )
         self.dimse_rejections = Counter(
             "medinfer_dimse_rejections_total",
             "DIMSE connections and associations refused or aborted, by reason (calling-ae-not-allowed, "

@@ -39,6 +39,7 @@ REQUIRED_ALERTS = {
     "MedinferQueueSaturated",  # queue depth
     "MedinferRequestsRejected",  # rejected / deadline outcomes
     "MedinferAuditWriteFailures",  # results withheld
+    "MedinferAuditRollback",  # the database trail no longer extends its signed checkpoint
     "MedinferModelVersionNotReady",  # model load failure
     "MedinferModelUnavailable",
     "MedinferPacsResultsDelayed",  # PACS outbox backlog: results not reaching radiologists

@@ -273,7 +273,14 @@ def test_a_rollback_written_past_is_refused_by_the_checkpointer_and_named_by_ver
     settings = migrated
     reader = create_sync_engine(settings)
     database = settings.sqlalchemy_url.removeprefix("sqlite:///")
-    checkpointer = Checkpointer(reader, load_signing_key(settings), settings.resolved_checkpoint_dir, "medinfer-0")
+    refused: list[int] = []  # the service passes its medinfer_audit_checkpoint_refused_total counter
+    checkpointer = Checkpointer(
+        reader,
+        load_signing_key(settings),
+        settings.resolved_checkpoint_dir,
+        "medinfer-0",
+        on_refused=lambda: refused.append(1),
+    )
     caplog.set_level(logging.INFO, logger="app.audit.checkpoint")
 
     async def scenario() -> tuple[int, int, Verification]:
@@ -306,6 +313,7 @@ def test_a_rollback_written_past_is_refused_by_the_checkpointer_and_named_by_ver
         signed_seq, new_head, result = asyncio.run(scenario())
     finally:
         reader.dispose()
+    assert len(refused) == 2  # the first checkpointer's two refusals (the restarted one has no hook)
     assert _refusals(caplog) == [
         "head below the last signed checkpoint",
         "event at the last signed checkpoint no longer has the signed hash",
