@@ -408,8 +408,9 @@ class AuditVerification(_Wire):
     reason: str | None
     checkpoint_seq: int | None = Field(
         default=None,
-        description="The signed checkpoint (outside the database) the chain was checked against: the events "
-        "up to it must be there with the hash it names, or the result is a rollback. None: no checkpoint yet.",
+        description="The signed checkpoint (kept outside the database) that decided the result: the one the "
+        "chain broke (a rollback), or the latest one when the chain is valid. Every signed checkpoint is "
+        "checked: the events up to it must be there with the hash it names. None: no checkpoint yet.",
     )
 
 
