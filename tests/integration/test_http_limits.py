@@ -125,7 +125,7 @@ def limited(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Served, 
         "MEDINFER_HTTP_MAX_REQUESTS_PER_CONNECTION": str(MAX_REQUESTS),
     }
     assert medinfer(env, "migrate").returncode == 0
-    key = register_key(env, "feedback-writer", "feedback:write")
+    key = register_key(env, "feedback-writer", "feedback:write", "infer")
     served = serve(env, tmp_path / "serve.log")
     try:
         yield served, {"Authorization": f"Bearer {key}"}
@@ -152,15 +152,17 @@ def _padded_get(padding: int, extra_headers: bytes = b"") -> bytes:
     return b"GET /livez HTTP/1.1\r\nHost: medinfer\r\nX-Padding: " + b"a" * padding + b"\r\n" + extra_headers + b"\r\n"
 
 
+@pytest.mark.parametrize("method", [b"GET", b"HEAD"])
 @pytest.mark.parametrize("size", [17 * KIB, 60 * KIB, 100 * KIB])
 def test_headers_over_the_cap_in_one_read_are_refused_with_431(
-    limited: tuple[Served, dict[str, str]], size: int
+    limited: tuple[Served, dict[str, str]], size: int, method: bytes
 ) -> None:
     """h11's own cap bounds only an incomplete head: one that arrived whole in one socket read
-    was parsed at any size, and 17,000 to 100,000 bytes against the 16 KiB cap got 200."""
+    was parsed at any size, and 17,000 to 100,000 bytes against the 16 KiB cap got 200. (A HEAD
+    once made the 431 itself raise inside the protocol: h11 sends no body after a HEAD.)"""
     served, _ = limited
     with _connect(served) as sock:
-        sock.sendall(_padded_get(size))
+        sock.sendall(method + _padded_get(size).removeprefix(b"GET"))
         response, _ = _read_until_closed(sock)
     assert response.startswith(b"HTTP/1.1 431 "), response[:80]
     assert b"connection: close" in response.lower()
@@ -503,3 +505,29 @@ def test_requests_in_flight_are_capped_but_idle_connections_are_not_load(capped:
             sock.close()
         for connection in idle:
             connection.close()
+
+
+def test_a_large_declared_length_earns_no_time_for_a_trickled_body(limited: tuple[Served, dict[str, str]]) -> None:
+    """The whole-body deadline grows with the bytes that arrived, not with Content-Length: a
+    sender declaring 32 MiB and trickling once had 1 s + 32 MiB at 64 KiB/s = 513 s."""
+    served, auth = limited
+    head = (
+        "POST /v1/models/alpha/predict HTTP/1.1\r\nHost: medinfer\r\nContent-Type: application/dicom\r\n"
+        f"Authorization: {auth['Authorization']}\r\nContent-Length: {32 * MIB}\r\n\r\n"
+    ).encode()
+    started = time.monotonic()
+    with _connect(served) as sock:
+        sock.sendall(head)
+        answered = False
+        while time.monotonic() - started < PATIENCE_S:
+            readable, _, _ = select.select([sock], [], [], BODY_TIMEOUT_S / 2)
+            if readable:
+                answered = True
+                break
+            try:
+                sock.sendall(b"\x00")
+            except (BrokenPipeError, ConnectionResetError):
+                break
+        assert answered, "a trickled body with a large declared length was never cut off"
+        response, _ = _read_until_closed(sock)
+    assert _status(response) == 408

@@ -218,3 +218,13 @@ def test_a_json_record_over_the_json_cap_is_413_declared_or_streamed(on_sqlite: 
     )
     assert streamed.status_code == 413, streamed.text
     assert service.predict(json.dumps({"features": FEATURES}).encode(), "application/json").status_code == 200
+    # A v2 request as JSON only: millions of numbers would become tens of millions of Python objects.
+    zeros = ", ".join(["0"] * (5 * 1024 * 1024))
+    tensor = f'{{"inputs": [{{"name": "features", "shape": [1, 13], "datatype": "FP32", "data": [{zeros}]}}]}}'
+    v2 = service.http.post(
+        f"/v2/models/{EHR}/infer",
+        content=tensor.encode(),
+        headers={"Authorization": f"Bearer {service.key}", "Content-Type": "application/json"},
+    )
+    assert v2.status_code == 413, v2.text
+    assert "binary tensor extension" in v2.json()["error"]

@@ -162,5 +162,5 @@ def test_triton_timeout_parameter_is_in_microseconds() -> None:
 def test_json_that_the_parser_itself_refuses_is_malformed_not_a_crash(header: bytes) -> None:
     # An integer is refused past 20 digits while it is parsed (app.parsing.numbers), long before
     # the interpreter's own 4,300-digit limit.
-    with pytest.raises(MalformedBodyError, match="not valid JSON|more than 20 digits"):
+    with pytest.raises(MalformedBodyError, match=r"not valid JSON|more than 20 digits"):
         decode_request(header, None, CAP)

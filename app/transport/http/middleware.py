@@ -160,8 +160,9 @@ class RequestContextMiddleware:
 
         The clock starts at the first ``receive`` (the application may authenticate first). Each
         wait ends at the body timeout or the body's deadline (:func:`body_deadline`), whichever
-        comes first; the deadline is reckoned on the declared Content-Length, or on the bytes
-        received so far when the body is chunked. Once the body is complete, a further
+        comes first; the deadline is reckoned on the bytes received so far (never on the declared
+        Content-Length, which would give a trickling sender its whole allowance up front). Once
+        the body is complete, a further
         ``receive`` (waiting for the disconnect, as a streaming response does) is not bounded:
         there is nothing left to time.
         """
@@ -178,7 +179,9 @@ class RequestContextMiddleware:
             now = asyncio.get_running_loop().time()
             if started is None:
                 started = now
-            deadline = body_deadline(started, timeout_s, seen if declared is None else declared, min_rate)
+            # Earned by what has arrived, never by what is declared: a sender that declares 64 MiB
+            # and trickles would otherwise get its whole allowance (about 17 minutes) up front.
+            deadline = body_deadline(started, timeout_s, seen, min_rate)
             try:
                 async with asyncio.timeout_at(min(now + timeout_s, deadline)):
                     message = await receive()

@@ -18,7 +18,7 @@ from fastapi import APIRouter, Header, Path, Request, Response
 
 from app.config import service_version
 from app.domain import Principal
-from app.errors import MalformedBodyError, ModelNotFoundError, ModelNotReadyError
+from app.errors import MalformedBodyError, ModelNotFoundError, ModelNotReadyError, PayloadTooLargeError
 from app.inference.registry import ServedVersion
 from app.inference.spec import ModelSpec
 from app.pipeline import INLINE_PARSE_BYTES
@@ -35,6 +35,11 @@ from app.transport.http.deps import (
 from app.transport.http.problems import v2_error_responses
 from app.transport.http.schemas import SEALED_EXAMPLE, SEALED_REQUEST_CONTENT
 from app.transport.http.v2_codec import HEADER_LENGTH, deadline_from_parameters, decode_request, encode_response
+
+_JSON_TOO_LARGE: Final = (
+    "a JSON-only inference request exceeds the {}-byte limit; send large tensors with the binary tensor "
+    "extension (Inference-Header-Content-Length)"
+)
 
 router = APIRouter(prefix="/v2")
 TAG: Final = "open-inference-protocol"
@@ -276,7 +281,14 @@ async def _infer(
         length = int(header_length) if header_length is not None else None
     except ValueError as exc:
         raise MalformedBodyError("Inference-Header-Content-Length must be an integer") from exc
+    json_cap = container.settings.max_json_bytes
+    declared = request.headers.get("content-length", "")
+    if length is None and declared.isdigit() and int(declared) > json_cap:
+        raise PayloadTooLargeError(_JSON_TOO_LARGE.format(json_cap))
     body = (await read_payload(request, container, principal)).body
+    if length is None and len(body) > json_cap:
+        # Tensors as JSON cost dozens of bytes of Python objects per number; large ones go binary.
+        raise PayloadTooLargeError(_JSON_TOO_LARGE.format(json_cap))
     if len(body) <= INLINE_PARSE_BYTES:
         decoded = decode_request(body, length, container.settings.max_tensor_bytes)
     else:

@@ -100,7 +100,8 @@ class HeaderCappedConnection(h11.Connection):
 
     def next_event(self) -> h11.Event | type[h11.NEED_DATA] | type[h11.PAUSED]:
         waiting_for_head = self.their_state is h11.IDLE
-        # len() of h11's buffer, not ``trailing_data`` (a copy): this runs on every read.
+        # len() of h11's buffer, not ``trailing_data`` (a copy): this runs on every read. h11 is
+        # pinned (pyproject.toml) because ``_receive_buffer`` is not public API.
         buffered = len(self._receive_buffer)
         try:
             event = super().next_event()
@@ -214,14 +215,10 @@ class LimitedH11Protocol(H11Protocol):
             return
         # The head is over the cap: that is 431, which h11 hints and uvicorn drops.
         self.logger.warning("Request header fields too large.")
-        event = h11.Response(
-            status_code=TOO_LARGE,
-            reason=TOO_LARGE.phrase.encode(),
-            headers=[(b"content-type", b"text/plain; charset=utf-8"), (b"connection", b"close")],
-        )
-        self.transport.write(self.conn.send(event))
-        self.transport.write(self.conn.send(h11.Data(data=b"request line and headers exceed the size limit")))
-        self.transport.write(self.conn.send(h11.EndOfMessage()))
+        # Raw bytes, not through h11: it may already hold the request, and for a HEAD it would
+        # refuse to send a body (an exception out of data_received, and no answer at all).
+        body = b"request line and headers exceed the size limit"
+        self.transport.write(_raw_response(TOO_LARGE, TOO_LARGE.phrase.encode(), b"text/plain; charset=utf-8", body))
         self.transport.close()
 
     def _await_headers(self) -> None:
