@@ -32,6 +32,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from app.transport.dimse.scp import ScpConfig, StoreScp
 from tests.conftest import REPO_ROOT
 from tests.integration.conftest import Served, base_env, free_port, medinfer, register_key, serve
+from tests.support.imaging import closed_by_peer
 from training.dicom_studies import write_phantom_study
 
 pytestmark = pytest.mark.integration
@@ -96,18 +97,6 @@ def connect_from(port: int, source: str) -> socket.socket:
     sock.bind((source, 0))
     sock.connect(("127.0.0.1", port))
     return sock
-
-
-def closed_by_peer(sock: socket.socket, wait_s: float = 15.0) -> bool:
-    sock.settimeout(wait_s)
-    try:
-        while sock.recv(65536):
-            pass
-    except ConnectionResetError:
-        return True
-    except TimeoutError:
-        return False
-    return True
 
 
 def requestor(*contexts: str) -> AE:

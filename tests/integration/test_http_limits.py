@@ -89,6 +89,22 @@ def _read_response(sock: socket.socket) -> bytes:
     return head + b"\r\n\r\n" + body
 
 
+def _trickle(sock: socket.socket, pieces: Iterator[bytes], started: float) -> bool:
+    """Send a piece every half body timeout until the server answers (True), the pieces run
+    out, the server drops the connection, or the patience is spent (False)."""
+    while time.monotonic() - started < PATIENCE_S:
+        if select.select([sock], [], [], BODY_TIMEOUT_S / 2)[0]:
+            return True
+        piece = next(pieces, None)
+        if piece is None:
+            return False
+        try:
+            sock.sendall(piece)
+        except (BrokenPipeError, ConnectionResetError):
+            return bool(select.select([sock], [], [], 1.0)[0])
+    return False
+
+
 def _status(response: bytes) -> int:
     return int(response.split(b" ", 2)[1])
 
@@ -288,18 +304,8 @@ def test_an_authenticated_body_trickled_inside_each_wait_is_cut_off_with_408(
     started = time.monotonic()
     with _connect(served) as sock:
         sock.sendall(head)
-        answered = False
-        for byte in body:  # len(body) / 2 s of trickle: far past the patience below
-            readable, _, _ = select.select([sock], [], [], BODY_TIMEOUT_S / 2)
-            if readable:
-                answered = True
-                break
-            assert time.monotonic() - started < PATIENCE_S, "a trickled body was never cut off"
-            try:
-                sock.sendall(bytes([byte]))
-            except (BrokenPipeError, ConnectionResetError):
-                break
-        assert answered, "the whole body was read at a byte every half timeout"
+        # len(body) / 2 s of trickle: far past the patience
+        assert _trickle(sock, iter(bytes([byte]) for byte in body), started), "a trickled body was never cut off"
         response, _ = _read_until_closed(sock)
     print(f"trickled authenticated body: 408 and closed after {time.monotonic() - started:.2f}s")
     assert _status(response) == 408
@@ -518,16 +524,7 @@ def test_a_large_declared_length_earns_no_time_for_a_trickled_body(limited: tupl
     started = time.monotonic()
     with _connect(served) as sock:
         sock.sendall(head)
-        answered = False
-        while time.monotonic() - started < PATIENCE_S:
-            readable, _, _ = select.select([sock], [], [], BODY_TIMEOUT_S / 2)
-            if readable:
-                answered = True
-                break
-            try:
-                sock.sendall(b"\x00")
-            except (BrokenPipeError, ConnectionResetError):
-                break
-        assert answered, "a trickled body with a large declared length was never cut off"
+        zeros = iter(lambda: b"\x00", None)
+        assert _trickle(sock, zeros, started), "a trickled body with a large declared length was never cut off"
         response, _ = _read_until_closed(sock)
     assert _status(response) == 408

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import socket
 import time
 from collections.abc import Callable
 from typing import Any
@@ -49,3 +50,16 @@ def c_store(port: int, encoded: bytes, *, calling_ae: str = "HOSPITALPACS") -> D
         return assoc.send_c_store(pydicom.dcmread(io.BytesIO(encoded)))
     finally:
         assoc.release()
+
+
+def closed_by_peer(sock: socket.socket, wait_s: float = 15.0) -> bool:
+    """True once the peer closes or resets the connection (an A-ABORT may come first)."""
+    sock.settimeout(wait_s)
+    try:
+        while sock.recv(65536):
+            pass
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+    return True

@@ -48,6 +48,7 @@ from app.transport.dimse.scp import (
 )
 from app.transport.dimse.scu import DimseDestination, echo, send_cstore
 from tests.support.dcmtk import dcmtk
+from tests.support.imaging import closed_by_peer
 
 SCP_AE = "MEDINFER"
 MODALITY_AE = "MODALITY"
@@ -471,19 +472,6 @@ MIB = 1024 * 1024
 def pdu_header(pdu_type: int, length: int) -> bytes:
     """A PDU's 6 bytes (PS3.8 9.3.1): type, reserved, big-endian length."""
     return struct.pack(">BBL", pdu_type, 0, length)
-
-
-def closed_by_peer(sock: socket.socket, wait_s: float = 15.0) -> bool:
-    """True once the peer closes or resets the connection (an A-ABORT may come first)."""
-    sock.settimeout(wait_s)
-    try:
-        while sock.recv(65536):
-            pass
-    except ConnectionResetError:
-        return True
-    except TimeoutError:
-        return False
-    return True
 
 
 def vm_hwm() -> int:
